@@ -1,0 +1,73 @@
+"""The one exception root of the server's domain.
+
+Each class's docstring is its default message. The gRPC layer (``api/errors.py``) is the only place
+that maps these to status codes and ``google.rpc.ErrorInfo`` reasons.
+"""
+
+from __future__ import annotations
+
+
+class JobwireError(Exception):
+    """Jobwire could not do what was asked."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class FieldViolation:
+    """One bad field of a request: which one, and why."""
+
+    __slots__ = ("description", "field")
+
+    def __init__(self, field: str, description: str) -> None:
+        self.field = field
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"FieldViolation({self.field!r}, {self.description!r})"
+
+
+class InvalidArgument(JobwireError):
+    """The request is not valid."""
+
+    def __init__(self, message: str | None = None, violations: list[FieldViolation] | None = None) -> None:
+        self.violations = violations or []
+        if message is None and self.violations:
+            message = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        super().__init__(message)
+
+
+class UnknownJobType(InvalidArgument):
+    """No handler is registered for this job type."""
+
+
+class RequestIdReused(InvalidArgument):
+    """This request_id was already used for a different request."""
+
+
+class JobNotFound(JobwireError):
+    """No such job (it may have been purged after its retention period)."""
+
+
+class JobAlreadyFinished(JobwireError):
+    """The job has already finished and cannot be changed."""
+
+
+class QueueFull(JobwireError):
+    """The queue is full: too many jobs are waiting."""
+
+
+class Draining(JobwireError):
+    """The server is draining and accepts no new work."""
+
+
+class WatchPositionLost(JobwireError):
+    """The requested watch position is no longer retained: watch again from the start."""
+
+
+class IllegalTransition(JobwireError):
+    """A job state transition that the state machine forbids: a bug in Jobwire, never bad input."""

@@ -1,0 +1,53 @@
+"""The job state machine, written down once. Every state change in Jobwire goes through ``check_transition``.
+
+    QUEUED     -> RUNNING | CANCELLED
+    RUNNING    -> SUCCEEDED | FAILED | CANCELLING | QUEUED   (QUEUED: attempt abandoned, runs again)
+    CANCELLING -> CANCELLED
+
+CANCELLING always ends CANCELLED: whatever the handler does after it was told to stop (return, raise,
+ignore the request until the grace period runs out), the user asked for the job to stop.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from jobwire.server.errors import IllegalTransition
+
+
+class JobState(enum.IntEnum):
+    """Lifecycle states; the values equal the proto's ``JobState`` numbers."""
+
+    QUEUED = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+    CANCELLING = 6
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+    @property
+    def is_active(self) -> bool:
+        """Holding a run slot: a handler may be executing."""
+        return self in (JobState.RUNNING, JobState.CANCELLING)
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLING, JobState.QUEUED}),
+    JobState.CANCELLING: frozenset({JobState.CANCELLED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+def check_transition(current: JobState, target: JobState) -> None:
+    """Raise IllegalTransition unless current -> target is in the table."""
+    if target not in TRANSITIONS[current]:
+        raise IllegalTransition(f"illegal job state transition {current.name} -> {target.name}")
