@@ -74,6 +74,8 @@ class Job:
     cancel_reason: str = ""
     # Per-job change counter seen by watchers; incremented by every state or progress change.
     sequence: int = 1
+    # Computed on read from the scheduler (1 = next to run); never stored.
+    queue_position: int = 0
 
     def copy(self) -> Job:
         """A snapshot that later changes to this job do not reach (params/result are never mutated in place)."""

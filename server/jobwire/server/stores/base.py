@@ -10,6 +10,7 @@ it returns False.
 from __future__ import annotations
 
 import abc
+import builtins
 from dataclasses import dataclass, field
 
 from jobwire.server.job import Job
@@ -96,8 +97,9 @@ class JobStore(abc.ABC):
     async def list(self, query: JobQuery) -> list[Job]:
         """Up to ``query.limit`` matching jobs, newest (highest id) first."""
 
+    # builtins.list from here on: in this class body, ``list`` names the method above.
     @abc.abstractmethod
-    async def load_unfinished(self) -> list[Job]:
+    async def load_unfinished(self) -> builtins.list[Job]:
         """Every job not in a terminal state, oldest first: what the scheduler is rebuilt from at start-up."""
 
     @abc.abstractmethod
@@ -105,5 +107,5 @@ class JobStore(abc.ABC):
         """Delete finished jobs whose expire_time is at or before ``now``; return how many."""
 
     @abc.abstractmethod
-    async def count(self) -> list[JobCount]:
+    async def count(self) -> builtins.list[JobCount]:
         """Stored jobs grouped by state, type and priority."""

@@ -1,0 +1,205 @@
+"""The blocking Jobwire client: a thin I/O shell around the shared logic in ``_core``."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import grpc
+from jobwire.client import _core
+from jobwire.client.errors import JobFailedError, from_rpc_error
+from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+
+__all__ = ["JobwireClient"]
+
+class JobwireClient:
+    """Blocking client for the Jobwire JobService.
+
+    Every method raises a :class:`jobwire.client.JobwireError` subclass on failure. Unary calls get
+    ``call_timeout`` seconds each (None: no deadline); watch streams are not limited by it.
+    """
+
+    def __init__(
+        self,
+        target: str = _core.DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        call_timeout: float | None = _core.DEFAULT_CALL_TIMEOUT,
+    ) -> None:
+        self.target = target
+        self.call_timeout = call_timeout
+        self._metadata = _core.call_metadata(token)
+        if channel_credentials is not None:
+            self._channel: Any = grpc.secure_channel(target, channel_credentials)
+        else:
+            self._channel = grpc.insecure_channel(target)
+        self._stub = job_service_pb2_grpc.JobServiceStub(self._channel)
+
+    def __enter__(self) -> JobwireClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; the client cannot be used afterwards."""
+        self._channel.close()
+
+    def _call(
+        self, method: Callable[..., Any], request: Any, policy: _core.RetryPolicy = _core.NO_RETRY
+    ) -> Any:
+        """Invoke a unary RPC with metadata, deadline and retries, converting errors."""
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return method(request, metadata=self._metadata, **_core.unary_timeout(self.call_timeout))
+            except grpc.RpcError as err:
+                delay = policy.delay_after(attempts, err)
+                if delay is None:
+                    raise from_rpc_error(err) from err
+                time.sleep(delay)
+
+    def submit(
+        self,
+        type: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        priority: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        timeout: _core.Timeout | None = None,
+    ) -> job_pb2.Job:
+        """Submit a job and return it (QUEUED). Retried on UNAVAILABLE under one request_id."""
+        request = _core.build_submit_request(
+            type, params, priority=priority, labels=labels, request_id=request_id, timeout=timeout
+        )
+        response: job_service_pb2.SubmitJobResponse = self._call(
+            self._stub.SubmitJob, request, _core.SUBMIT_RETRY
+        )
+        return response.job
+
+    def get(self, job_id: str) -> job_pb2.Job:
+        """The job as it is now."""
+        response: job_service_pb2.GetJobResponse = self._call(
+            self._stub.GetJob, job_service_pb2.GetJobRequest(job_id=job_id)
+        )
+        return response.job
+
+    def list_page(
+        self,
+        *,
+        states: _core.StateFilter = None,
+        types: Iterable[str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        create_time_start: datetime.datetime | None = None,
+        create_time_end: datetime.datetime | None = None,
+        page_size: int = _core.DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> tuple[list[job_pb2.Job], str]:
+        """One page of jobs, newest first, and the token of the next page ("" on the last)."""
+        request = _core.build_list_request(
+            states=states,
+            types=types,
+            labels=labels,
+            create_time_start=create_time_start,
+            create_time_end=create_time_end,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response: job_service_pb2.ListJobsResponse = self._call(self._stub.ListJobs, request)
+        return list(response.jobs), response.next_page_token
+
+    def list_jobs(
+        self,
+        *,
+        states: _core.StateFilter = None,
+        types: Iterable[str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        create_time_start: datetime.datetime | None = None,
+        create_time_end: datetime.datetime | None = None,
+        page_size: int = _core.DEFAULT_PAGE_SIZE,
+    ) -> Iterator[job_pb2.Job]:
+        """Every matching job, newest first, fetching pages lazily as the caller iterates."""
+        states = list(states) if states is not None else None  # may be a one-shot iterator
+        types = list(types) if types is not None else None
+        token = ""
+        while True:
+            jobs, token = self.list_page(
+                states=states,
+                types=types,
+                labels=labels,
+                create_time_start=create_time_start,
+                create_time_end=create_time_end,
+                page_size=page_size,
+                page_token=token,
+            )
+            yield from jobs
+            if not token:
+                return
+
+    def cancel(self, job_id: str, reason: str = "") -> job_pb2.Job:
+        """Cancel a job; returns it CANCELLED, or CANCELLING while its handler stops."""
+        response: job_service_pb2.CancelJobResponse = self._call(
+            self._stub.CancelJob, job_service_pb2.CancelJobRequest(job_id=job_id, reason=reason)
+        )
+        return response.job
+
+    def stats(self) -> job_service_pb2.GetQueueStatsResponse:
+        """Queue counts and timings."""
+        response: job_service_pb2.GetQueueStatsResponse = self._call(
+            self._stub.GetQueueStats, job_service_pb2.GetQueueStatsRequest()
+        )
+        return response
+
+    def watch(self, job_id: str, *, after_sequence: int = 0) -> Iterator[job_service_pb2.WatchJobResponse]:
+        """Yield the job's changes until it is terminal, resuming by itself after dropped streams."""
+        return self._watch(_core.WatchTracker(job_id, after_sequence))
+
+    def _watch(self, tracker: _core.WatchTracker) -> Iterator[job_service_pb2.WatchJobResponse]:
+        while True:
+            call = self._stub.WatchJob(
+                tracker.request(), metadata=self._metadata, timeout=tracker.call_timeout()
+            )
+            try:
+                for response in call:
+                    if tracker.accept(response):
+                        yield response
+                    if tracker.finished:
+                        return
+                delay = tracker.on_stream_end()
+            except grpc.RpcError as err:
+                delay = tracker.on_error(err)
+            finally:
+                call.cancel()  # no-op once the stream has ended; frees it when the caller stops early
+            time.sleep(delay)
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: _core.Timeout | None = None,
+        raise_on_failure: bool = False,
+    ) -> job_pb2.Job:
+        """Block until the job is terminal and return it.
+
+        Raises DeadlineExceededError when ``timeout`` passes first, and JobFailedError for a FAILED
+        or CANCELLED job when ``raise_on_failure`` is set.
+        """
+        tracker = _core.WatchTracker(job_id, timeout=timeout)
+        for _ in self._watch(tracker):
+            pass
+        job = tracker.last_job
+        assert job is not None  # _watch only returns after a terminal message
+        if raise_on_failure and job.state != job_pb2.JOB_STATE_SUCCEEDED:
+            raise JobFailedError(job)
+        return job

@@ -1,0 +1,113 @@
+"""Handler declaration, the context a handler runs with, and loading handlers from modules."""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+HandlerFunc = Callable[[dict[str, Any], "JobContext"], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+JOB_TYPE_PATTERN = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+_SPEC_ATTRIBUTE = "__jobwire_handler__"
+
+
+class JobCancelled(Exception):
+    """The job was cancelled; raised inside a handler by the context's cancellation checks."""
+
+
+class NonRetryableError(Exception):
+    """Raise from a handler to fail the job without further attempts (used once retries exist)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    """A registered job type: the function and its per-type defaults."""
+
+    name: str
+    func: HandlerFunc
+    is_async: bool
+    max_running: int | None = None  # per-type concurrency limit; None = only the global limit
+    timeout: float | None = None  # default run time-out of one attempt, seconds; None = server default
+
+
+def handler(name: str, *, max_running: int | None = None, timeout: float | None = None) -> Callable[[F], F]:
+    """Mark a function as the handler of job type ``name``; ``load_handlers`` finds it in its module."""
+    if not JOB_TYPE_PATTERN.match(name):
+        raise ValueError(f"invalid job type name {name!r}: 1-128 characters of letters, digits and ._:/-")
+    if max_running is not None and max_running < 1:
+        raise ValueError("max_running must be at least 1")
+    if timeout is not None and timeout <= 0:
+        raise ValueError("timeout must be positive")
+
+    def mark(func: F) -> F:
+        spec = HandlerSpec(name, func, inspect.iscoroutinefunction(func), max_running, timeout)
+        setattr(func, _SPEC_ATTRIBUTE, spec)
+        return func
+
+    return mark
+
+
+def load_handlers(module_names: Iterable[str]) -> dict[str, HandlerSpec]:
+    """Import each module and collect its ``@handler`` functions, refusing two handlers for one type."""
+    specs: dict[str, HandlerSpec] = {}
+    for module_name in module_names:
+        module = importlib.import_module(module_name)
+        for value in vars(module).values():
+            spec = getattr(value, _SPEC_ATTRIBUTE, None)
+            if not isinstance(spec, HandlerSpec):
+                continue
+            existing = specs.get(spec.name)
+            if existing is not None and existing.func is not spec.func:
+                raise ValueError(f"job type {spec.name!r} has two handlers ({module_name})")
+            specs[spec.name] = spec
+    return specs
+
+
+class JobContext(abc.ABC):
+    """What a running handler can see and do. Thread-safe: plain handlers call it from a worker thread."""
+
+    job_id: str
+    job_type: str
+    attempt: int
+
+    @abc.abstractmethod
+    def report_progress(
+        self,
+        percent: float | None = None,
+        message: str | None = None,
+        current_step: int | None = None,
+        total_steps: int | None = None,
+    ) -> None:
+        """Publish progress; watchers see it at once. Fields left None keep their last value.
+
+        With steps and no percent, percent is derived as 100 * current_step / total_steps.
+        """
+
+    @property
+    @abc.abstractmethod
+    def cancelled(self) -> bool:
+        """True once the job has been asked to stop (cancelled, timed out, or the server is draining)."""
+
+    def raise_if_cancelled(self) -> None:
+        """Raise JobCancelled if the job has been asked to stop: call it between units of work."""
+        if self.cancelled:
+            raise JobCancelled(self.cancel_reason or "cancelled")
+
+    @property
+    @abc.abstractmethod
+    def cancel_reason(self) -> str:
+        """Why the job was asked to stop, '' if it was not."""
+
+    @abc.abstractmethod
+    def sleep(self, seconds: float) -> None:
+        """Sleep in a plain handler, waking at once and raising JobCancelled when the job is cancelled."""
+
+    @abc.abstractmethod
+    async def asleep(self, seconds: float) -> None:
+        """Sleep in an async handler, waking at once and raising JobCancelled when the job is cancelled."""

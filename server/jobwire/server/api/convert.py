@@ -1,0 +1,168 @@
+"""Domain <-> protobuf conversion, kept in one place and cheap on the hot paths (submit, watch)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from typing import Any
+
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from jobwire.server.errors import FieldViolation, InvalidArgument
+from jobwire.server.job import Job, JobError, Progress
+from jobwire.server.state_machine import JobState
+from jobwire.server.stores.base import JobFilter
+from jobwire.v1 import job_pb2
+
+ERROR_DOMAIN = "jobwire.dev"
+
+
+def set_timestamp(target: timestamp_pb2.Timestamp, seconds: float) -> None:
+    whole = int(seconds)
+    target.seconds = whole
+    target.nanos = int(round((seconds - whole) * 1e9)) % 1_000_000_000
+
+
+def timestamp_seconds(value: timestamp_pb2.Timestamp) -> float:
+    return value.seconds + value.nanos / 1e9
+
+
+def set_duration(target: duration_pb2.Duration, seconds: float) -> None:
+    whole = int(seconds)
+    target.seconds = whole
+    target.nanos = int(round((seconds - whole) * 1e9))
+
+
+def duration_seconds(value: duration_pb2.Duration) -> float:
+    return value.seconds + value.nanos / 1e9
+
+
+def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+    result: dict[str, Any] = json_format.MessageToDict(value)
+    return result
+
+
+def job_error_to_status(error: JobError) -> status_pb2.Status:
+    status = status_pb2.Status(code=int(error.code), message=error.message)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    status.details.add().Pack(info)
+    return status
+
+
+def job_to_proto(job: Job) -> job_pb2.Job:
+    """The wire form of a job."""
+    message = job_pb2.Job(
+        id=job.id,
+        type=job.type,
+        state=int(job.state),  # type: ignore[arg-type]
+        priority=job.priority,
+        labels=job.labels,
+        attempt=job.attempt,
+        queue_position=job.queue_position,
+        request_id=job.request_id,
+        cancel_reason=job.cancel_reason,
+    )
+    if job.params:
+        message.params.update(job.params)
+    set_timestamp(message.create_time, job.create_time)
+    set_timestamp(message.update_time, job.update_time)
+    if job.progress is not None:
+        _set_progress(message.progress, job.progress)
+    if job.result is not None:
+        message.result.update(job.result)
+    if job.error is not None:
+        message.error.CopyFrom(job_error_to_status(job.error))
+    if job.start_time is not None:
+        set_timestamp(message.start_time, job.start_time)
+    if job.end_time is not None:
+        set_timestamp(message.end_time, job.end_time)
+    if job.expire_time is not None:
+        set_timestamp(message.expire_time, job.expire_time)
+    if job.timeout is not None:
+        set_duration(message.timeout, job.timeout)
+    return message
+
+
+def _set_progress(target: job_pb2.Progress, progress: Progress) -> None:
+    target.percent = progress.percent
+    target.message = progress.message
+    target.current_step = progress.current_step
+    target.total_steps = progress.total_steps
+
+
+# -- ListJobs filters and page tokens ------------------------------------------------------------------
+
+
+def job_filter_from_request(
+    states: list[int],
+    types: list[str],
+    labels: dict[str, str],
+    create_time_start: timestamp_pb2.Timestamp | None,
+    create_time_end: timestamp_pb2.Timestamp | None,
+) -> JobFilter:
+    violations: list[FieldViolation] = []
+    domain_states: set[JobState] = set()
+    for i, state in enumerate(states):
+        try:
+            domain_states.add(JobState(state))
+        except ValueError:
+            violations.append(FieldViolation(f"states[{i}]", f"not a valid job state: {state}"))
+    start = timestamp_seconds(create_time_start) if create_time_start is not None else None
+    end = timestamp_seconds(create_time_end) if create_time_end is not None else None
+    if start is not None and end is not None and end < start:
+        violations.append(FieldViolation("create_time_end", "is before create_time_start"))
+    for i, job_type in enumerate(types):
+        if not job_type:
+            violations.append(FieldViolation(f"types[{i}]", "empty job type"))
+    if violations:
+        raise InvalidArgument(violations=violations)
+    return JobFilter(
+        states=frozenset(domain_states),
+        types=frozenset(types),
+        labels=tuple(sorted(labels.items())),
+        create_time_start=start,
+        create_time_end=end,
+    )
+
+
+def _filter_digest(job_filter: JobFilter) -> str:
+    canonical = json.dumps(
+        [
+            sorted(int(s) for s in job_filter.states),
+            sorted(job_filter.types),
+            list(job_filter.labels),
+            job_filter.create_time_start,
+            job_filter.create_time_end,
+        ]
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def encode_page_token(last_id: str, job_filter: JobFilter) -> str:
+    """Opaque to clients (AIP-158): the last id returned, bound to the filters it was made with."""
+    raw = json.dumps({"after": last_id, "filter": _filter_digest(job_filter)}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str, job_filter: JobFilter) -> str:
+    """The cursor in ``token``; INVALID_ARGUMENT if it is malformed or was made for other filters."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = json.loads(raw)
+        last_id, digest = data["after"], data["filter"]
+        if not isinstance(last_id, str) or not isinstance(digest, str):
+            raise ValueError("bad field types")
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise InvalidArgument(
+            violations=[FieldViolation("page_token", "not a token returned by ListJobs")]
+        ) from error
+    if digest != _filter_digest(job_filter):
+        raise InvalidArgument(
+            violations=[FieldViolation("page_token", "was made for different filters; start again without it")]
+        )
+    return last_id
+
+

@@ -1,0 +1,61 @@
+"""Domain errors -> gRPC statuses with google.rpc details (AIP-193), in exactly one place."""
+
+from __future__ import annotations
+
+import logging
+from typing import NoReturn
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from jobwire.server import errors
+from jobwire.server.api.convert import ERROR_DOMAIN
+
+log = logging.getLogger("jobwire.api")
+
+# (exception class, status code, ErrorInfo.reason): the first class that matches wins.
+_MAPPING: list[tuple[type[errors.JobwireError], grpc.StatusCode, str]] = [
+    (errors.UnknownJobType, grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_JOB_TYPE"),
+    (errors.RequestIdReused, grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED"),
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    (errors.JobNotFound, grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND"),
+    (errors.JobAlreadyFinished, grpc.StatusCode.FAILED_PRECONDITION, "JOB_ALREADY_FINISHED"),
+    (errors.QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL"),
+    (errors.Draining, grpc.StatusCode.UNAVAILABLE, "SERVER_DRAINING"),
+    (errors.WatchPositionLost, grpc.StatusCode.OUT_OF_RANGE, "WATCH_POSITION_LOST"),
+]
+
+
+def to_status(error: errors.JobwireError) -> tuple[grpc.StatusCode, status_pb2.Status]:
+    """The status code and rich status for a domain error."""
+    code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
+    for cls, mapped_code, mapped_reason in _MAPPING:
+        if isinstance(error, cls):
+            code, reason = mapped_code, mapped_reason
+            break
+    status = status_pb2.Status(code=code.value[0], message=error.message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
+    if isinstance(error, errors.InvalidArgument) and error.violations:
+        bad_request = error_details_pb2.BadRequest()
+        for violation in error.violations:
+            bad_request.field_violations.add(field=violation.field, description=violation.description)
+        status.details.add().Pack(bad_request)
+    if isinstance(error, errors.QueueFull | errors.Draining):
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)))
+    return code, status
+
+
+async def abort(context: grpc.aio.ServicerContext, error: errors.JobwireError) -> NoReturn:
+    code, status = to_status(error)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("internal error: %s", error.message)
+    await context.abort(code, status.message, trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),))
+    raise AssertionError("unreachable: context.abort raises")
+
+
+def invalid(field: str, description: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument(violations=[errors.FieldViolation(field, description)])
+
+
+__all__ = ["abort", "invalid", "to_status"]

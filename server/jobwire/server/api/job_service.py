@@ -1,0 +1,175 @@
+"""JobService over gRPC: each RPC decodes its request, calls the JobManager, encodes the answer."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from jobwire.server.api import convert
+from jobwire.server.api.errors import abort, invalid
+from jobwire.server.errors import JobwireError
+from jobwire.server.events import EventKind, JobEvent
+from jobwire.server.manager import JobManager
+from jobwire.server.state_machine import JobState
+from jobwire.server.stores.base import JobQuery
+from jobwire.server.validation import MAX_REASON, SubmitRequest
+from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+
+log = logging.getLogger("jobwire.api")
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_PARAMS_BYTES = 1 << 20
+
+
+class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
+    """The JobService RPCs, translated to JobManager calls."""
+
+    def __init__(self, manager: JobManager) -> None:
+        self._manager = manager
+
+    async def SubmitJob(
+        self, request: job_service_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> job_service_pb2.SubmitJobResponse:
+        try:
+            if request.params.ByteSize() > MAX_PARAMS_BYTES:
+                raise invalid("params", f"larger than {MAX_PARAMS_BYTES} bytes once serialized")
+            job = await self._manager.submit(
+                SubmitRequest(
+                    type=request.type,
+                    params=convert.struct_to_dict(request.params) if request.params.fields else {},
+                    priority=request.priority if request.HasField("priority") else None,
+                    labels=dict(request.labels),
+                    request_id=request.request_id,
+                    timeout=convert.duration_seconds(request.timeout) if request.HasField("timeout") else None,
+                )
+            )
+        except JobwireError as error:
+            await abort(context, error)
+        return job_service_pb2.SubmitJobResponse(job=convert.job_to_proto(job))
+
+    async def GetJob(
+        self, request: job_service_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> job_service_pb2.GetJobResponse:
+        try:
+            job = await self._manager.get(_job_id(request.job_id))
+        except JobwireError as error:
+            await abort(context, error)
+        return job_service_pb2.GetJobResponse(job=convert.job_to_proto(job))
+
+    async def ListJobs(
+        self, request: job_service_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> job_service_pb2.ListJobsResponse:
+        try:
+            if request.page_size < 0:
+                raise invalid("page_size", "must not be negative")
+            page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+            job_filter = convert.job_filter_from_request(
+                list(request.states),
+                list(request.types),
+                dict(request.labels),
+                request.create_time_start if request.HasField("create_time_start") else None,
+                request.create_time_end if request.HasField("create_time_end") else None,
+            )
+            before = convert.decode_page_token(request.page_token, job_filter) if request.page_token else None
+            jobs, more = await self._manager.list_jobs(JobQuery(job_filter, page_size, before))
+        except JobwireError as error:
+            await abort(context, error)
+        response = job_service_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs])
+        if more and jobs:
+            response.next_page_token = convert.encode_page_token(jobs[-1].id, job_filter)
+        return response
+
+    async def CancelJob(
+        self, request: job_service_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> job_service_pb2.CancelJobResponse:
+        try:
+            if len(request.reason) > MAX_REASON:
+                raise invalid("reason", f"at most {MAX_REASON} characters")
+            job = await self._manager.cancel(_job_id(request.job_id), request.reason)
+        except JobwireError as error:
+            await abort(context, error)
+        return job_service_pb2.CancelJobResponse(job=convert.job_to_proto(job))
+
+    async def WatchJob(
+        self, request: job_service_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        last = request.after_sequence
+        try:
+            job_id = _job_id(request.job_id)
+            async for event in self._manager.watch(job_id, request.after_sequence):
+                await context.write(_watch_response(event))
+                last = event.sequence
+                if event.job.state.is_terminal:
+                    return
+        except JobwireError as error:
+            await abort(context, error)
+        # The stream ended before the job did: the server is draining.
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the server is shutting down; watch again with after_sequence={last}",
+        )
+
+    async def GetQueueStats(
+        self, request: job_service_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
+    ) -> job_service_pb2.GetQueueStatsResponse:
+        stats = await self._manager.stats()
+        response = job_service_pb2.GetQueueStatsResponse(
+            running=stats.running,
+            max_running=stats.max_running,
+            max_queued=stats.max_queued,
+            finished_in_window=stats.window.finished,
+            success_rate=stats.window.success_rate,
+            draining=stats.draining,
+        )
+        by_state = dict.fromkeys(JobState, 0)
+        by_type: dict[str, int] = {}
+        for count in stats.counts:
+            by_state[count.state] += count.count
+            by_type[count.type] = by_type.get(count.type, 0) + count.count
+        for state, total in sorted(by_state.items()):
+            response.state_counts.add(state=int(state), count=total)  # type: ignore[arg-type]
+        for job_type in stats.known_types:
+            response.type_stats.add(
+                type=job_type,
+                queued=stats.queued_by_type.get(job_type, 0),
+                running=stats.running_by_type.get(job_type, 0),
+                max_running=stats.type_limits.get(job_type, 0),
+                total=by_type.get(job_type, 0),
+            )
+        for priority, queued in sorted(stats.queued_by_priority.items(), reverse=True):
+            response.priority_counts.add(priority=priority, queued=queued)
+        convert.set_duration(response.window, stats.window.window)
+        convert.set_duration(response.mean_queue_wait, stats.window.mean_queue_wait)
+        convert.set_duration(response.mean_run_time, stats.window.mean_run_time)
+        convert.set_timestamp(response.read_time, stats.read_time)
+        return response
+
+
+_EVENT_TYPES = {
+    EventKind.SNAPSHOT: job_service_pb2.WATCH_EVENT_TYPE_SNAPSHOT,
+    EventKind.STATE_CHANGED: job_service_pb2.WATCH_EVENT_TYPE_STATE_CHANGED,
+    EventKind.PROGRESS_UPDATED: job_service_pb2.WATCH_EVENT_TYPE_PROGRESS_UPDATED,
+}
+
+
+def _watch_response(event: JobEvent) -> job_service_pb2.WatchJobResponse:
+    """Encode an event once, however many watchers it goes to."""
+    if event.encoded is None:
+        event.encoded = job_service_pb2.WatchJobResponse(
+            job=convert.job_to_proto(event.job), sequence=event.sequence, event_type=_EVENT_TYPES[event.kind]
+        )
+    response: job_service_pb2.WatchJobResponse = event.encoded
+    return response
+
+
+def _job_id(job_id: str) -> str:
+    if not job_id:
+        raise invalid("job_id", "required")
+    if len(job_id) > 64:
+        raise invalid("job_id", "at most 64 characters")
+    return job_id
+
+
+__all__ = ["JobServiceServicer", "job_pb2"]

@@ -1,0 +1,78 @@
+"""Queue wait, run time and success rate over a sliding window, in O(1) per recorded event."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class WindowFigures:
+    """Figures over the last ``window`` seconds."""
+
+    window: float
+    finished: int
+    succeeded: int
+    mean_queue_wait: float
+    mean_run_time: float
+
+    @property
+    def success_rate(self) -> float:
+        return self.succeeded / self.finished if self.finished else 0.0
+
+
+class _Series:
+    """Timestamped values with a running sum, trimmed to the window on every read and write."""
+
+    __slots__ = ("items", "total")
+
+    def __init__(self) -> None:
+        self.items: deque[tuple[float, float]] = deque()
+        self.total = 0.0
+
+    def add(self, at: float, value: float) -> None:
+        self.items.append((at, value))
+        self.total += value
+
+    def trim(self, oldest: float) -> None:
+        items = self.items
+        while items and items[0][0] < oldest:
+            self.total -= items.popleft()[1]
+        if not items:
+            self.total = 0.0  # no float drift accumulates across idle periods
+
+    def mean(self) -> float:
+        return self.total / len(self.items) if self.items else 0.0
+
+
+class StatsWindow:
+    """What the last few minutes looked like, for GetQueueStats. Times come from the monotonic clock."""
+
+    def __init__(self, window: float = 300.0) -> None:
+        self.window = window
+        self._waits = _Series()
+        self._run_times = _Series()
+        self._finishes = _Series()  # value 1.0 for a success, 0.0 otherwise
+
+    def record_start(self, at: float, queue_wait: float) -> None:
+        self._waits.add(at, max(0.0, queue_wait))
+        self._waits.trim(at - self.window)
+
+    def record_finish(self, at: float, succeeded: bool, run_time: float | None) -> None:
+        self._finishes.add(at, 1.0 if succeeded else 0.0)
+        self._finishes.trim(at - self.window)
+        if run_time is not None:
+            self._run_times.add(at, max(0.0, run_time))
+            self._run_times.trim(at - self.window)
+
+    def figures(self, now: float) -> WindowFigures:
+        oldest = now - self.window
+        for series in (self._waits, self._run_times, self._finishes):
+            series.trim(oldest)
+        return WindowFigures(
+            window=self.window,
+            finished=len(self._finishes.items),
+            succeeded=round(self._finishes.total),
+            mean_queue_wait=self._waits.mean(),
+            mean_run_time=self._run_times.mean(),
+        )

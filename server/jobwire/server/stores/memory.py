@@ -1,0 +1,142 @@
+"""An in-memory JobStore: for tests, demos and deployments that accept losing every job on restart.
+
+It is a real store, not a mock: it keeps its own copies, enforces request_id uniqueness and the
+compare-and-set of ``update`` exactly as the durable backends do, so the one conformance suite
+(tests/stores/) holds it to the same contract.
+"""
+
+from __future__ import annotations
+
+import bisect
+import builtins
+from collections import Counter
+
+from jobwire.server.job import Job, JobError
+from jobwire.server.state_machine import TERMINAL_STATES, JobState
+from jobwire.server.stores.base import DuplicateRequestId, JobCount, JobFilter, JobQuery, JobStore
+
+
+def matches_filter(job: Job, job_filter: JobFilter) -> bool:
+    """Whether ``job`` passes every part of ``job_filter`` (the parts are ANDed; empty parts match all)."""
+    if job_filter.states and job.state not in job_filter.states:
+        return False
+    if job_filter.types and job.type not in job_filter.types:
+        return False
+    for key, value in job_filter.labels:
+        if job.labels.get(key) != value:
+            return False
+    if job_filter.create_time_start is not None and job.create_time < job_filter.create_time_start:
+        return False
+    return job_filter.create_time_end is None or job.create_time < job_filter.create_time_end
+
+
+def _snapshot(job: Job) -> Job:
+    """A copy sharing nothing mutable with ``job`` except params/result, which are never mutated in place.
+
+    ``Job.copy()`` shares ``labels`` and ``error`` (a mutable dataclass with a metadata dict); a store
+    must not, or a caller editing a returned job's labels would edit the stored one.
+    """
+    snapshot = job.copy()
+    snapshot.labels = dict(job.labels)
+    if job.error is not None:
+        snapshot.error = JobError(job.error.code, job.error.message, job.error.reason,
+                                  dict(job.error.metadata))
+    return snapshot
+
+
+class MemoryStore(JobStore):
+    """Jobs in dicts plus a sorted id list, so listing newest-first from a cursor is a bisect away."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        # Ascending; ULIDs are generated in increasing order, so inserting is almost always an append.
+        self._ids: list[str] = []
+        self._by_request_id: dict[str, str] = {}
+
+    async def open(self) -> None:
+        """Nothing to prepare."""
+
+    async def close(self) -> None:
+        """Nothing to flush: every write is already applied."""
+
+    async def insert(self, job: Job) -> None:
+        if job.id in self._jobs:
+            raise ValueError(f"job {job.id} already exists")
+        if job.request_id and job.request_id in self._by_request_id:
+            raise DuplicateRequestId(job.request_id)
+        self._jobs[job.id] = _snapshot(job)
+        if not self._ids or job.id > self._ids[-1]:
+            self._ids.append(job.id)
+        else:
+            bisect.insort(self._ids, job.id)
+        if job.request_id:
+            self._by_request_id[job.request_id] = job.id
+
+    async def update(self, job: Job, expected_state: JobState | None = None) -> bool:
+        stored = self._jobs.get(job.id)
+        if stored is None:
+            return False
+        if expected_state is not None and stored.state != expected_state:
+            return False
+        if job.request_id != stored.request_id:
+            if job.request_id and job.request_id in self._by_request_id:
+                raise DuplicateRequestId(job.request_id)
+            if stored.request_id:
+                del self._by_request_id[stored.request_id]
+            if job.request_id:
+                self._by_request_id[job.request_id] = job.id
+        self._jobs[job.id] = _snapshot(job)
+        return True
+
+    def record_progress(self, job: Job) -> None:
+        """Applied at once; the sequence check keeps a late, stale note from undoing a newer update."""
+        stored = self._jobs.get(job.id)
+        if stored is None or stored.sequence >= job.sequence:
+            return
+        stored.progress = job.copy().progress
+        stored.sequence = job.sequence
+        stored.update_time = job.update_time
+
+    async def get(self, job_id: str) -> Job | None:
+        stored = self._jobs.get(job_id)
+        return None if stored is None else _snapshot(stored)
+
+    async def get_by_request_id(self, request_id: str) -> Job | None:
+        if not request_id:
+            return None
+        job_id = self._by_request_id.get(request_id)
+        return None if job_id is None else _snapshot(self._jobs[job_id])
+
+    async def list(self, query: JobQuery) -> list[Job]:
+        if query.limit <= 0:
+            return []
+        end = len(self._ids) if query.before_id is None else bisect.bisect_left(self._ids, query.before_id)
+        page: list[Job] = []
+        for index in range(end - 1, -1, -1):
+            job = self._jobs[self._ids[index]]
+            if matches_filter(job, query.filter):
+                page.append(_snapshot(job))
+                if len(page) == query.limit:
+                    break
+        return page
+
+    async def load_unfinished(self) -> builtins.list[Job]:
+        return [_snapshot(job) for job in (self._jobs[job_id] for job_id in self._ids)
+                if job.state not in TERMINAL_STATES]
+
+    async def purge_expired(self, now: float) -> int:
+        expired = [job for job in self._jobs.values()
+                   if job.state in TERMINAL_STATES and job.expire_time is not None and job.expire_time <= now]
+        if not expired:
+            return 0
+        for job in expired:
+            del self._jobs[job.id]
+            if job.request_id:
+                del self._by_request_id[job.request_id]
+        self._ids = [job_id for job_id in self._ids if job_id in self._jobs]
+        return len(expired)
+
+    async def count(self) -> builtins.list[JobCount]:
+        counts = Counter((job.state, job.type, job.priority) for job in self._jobs.values())
+        return [JobCount(state, job_type, priority, n)
+                for (state, job_type, priority), n in sorted(counts.items())]

@@ -1,0 +1,597 @@
+"""One conformance suite for every JobStore backend (the ``store`` fixture is parametrised in conftest).
+
+Backend-specific checks (SQLite group commit, flush timer, schema version) and the ``open_store``
+factory are at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from jobwire.server.job import ErrorCode, Job, JobError, Progress
+from jobwire.server.state_machine import JobState
+from jobwire.server.stores.base import DuplicateRequestId, JobCount, JobFilter, JobQuery, JobStore
+from jobwire.server.stores.factory import open_store
+from jobwire.server.stores.memory import MemoryStore
+from jobwire.server.stores.sqlite import MIGRATIONS, SqliteStore
+
+MakeJob = Callable[..., Job]
+Reopen = Callable[[JobStore], Awaitable[JobStore | None]]
+T0 = 1_700_000_000.0
+
+
+async def flushed(store: JobStore, reopen: Reopen, job_id: str) -> Job:
+    """The stored job once pending progress is written: after close and reopen when the backend is durable."""
+    reopened = await reopen(store)
+    job = await (reopened or store).get(job_id)
+    assert job is not None
+    return job
+
+
+async def ids(store: JobStore, query: JobQuery) -> list[str]:
+    return [job.id for job in await store.list(query)]
+
+
+def full_job(make_job: MakeJob) -> Job:
+    """A job with every field set to something other than its default, unicode included."""
+    return make_job(
+        type="übersetzung/翻訳", state=JobState.FAILED, priority=9,
+        params={"text": "naïve café ☕", "n": 3, "ratio": 0.25, "flags": [True, False, None],
+                "nested": {"deep": ["a", {"b": 1.5}]}},
+        labels={"team": "données", "env": "prod", "emoji": "🚀", "dotted.key/x": "v"},
+        create_time=T0 + 0.123456789, update_time=T0 + 10.5, queue_time=T0 + 1.25, attempt=2,
+        progress=Progress(percent=42.5, message="étape 3 — ok", current_step=3, total_steps=7),
+        result={"partial": "résultat", "count": 2},
+        error=JobError(ErrorCode.DEADLINE_EXCEEDED, "timed out ⏱", "JOB_TIMEOUT",
+                       {"timeout": "30s", "clé": "valeur"}),
+        start_time=T0 + 2.0, end_time=T0 + 9.75, expire_time=T0 + 86_400.0,
+        request_id="req-ünïcode-1", request_fingerprint="sha256:abc", timeout=30.0,
+        cancel_reason="", sequence=17,
+    )
+
+
+# --- round trips -----------------------------------------------------------------------------------
+
+async def test_insert_get_round_trips_every_field(store: JobStore, reopen: Reopen, make_job: MakeJob) -> None:
+    job = full_job(make_job)
+    await store.insert(job)
+    source: JobStore | None = store
+    while source is not None:
+        got = await source.get(job.id)
+        assert got == job
+        assert got is not job
+        assert type(got.state) is JobState
+        assert got.error is not None and type(got.error.code) is ErrorCode
+        assert isinstance(got.params["ratio"], float) and isinstance(got.params["n"], int)
+        source = await reopen(source) if source is store else None  # again from disk, if durable
+
+
+async def test_round_trips_defaults_and_none(store: JobStore, make_job: MakeJob) -> None:
+    minimal = make_job(params={}, timeout=None)
+    with_timeout = make_job(timeout=0.5, cancel_reason="user asked", state=JobState.CANCELLING)
+    await store.insert(minimal)
+    await store.insert(with_timeout)
+    got_minimal = await store.get(minimal.id)
+    got_timeout = await store.get(with_timeout.id)
+    assert got_minimal == minimal
+    assert got_minimal is not None
+    assert (got_minimal.progress, got_minimal.result, got_minimal.error, got_minimal.timeout) == (
+        None, None, None, None)
+    assert got_timeout == with_timeout
+
+
+async def test_get_missing_returns_none(store: JobStore) -> None:
+    assert await store.get("0" * 26) is None
+
+
+async def test_returned_jobs_are_copies(store: JobStore, make_job: MakeJob) -> None:
+    job = full_job(make_job)
+    await store.insert(job)
+    got = await store.get(job.id)
+    assert got is not None and got.progress is not None and got.error is not None
+    got.state = JobState.SUCCEEDED
+    got.labels["team"] = "changed"
+    got.progress.percent = 99.0
+    got.error.metadata["timeout"] = "changed"
+    got.sequence = 999
+    [listed] = await store.list(JobQuery())
+    listed.labels.clear()
+    assert await store.get(job.id) == full_job_like(job)
+
+
+def full_job_like(job: Job) -> Job:
+    """An independent copy to compare against (the original may be mutated by a test)."""
+    copy = job.copy()
+    copy.labels = dict(job.labels)
+    if job.error is not None:
+        copy.error = JobError(job.error.code, job.error.message, job.error.reason, dict(job.error.metadata))
+    return copy
+
+
+async def test_mutating_the_job_after_a_write_does_not_reach_the_store(store: JobStore,
+                                                                        make_job: MakeJob) -> None:
+    job = full_job(make_job)
+    expected = full_job_like(job)
+    await store.insert(job)
+    assert job.progress is not None and job.error is not None
+    job.state = JobState.RUNNING
+    job.labels["team"] = "changed"
+    job.progress.percent = 1.0
+    job.error.metadata["clé"] = "changed"
+    assert await store.get(job.id) == expected
+
+    job = full_job_like(expected)
+    job.attempt = 3
+    expected = full_job_like(job)
+    assert await store.update(job)
+    job.labels["env"] = "changed"
+    assert await store.get(job.id) == expected
+
+
+async def test_job_mutated_while_insert_is_pending_is_stored_as_it_was(store: JobStore,
+                                                                       make_job: MakeJob) -> None:
+    """The row is captured when insert is called, not when the writer gets round to it."""
+    job = make_job(labels={"k": "v"})
+    expected = full_job_like(job)
+    pending = asyncio.ensure_future(store.insert(job))
+    await asyncio.sleep(0)  # let insert start and queue its write
+    job.labels["k"] = "changed"
+    job.state = JobState.RUNNING
+    await pending
+    assert await store.get(job.id) == expected
+
+
+# --- request ids -----------------------------------------------------------------------------------
+
+async def test_duplicate_request_id_is_refused(store: JobStore, make_job: MakeJob) -> None:
+    first = make_job(request_id="req-1")
+    second = make_job(request_id="req-1")
+    await store.insert(first)
+    with pytest.raises(DuplicateRequestId):
+        await store.insert(second)
+    assert await store.get(second.id) is None
+    assert await store.get_by_request_id("req-1") == first
+
+
+async def test_empty_request_id_never_conflicts(store: JobStore, make_job: MakeJob) -> None:
+    jobs = [make_job(request_id="") for _ in range(3)]
+    for job in jobs:
+        await store.insert(job)
+    for job in jobs:
+        assert await store.get(job.id) == job
+    assert await store.get_by_request_id("") is None
+
+
+async def test_one_duplicate_in_concurrent_inserts_fails_only_itself(store: JobStore,
+                                                                     make_job: MakeJob) -> None:
+    jobs = [make_job(request_id=f"req-{i}") for i in range(20)]
+    jobs.append(make_job(request_id="req-7"))
+    outcomes = await asyncio.gather(*(store.insert(job) for job in jobs), return_exceptions=True)
+    assert [type(o) for o in outcomes].count(DuplicateRequestId) == 1
+    assert isinstance(outcomes[-1], DuplicateRequestId)
+    for job in jobs[:-1]:
+        assert await store.get(job.id) == job
+    assert await store.get(jobs[-1].id) is None
+
+
+async def test_get_by_request_id(store: JobStore, make_job: MakeJob) -> None:
+    job = make_job(request_id="abc")
+    await store.insert(make_job(request_id="other"))
+    await store.insert(job)
+    assert await store.get_by_request_id("abc") == job
+    assert await store.get_by_request_id("missing") is None
+
+
+async def test_duplicate_id_is_refused(store: JobStore, make_job: MakeJob) -> None:
+    job = make_job()
+    await store.insert(job)
+    with pytest.raises(ValueError):
+        await store.insert(make_job(id=job.id))
+
+
+# --- update ----------------------------------------------------------------------------------------
+
+async def test_update_replaces_the_stored_job(store: JobStore, make_job: MakeJob) -> None:
+    job = make_job()
+    await store.insert(job)
+    job.state, job.start_time, job.attempt, job.sequence = JobState.RUNNING, T0 + 1, 1, 2
+    job.progress = Progress(10.0, "going")
+    assert await store.update(job) is True
+    assert await store.get(job.id) == job
+
+
+async def test_update_compare_and_set(store: JobStore, make_job: MakeJob) -> None:
+    job = make_job()
+    await store.insert(job)
+    job.state, job.sequence = JobState.RUNNING, 2
+    assert await store.update(job, expected_state=JobState.QUEUED) is True
+    assert await store.get(job.id) == job
+
+    lost = full_job_like(job)
+    lost.state, lost.sequence = JobState.CANCELLED, 3
+    assert await store.update(lost, expected_state=JobState.QUEUED) is False
+    assert await store.get(job.id) == job
+
+
+async def test_concurrent_claims_only_one_wins(store: JobStore, make_job: MakeJob) -> None:
+    job = make_job()
+    await store.insert(job)
+    claims = []
+    for replica in range(5):
+        claim = full_job_like(job)
+        claim.state, claim.sequence, claim.cancel_reason = JobState.RUNNING, 2, f"replica-{replica}"
+        claims.append(claim)
+    won = await asyncio.gather(*(store.update(c, expected_state=JobState.QUEUED) for c in claims))
+    assert won.count(True) == 1
+    assert await store.get(job.id) == claims[won.index(True)]
+
+
+async def test_update_of_a_missing_job_returns_false(store: JobStore, make_job: MakeJob) -> None:
+    ghost = make_job()
+    assert await store.update(ghost) is False
+    assert await store.update(ghost, expected_state=JobState.QUEUED) is False
+    assert await store.get(ghost.id) is None
+
+
+# --- progress --------------------------------------------------------------------------------------
+
+async def test_record_progress_coalesces_and_latest_wins(store: JobStore, reopen: Reopen,
+                                                         make_job: MakeJob) -> None:
+    job = make_job(state=JobState.RUNNING)
+    await store.insert(job)
+    for step in range(1, 51):
+        job.progress = Progress(percent=step * 2.0, message=f"step {step}", current_step=step, total_steps=50)
+        job.sequence += 1
+        job.update_time = T0 + step
+        store.record_progress(job)
+    stored = await flushed(store, reopen, job.id)
+    assert stored.progress == Progress(100.0, "step 50", 50, 50)
+    assert (stored.sequence, stored.update_time) == (51, T0 + 50)
+    assert stored == job
+
+
+async def test_record_progress_touches_only_progress_sequence_and_update_time(
+        store: JobStore, reopen: Reopen, make_job: MakeJob) -> None:
+    job = make_job(state=JobState.RUNNING, attempt=1)
+    await store.insert(job)
+    noted = full_job_like(job)
+    noted.state, noted.attempt, noted.labels = JobState.SUCCEEDED, 5, {"not": "stored"}
+    noted.progress, noted.sequence, noted.update_time = Progress(50.0, "half"), 2, T0 + 5
+    store.record_progress(noted)
+    stored = await flushed(store, reopen, job.id)
+    assert (stored.state, stored.attempt, stored.labels) == (JobState.RUNNING, 1, {})
+    assert (stored.progress, stored.sequence, stored.update_time) == (Progress(50.0, "half"), 2, T0 + 5)
+
+
+async def test_progress_never_overwrites_a_newer_update(store: JobStore, reopen: Reopen,
+                                                        make_job: MakeJob) -> None:
+    job = make_job(state=JobState.RUNNING)
+    await store.insert(job)
+    job.progress, job.sequence = Progress(50.0, "half"), 2
+    store.record_progress(job)  # pending when the update below is written
+    job.state, job.progress, job.sequence, job.end_time = JobState.SUCCEEDED, Progress(100.0), 3, T0 + 9
+    final = full_job_like(job)
+    assert await store.update(job)
+    stale = full_job_like(job)  # a late note with an older sequence must not win either
+    stale.progress, stale.sequence = Progress(75.0, "late"), 2
+    store.record_progress(stale)
+    assert await flushed(store, reopen, job.id) == final
+
+
+# --- listing ---------------------------------------------------------------------------------------
+
+async def test_list_is_newest_first_and_limited(store: JobStore, make_job: MakeJob) -> None:
+    jobs = [make_job() for _ in range(7)]
+    for job in reversed(jobs):  # insertion order must not matter
+        await store.insert(job)
+    newest_first = [job.id for job in reversed(jobs)]
+    assert await ids(store, JobQuery()) == newest_first
+    assert await ids(store, JobQuery(limit=3)) == newest_first[:3]
+    assert await ids(store, JobQuery(before_id=newest_first[2])) == newest_first[3:]
+    assert await store.list(JobQuery(limit=2)) == list(reversed(jobs))[:2]
+
+
+async def test_paging_sees_every_job_once_while_jobs_arrive(store: JobStore, make_job: MakeJob) -> None:
+    originals = [make_job() for _ in range(23)]
+    for job in originals:
+        await store.insert(job)
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        page = await ids(store, JobQuery(limit=5, before_id=cursor))
+        seen += page
+        if len(page) < 5:
+            break
+        cursor = page[-1]
+        for _ in range(3):  # newer jobs land above the cursor, never in later pages
+            await store.insert(make_job())
+    assert seen == sorted((job.id for job in originals), reverse=True)
+
+
+async def test_filter_by_states(store: JobStore, make_job: MakeJob) -> None:
+    by_state = {state: make_job(state=state) for state in JobState}
+    for job in by_state.values():
+        await store.insert(job)
+    wanted = frozenset({JobState.RUNNING, JobState.CANCELLING})
+    got = await ids(store, JobQuery(filter=JobFilter(states=wanted)))
+    assert got == sorted((by_state[s].id for s in wanted), reverse=True)
+
+
+async def test_filter_by_types(store: JobStore, make_job: MakeJob) -> None:
+    a, b, c = make_job(type="resize"), make_job(type="transcode"), make_job(type="email")
+    for job in (a, b, c):
+        await store.insert(job)
+    got = await ids(store, JobQuery(filter=JobFilter(types=frozenset({"resize", "email"}))))
+    assert got == [c.id, a.id]
+
+
+async def test_filter_by_labels_all_must_match(store: JobStore, make_job: MakeJob) -> None:
+    both = make_job(labels={"team": "ml", "env": "prod", "extra": "x"})
+    one_only = make_job(labels={"team": "ml"})
+    wrong_value = make_job(labels={"team": "ml", "env": "dev"})
+    none = make_job(labels={})
+    odd_key = make_job(labels={'we"ird.key[0]': "ü"})
+    for job in (both, one_only, wrong_value, none, odd_key):
+        await store.insert(job)
+    labels = (("team", "ml"), ("env", "prod"))
+    assert await ids(store, JobQuery(filter=JobFilter(labels=labels))) == [both.id]
+    assert await ids(store, JobQuery(filter=JobFilter(labels=(("team", "ml"),)))) == [
+        wrong_value.id, one_only.id, both.id]
+    assert await ids(store, JobQuery(filter=JobFilter(labels=(('we"ird.key[0]', "ü"),)))) == [odd_key.id]
+
+
+async def test_filter_by_create_time_start_inclusive_end_exclusive(store: JobStore,
+                                                                   make_job: MakeJob) -> None:
+    jobs = [make_job(create_time=T0 + i) for i in range(5)]
+    for job in jobs:
+        await store.insert(job)
+    window = JobFilter(create_time_start=T0 + 1, create_time_end=T0 + 3)
+    assert await ids(store, JobQuery(filter=window)) == [jobs[2].id, jobs[1].id]
+    assert await ids(store, JobQuery(filter=JobFilter(create_time_start=T0 + 3))) == [jobs[4].id, jobs[3].id]
+    assert await ids(store, JobQuery(filter=JobFilter(create_time_end=T0 + 1))) == [jobs[0].id]
+
+
+async def test_filters_combine_with_paging(store: JobStore, make_job: MakeJob) -> None:
+    matching = []
+    for i in range(12):
+        job = make_job(type="resize" if i % 2 else "email",
+                       state=JobState.QUEUED if i % 3 else JobState.FAILED,
+                       labels={"team": "ml"} if i % 4 else {}, create_time=T0 + i)
+        await store.insert(job)
+        if job.type == "resize" and job.state == JobState.QUEUED and job.labels and job.create_time >= T0 + 2:
+            matching.append(job.id)
+    job_filter = JobFilter(states=frozenset({JobState.QUEUED}), types=frozenset({"resize"}),
+                           labels=(("team", "ml"),), create_time_start=T0 + 2)
+    first = await ids(store, JobQuery(filter=job_filter, limit=2))
+    rest = await ids(store, JobQuery(filter=job_filter, limit=50, before_id=first[-1]))
+    assert first + rest == sorted(matching, reverse=True)
+    assert len(matching) >= 3
+
+
+# --- unfinished, purge, count ----------------------------------------------------------------------
+
+async def test_load_unfinished_oldest_first(store: JobStore, make_job: MakeJob) -> None:
+    jobs = [make_job(state=state) for state in (JobState.RUNNING, JobState.SUCCEEDED, JobState.QUEUED,
+                                                JobState.FAILED, JobState.CANCELLING, JobState.CANCELLED,
+                                                JobState.QUEUED)]
+    for job in reversed(jobs):
+        await store.insert(job)
+    unfinished = await store.load_unfinished()
+    assert unfinished == [job for job in jobs if not job.state.is_terminal]
+    assert [job.id for job in unfinished] == sorted(job.id for job in unfinished)
+
+
+async def test_purge_expired_deletes_only_expired_finished_jobs(store: JobStore, make_job: MakeJob) -> None:
+    now = T0 + 100
+    expired = [make_job(state=JobState.SUCCEEDED, expire_time=now - 1),
+               make_job(state=JobState.FAILED, expire_time=now),  # "at or before now"
+               make_job(state=JobState.CANCELLED, expire_time=now - 50)]
+    kept = [make_job(state=JobState.SUCCEEDED, expire_time=now + 1),
+            make_job(state=JobState.FAILED, expire_time=None),
+            make_job(state=JobState.RUNNING, expire_time=now - 1),
+            make_job(state=JobState.QUEUED, expire_time=now - 1),
+            make_job(state=JobState.CANCELLING, expire_time=now)]
+    for job in expired + kept:
+        await store.insert(job)
+    assert await store.purge_expired(now) == 3
+    for job in expired:
+        assert await store.get(job.id) is None
+    assert await ids(store, JobQuery()) == sorted((job.id for job in kept), reverse=True)
+    assert await store.purge_expired(now) == 0
+
+
+async def test_purge_frees_the_request_id(store: JobStore, make_job: MakeJob) -> None:
+    old = make_job(state=JobState.SUCCEEDED, request_id="again", expire_time=T0)
+    await store.insert(old)
+    assert await store.purge_expired(T0) == 1
+    assert await store.get_by_request_id("again") is None
+    new = make_job(request_id="again")
+    await store.insert(new)
+    assert await store.get_by_request_id("again") == new
+
+
+async def test_count_groups_by_state_type_and_priority(store: JobStore, make_job: MakeJob) -> None:
+    specs = [(JobState.QUEUED, "a", 5), (JobState.QUEUED, "a", 5), (JobState.QUEUED, "a", 9),
+             (JobState.QUEUED, "b", 5), (JobState.RUNNING, "a", 5), (JobState.FAILED, "b", 0)]
+    for state, job_type, priority in specs:
+        await store.insert(make_job(state=state, type=job_type, priority=priority))
+    counts = await store.count()
+    key = lambda c: (c.state, c.type, c.priority)  # noqa: E731
+    assert sorted(counts, key=key) == [
+        JobCount(JobState.QUEUED, "a", 5, 2), JobCount(JobState.QUEUED, "a", 9, 1),
+        JobCount(JobState.QUEUED, "b", 5, 1), JobCount(JobState.RUNNING, "a", 5, 1),
+        JobCount(JobState.FAILED, "b", 0, 1),
+    ]
+    assert all(type(c.state) is JobState for c in counts)
+
+
+async def test_count_of_an_empty_store(store: JobStore) -> None:
+    assert await store.count() == []
+
+
+# --- lifecycle and durability ----------------------------------------------------------------------
+
+async def test_open_and_close_are_idempotent(new_store: Callable[[], JobStore], make_job: MakeJob) -> None:
+    store = new_store()
+    await store.open()
+    await store.open()
+    job = make_job()
+    await store.insert(job)
+    assert await store.get(job.id) == job
+    await store.close()
+    await store.close()
+
+
+async def test_concurrent_inserts_are_group_committed_and_durable(store: JobStore, reopen: Reopen,
+                                                                  make_job: MakeJob) -> None:
+    jobs = [make_job(labels={"i": str(i)}) for i in range(200)]
+    commits_before = getattr(store, "commits", 0)
+    await asyncio.gather(*(store.insert(job) for job in jobs))
+    if isinstance(store, SqliteStore):
+        assert store.commits - commits_before < len(jobs)  # several inserts shared a transaction
+    source = await reopen(store) or store
+    assert await source.list(JobQuery(limit=1000)) == list(reversed(jobs))
+    assert await source.count() == [JobCount(JobState.QUEUED, "test.echo", 5, 200)]
+
+
+# --- SQLite specifics ------------------------------------------------------------------------------
+
+async def test_sqlite_progress_is_flushed_by_the_timer(tmp_path: Path, make_job: MakeJob) -> None:
+    store = SqliteStore(str(tmp_path / "jobs.db"), progress_flush_interval=0.05)
+    await store.open()
+    try:
+        job = make_job(state=JobState.RUNNING)
+        await store.insert(job)
+        job.progress, job.sequence = Progress(33.0, "a third"), 2
+        store.record_progress(job)
+        for _ in range(200):  # waiting for the flush timer is the point of this test
+            stored = await store.get(job.id)
+            if stored is not None and stored.sequence == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert stored == job
+    finally:
+        await store.close()
+
+
+async def test_sqlite_progress_notes_coalesce_into_one_transaction(tmp_path: Path, make_job: MakeJob) -> None:
+    store = SqliteStore(str(tmp_path / "jobs.db"), progress_flush_interval=3600)
+    await store.open()
+    jobs = [make_job(state=JobState.RUNNING) for _ in range(3)]
+    for job in jobs:
+        await store.insert(job)
+    commits = store.commits
+    for step in range(100):
+        for job in jobs:
+            job.progress, job.sequence = Progress(float(step)), job.sequence + 1
+            store.record_progress(job)
+    await store.close()
+    assert store.commits == commits + 1
+    reopened = SqliteStore(str(tmp_path / "jobs.db"))
+    await reopened.open()
+    try:
+        for job in jobs:
+            assert await reopened.get(job.id) == job
+    finally:
+        await reopened.close()
+
+
+async def test_sqlite_schema_is_versioned_and_open_is_repeatable(tmp_path: Path, make_job: MakeJob) -> None:
+    path = tmp_path / "sub" / "dir" / "jobs.db"  # missing directories are created
+    job = make_job()
+    for _ in range(2):
+        store = SqliteStore(str(path), synchronous="normal")
+        await store.open()
+        await store.insert(make_job())
+        await store.close()
+    store = SqliteStore(str(path))
+    await store.open()
+    await store.insert(job)
+    await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 3
+        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"jobs_request_id", "jobs_state_id", "jobs_expire_time"} <= indexes
+    finally:
+        conn.close()
+
+
+async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    conn.close()
+    store = SqliteStore(str(path))
+    with pytest.raises(RuntimeError, match="newer"):
+        await store.open()
+    await store.close()
+
+
+async def test_sqlite_use_after_close_raises(tmp_path: Path, make_job: MakeJob) -> None:
+    store = SqliteStore(str(tmp_path / "jobs.db"))
+    with pytest.raises(RuntimeError):
+        await store.insert(make_job())
+    await store.open()
+    await store.close()
+    with pytest.raises(RuntimeError):
+        await store.insert(make_job())
+    with pytest.raises(RuntimeError):
+        await store.get("x")
+    store.record_progress(make_job())  # advisory: silently dropped
+
+
+def test_sqlite_rejects_bad_options() -> None:
+    with pytest.raises(ValueError):
+        SqliteStore("x.db", synchronous="SOMETIMES")
+    with pytest.raises(ValueError):
+        SqliteStore("x.db", max_batch=0)
+    with pytest.raises(ValueError):
+        SqliteStore(":memory:")
+
+
+# --- open_store ------------------------------------------------------------------------------------
+
+def test_open_store_memory() -> None:
+    assert isinstance(open_store("memory:"), MemoryStore)
+
+
+@pytest.mark.parametrize(("url", "path"), [
+    ("sqlite:///jobs.db", "jobs.db"),
+    ("sqlite:///data/jobs.db", "data/jobs.db"),
+    ("sqlite:////var/lib/jobwire/jobs.db", "/var/lib/jobwire/jobs.db"),
+    ("jobs.db", "jobs.db"),
+    ("/tmp/x/jobs.db", "/tmp/x/jobs.db"),
+])
+def test_open_store_sqlite_paths(url: str, path: str) -> None:
+    store = open_store(url)
+    assert isinstance(store, SqliteStore)
+    assert store.path == path
+
+
+def test_open_store_sqlite_options() -> None:
+    store = open_store("sqlite:///jobs.db?synchronous=normal&max_batch=32&progress_flush_interval=0.5")
+    assert isinstance(store, SqliteStore)
+    assert (store.synchronous, store.max_batch, store.progress_flush_interval) == ("NORMAL", 32, 0.5)
+    with pytest.raises(ValueError, match="unknown"):
+        open_store("sqlite:///jobs.db?cache=big")
+
+
+@pytest.mark.parametrize("url", ["postgresql://u@localhost/jobwire", "postgres://localhost/db",
+                                 "postgresql+psycopg://localhost/db"])
+def test_open_store_postgresql_not_yet(url: str) -> None:
+    with pytest.raises(ValueError, match="PostgreSQL store is not available yet"):
+        open_store(url)
+
+
+@pytest.mark.parametrize("url", ["", "memory", "mysql://x/y", "sqlite://jobs.db", "sqlite:///",
+                                 "sqlite:///:memory:", "jobs.sqlite", "redis://localhost"])
+def test_open_store_rejects_other_urls(url: str) -> None:
+    with pytest.raises(ValueError, match=r"memory:|sqlite:///"):
+        open_store(url)
