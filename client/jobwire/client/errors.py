@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from google.rpc.error_details_pb2 import BadRequest, ErrorInfo
+from google.rpc.error_details_pb2 import BadRequest, ErrorInfo, RetryInfo
 from google.rpc.status_pb2 import Status
 from grpc_status import rpc_status
 from jobwire.v1 import job_pb2
@@ -49,8 +49,9 @@ class JobwireError(Exception):
 
     ``code`` is a ``grpc.StatusCode``; ``reason``, ``domain`` and ``metadata`` come from the
     ``google.rpc.ErrorInfo`` detail ("" / {} when the server sent none); ``field_violations`` lists
-    ``(field, description)`` pairs from ``google.rpc.BadRequest``; ``status`` is the decoded rich
-    status, if any.
+    ``(field, description)`` pairs from ``google.rpc.BadRequest``; ``retry_delay`` is the seconds
+    a ``google.rpc.RetryInfo`` asks to wait before retrying (None without one); ``status`` is the
+    decoded rich status, if any.
     """
 
     default_code: Any = grpc.StatusCode.UNKNOWN
@@ -64,6 +65,7 @@ class JobwireError(Exception):
         domain: str = "",
         metadata: Mapping[str, str] | None = None,
         field_violations: Iterable[tuple[str, str]] = (),
+        retry_delay: float | None = None,
         status: Status | None = None,
     ) -> None:
         super().__init__(message)
@@ -73,6 +75,7 @@ class JobwireError(Exception):
         self.domain = domain
         self.metadata: dict[str, str] = dict(metadata or {})
         self.field_violations: list[tuple[str, str]] = list(field_violations)
+        self.retry_delay = retry_delay
         self.status = status
 
     def __str__(self) -> str:
@@ -156,6 +159,7 @@ class JobFailedError(JobwireError):
             domain=parsed.domain,
             metadata=parsed.metadata,
             field_violations=parsed.field_violations,
+            retry_delay=parsed.retry_delay,
             status=error if job.HasField("error") else None,
         )
         self.job = job
@@ -177,9 +181,10 @@ _CLASS_BY_CODE: dict[Any, type[JobwireError]] = {
 class _Details:
     """The decoded ``details`` of a google.rpc.Status."""
 
-    __slots__ = ("domain", "field_violations", "metadata", "reason")
+    __slots__ = ("domain", "field_violations", "metadata", "reason", "retry_delay")
 
     def __init__(self) -> None:
+        self.retry_delay: float | None = None
         self.reason = ""
         self.domain = ""
         self.metadata: dict[str, str] = {}
@@ -201,6 +206,10 @@ def _parse_details(details: Iterable[Any]) -> _Details:
             bad = BadRequest()
             detail.Unpack(bad)
             parsed.field_violations.extend((v.field, v.description) for v in bad.field_violations)
+        elif detail.Is(RetryInfo.DESCRIPTOR):
+            retry = RetryInfo()
+            detail.Unpack(retry)
+            parsed.retry_delay = retry.retry_delay.ToNanoseconds() / 1e9
     return parsed
 
 
@@ -242,6 +251,7 @@ def from_status(status: Status) -> JobwireError:
         domain=parsed.domain,
         metadata=parsed.metadata,
         field_violations=parsed.field_violations,
+        retry_delay=parsed.retry_delay,
         status=status,
     )
 
@@ -264,5 +274,6 @@ def from_rpc_error(err: grpc.RpcError) -> JobwireError:
         domain=parsed.domain,
         metadata=parsed.metadata,
         field_violations=parsed.field_violations,
+        retry_delay=parsed.retry_delay,
         status=status,
     )

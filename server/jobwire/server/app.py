@@ -15,15 +15,17 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from jobwire.handlers.api import HandlerSpec, load_handlers
 from jobwire.server.api.job_service import JobServiceServicer
+from jobwire.server.api.registration import add_servicer
 from jobwire.server.clock import Clock
 from jobwire.server.config import ServerConfig
 from jobwire.server.manager import JobManager
 from jobwire.server.stores.factory import open_store
-from jobwire.v1 import job_service_pb2, job_service_pb2_grpc
+from jobwire.v1 import job_service_pb2
 
 log = logging.getLogger("jobwire.server")
 
-JOB_SERVICE = job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+JOB_SERVICE_DESCRIPTOR = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
+JOB_SERVICE = JOB_SERVICE_DESCRIPTOR.full_name
 MAX_MESSAGE_BYTES = 4 << 20
 
 SERVER_OPTIONS: Sequence[tuple[str, int]] = (
@@ -68,7 +70,7 @@ class JobwireServer:
             return self.port
         await self.manager.start()
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServiceServicer(self.manager), server)
+        add_servicer(JobServiceServicer(self.manager), JOB_SERVICE_DESCRIPTOR, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _add_reflection(server, [JOB_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
         address = f"{self.config.host}:{self.config.port}"

@@ -307,7 +307,7 @@ class JobManager:
     async def watch(self, job_id: str, after_sequence: int = 0) -> AsyncIterator[JobEvent]:
         """The job's snapshot (or the changes after ``after_sequence``), then each change until it ends.
 
-        Ends early (returns) when the server drains; the caller tells the client to reconnect.
+        Raises Draining when the server shuts down first: the client reconnects with the last sequence.
         """
         subscription = self.events.subscribe(job_id)  # before the snapshot, so nothing falls between
         try:
@@ -336,7 +336,7 @@ class JobManager:
             while True:
                 event = await subscription.next()
                 if event is None:
-                    return
+                    raise Draining(f"the server is shutting down; watch again with after_sequence={last}")
                 if event.sequence <= last:
                     continue
                 last = event.sequence

@@ -95,21 +95,12 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
     async def WatchJob(
         self, request: job_service_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        last = request.after_sequence
         try:
             job_id = _job_id(request.job_id)
             async for event in self._manager.watch(job_id, request.after_sequence):
                 await context.write(_watch_response(event))
-                last = event.sequence
-                if event.job.state.is_terminal:
-                    return
         except JobwireError as error:
             await abort(context, error)
-        # The stream ended before the job did: the server is draining.
-        await context.abort(
-            grpc.StatusCode.UNAVAILABLE,
-            f"the server is shutting down; watch again with after_sequence={last}",
-        )
 
     async def GetQueueStats(
         self, request: job_service_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,1 @@
+"""The ``jobwire`` command-line tool (entry point: ``jobwire.cli.main:main``)."""

@@ -1,0 +1,269 @@
+"""The ``jobwire`` command: argument parsing and command dispatch over the sync SDK.
+
+Parsing of values lives in ``parsing``, presentation in ``render``; this module wires them to
+:class:`jobwire.client.JobwireClient`. Exit codes: 0 success; 1 a watched job FAILED or was
+CANCELLED; 2 bad usage or an error from the server; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from jobwire.cli import render
+from jobwire.cli.parsing import UsageError, label_arg, labels_dict, parse_params, state_arg
+from jobwire.client import JobwireClient, JobwireError
+from jobwire.client._core import DEFAULT_TARGET
+from jobwire.v1 import job_pb2
+
+__all__ = ["build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+Command = Callable[[JobwireClient, argparse.Namespace], int]
+
+
+def _add_connection_options(
+    parser: argparse.ArgumentParser, environ: Mapping[str, str], *, top: bool
+) -> None:
+    """--server/--token/--json, accepted before the subcommand and after it.
+
+    The copies on subcommands default to SUPPRESS so that they only override the top-level value
+    when actually given.
+    """
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        default=default(environ.get("JOBWIRE_SERVER") or DEFAULT_TARGET),
+        help=f"server address (default: $JOBWIRE_SERVER, else {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--token",
+        default=default(environ.get("JOBWIRE_TOKEN") or None),
+        help="bearer token sent with every call (default: $JOBWIRE_TOKEN)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="machine-readable JSON output (one object per line for watch)",
+    )
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The full parser. ``serve`` is only a placeholder here: its flags belong to the server package,
+    which is imported only when ``serve`` actually runs."""
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="jobwire", description="Submit, watch, list and cancel Jobwire jobs, or run the server."
+    )
+    _add_connection_options(parser, env, top=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_connection_options(common, env, top=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser(
+        "serve",
+        add_help=False,  # `jobwire serve --help` is answered by the server's own parser
+        help="run the Jobwire server (see: jobwire serve --help)",
+    )
+
+    p = sub.add_parser("submit", parents=[common], help="submit a job")
+    p.add_argument("type", help='job type, e.g. "demo.sleep"')
+    p.add_argument(
+        "params",
+        nargs="*",
+        metavar="PARAM",
+        help="KEY=VALUE (VALUE parsed as JSON when it parses, else a string) or one JSON object",
+    )
+    p.add_argument("--priority", type=int, metavar="N", help="0 (lowest) to 9 (highest); server default 5")
+    p.add_argument("--label", action="append", type=label_arg, metavar="KEY=VALUE", help="repeatable")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="maximum run time of one attempt")
+    p.add_argument("--request-id", metavar="ID", help="idempotency key (default: a fresh UUID4)")
+    p.add_argument("--watch", action="store_true", help="watch the job until it finishes")
+    p.set_defaults(handler=cmd_submit)
+
+    p = sub.add_parser("get", parents=[common], help="show one job")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.set_defaults(handler=cmd_get)
+
+    p = sub.add_parser("list", parents=[common], help="list jobs, newest first")
+    p.add_argument(
+        "--state",
+        action="append",
+        type=state_arg,
+        metavar="STATE",
+        help="queued, running, succeeded, failed, cancelled or cancelling; repeatable",
+    )
+    p.add_argument("--type", action="append", dest="types", metavar="TYPE", help="repeatable")
+    p.add_argument("--label", action="append", type=label_arg, metavar="KEY=VALUE", help="repeatable")
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="rows to show (default 20; 0 = all)")
+    p.set_defaults(handler=cmd_list)
+
+    p = sub.add_parser("cancel", parents=[common], help="cancel a job")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--reason", default="", metavar="TEXT", help="recorded on the job")
+    p.set_defaults(handler=cmd_cancel)
+
+    p = sub.add_parser("watch", parents=[common], help="follow a job until it finishes")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.set_defaults(handler=cmd_watch)
+
+    p = sub.add_parser("stats", parents=[common], help="show queue statistics")
+    p.set_defaults(handler=cmd_stats)
+    return parser
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+
+def _exit_for(job: job_pb2.Job | None) -> int:
+    return EXIT_OK if job is not None and job.state == job_pb2.JOB_STATE_SUCCEEDED else EXIT_JOB_FAILED
+
+
+def _watch(client: JobwireClient, job_id: str, as_json: bool) -> int:
+    """Follow a job to its end; the exit code says how it ended."""
+    last: job_pb2.Job | None = None
+    if as_json:
+        for update in client.watch(job_id):
+            render.print_json_line(render.to_dict(update))
+            last = update.job
+        return _exit_for(last)
+    console = render.make_console()
+    with render.WatchView(console, job_id) as view:
+        for update in client.watch(job_id):
+            view.update(update)
+            last = update.job
+    if last is not None:
+        console.print(render.outcome_text(last))
+    return _exit_for(last)
+
+
+def cmd_submit(client: JobwireClient, args: argparse.Namespace) -> int:
+    params = parse_params(args.params)
+    job = client.submit(
+        args.type,
+        params or None,
+        priority=args.priority,
+        labels=labels_dict(args.label),
+        request_id=args.request_id,
+        timeout=args.timeout,
+    )
+    if args.watch:
+        if not args.json:
+            print(job.id, flush=True)
+        return _watch(client, job.id, args.json)
+    if args.json:
+        render.print_json(render.to_dict(job))
+    else:
+        print(job.id)
+        render.make_console().print(render.job_summary_table(job))
+    return EXIT_OK
+
+
+def cmd_get(client: JobwireClient, args: argparse.Namespace) -> int:
+    job = client.get(args.job_id)
+    if args.json:
+        render.print_json(render.to_dict(job))
+    else:
+        render.make_console().print(render.job_detail_table(job))
+    return EXIT_OK
+
+
+def cmd_list(client: JobwireClient, args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise UsageError("--limit must be 0 or more")
+    limit = args.limit or None
+    jobs_iter = client.list_jobs(
+        states=args.state,
+        types=args.types,
+        labels=labels_dict(args.label),
+        page_size=min(limit, 100) if limit else 100,
+    )
+    jobs = list(itertools.islice(jobs_iter, limit))
+    if args.json:
+        render.print_json([render.to_dict(job) for job in jobs])
+    else:
+        render.make_console().print(render.jobs_table(jobs))
+    return EXIT_OK
+
+
+def cmd_cancel(client: JobwireClient, args: argparse.Namespace) -> int:
+    job = client.cancel(args.job_id, args.reason)
+    if args.json:
+        render.print_json(render.to_dict(job))
+    else:
+        render.make_console().print(render.job_summary_table(job))
+    return EXIT_OK
+
+
+def cmd_watch(client: JobwireClient, args: argparse.Namespace) -> int:
+    return _watch(client, args.job_id, args.json)
+
+
+def cmd_stats(client: JobwireClient, args: argparse.Namespace) -> int:
+    stats = client.stats()
+    if args.json:
+        render.print_json(render.to_dict(stats))
+    else:
+        render.make_console().print(render.stats_view(stats))
+    return EXIT_OK
+
+
+def _serve(parser: argparse.ArgumentParser, serve_argv: Sequence[str]) -> int:
+    """Hand ``jobwire serve`` over to the server package, imported only now."""
+    # importlib rather than an import statement: the client distribution must work, and type-check,
+    # without the server package.
+    try:
+        server_cli = importlib.import_module("jobwire.server.cli")
+        add_serve_arguments: Callable[[argparse.ArgumentParser], None] = server_cli.add_serve_arguments
+        run_serve: Callable[[argparse.Namespace], int] = server_cli.run_serve
+    except (ImportError, AttributeError) as exc:
+        print(
+            f"error: `jobwire serve` needs the Jobwire server package (jobwire.server.cli): {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    serve_parser = argparse.ArgumentParser(prog=f"{parser.prog} serve", description="Run the Jobwire server.")
+    add_serve_arguments(serve_parser)
+    return run_serve(serve_parser.parse_args(list(serve_argv)))
+
+
+def _print_error(err: JobwireError) -> None:
+    print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
+    for field, description in err.field_violations:
+        print(f"  {field}: {description}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``jobwire`` console script; returns the exit code."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "serve":
+        return _serve(parser, extras)
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    handler: Command = args.handler
+    try:
+        with JobwireClient(args.server, token=args.token) as client:
+            return handler(client, args)
+    except UsageError as exc:
+        parser.error(str(exc))
+    except JobwireError as exc:
+        _print_error(exc)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,47 @@
+"""Registers servicers so that a request which does not decode is INVALID_ARGUMENT, not UNKNOWN.
+
+The generated ``add_*Servicer_to_server`` lets grpcio decode requests, and grpcio answers a
+``DecodeError`` with UNKNOWN. Here grpcio hands over raw bytes and we decode them ourselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError
+
+from jobwire.server.api.errors import abort, invalid
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _decoding(method: Handler, descriptor: MethodDescriptor) -> Handler:
+    request_class = message_factory.GetMessageClass(descriptor.input_type)
+    type_name = descriptor.input_type.full_name
+
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            request = request_class.FromString(raw)
+        except DecodeError as error:
+            await abort(context, invalid("request", f"not a valid {type_name} message: {error}"))
+        return await method(request, context)
+
+    return handle
+
+
+def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
+    """Register every RPC of ``service`` implemented by ``servicer`` (unary and server-streaming)."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for descriptor in service.methods:
+        method = getattr(servicer, descriptor.name)
+        serialize = message_factory.GetMessageClass(descriptor.output_type).SerializeToString
+        if descriptor.client_streaming:
+            raise NotImplementedError(f"{descriptor.full_name}: client streaming is not supported here")
+        make = grpc.unary_stream_rpc_method_handler if descriptor.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[descriptor.name] = make(_decoding(method, descriptor), response_serializer=serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

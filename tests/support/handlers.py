@@ -1,0 +1,79 @@
+"""Job types used by the tests (loaded with ``--handlers support.handlers``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from jobwire.handlers import JobContext, handler
+
+# Set by tests to let `test.gate` jobs finish; a threading.Event works across the server's threads.
+GATE = threading.Event()
+
+
+@handler("test.echo")
+def echo(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    return params
+
+
+@handler("test.fail")
+def fail(params: dict[str, Any], ctx: JobContext) -> None:
+    raise ValueError("boom")
+
+
+@handler("test.scalar")
+async def scalar(params: dict[str, Any], ctx: JobContext) -> int:
+    return 42
+
+
+@handler("test.not_json")
+async def not_json(params: dict[str, Any], ctx: JobContext) -> object:
+    return object()
+
+
+@handler("test.wait_cancel")
+async def wait_cancel(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Runs until cancelled (or ``seconds``), reporting progress once."""
+    ctx.report_progress(percent=1, message="waiting")
+    await ctx.asleep(float(params.get("seconds", 3600)))
+    return {"waited": True}
+
+
+@handler("test.sync_wait_cancel")
+def sync_wait_cancel(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """A plain handler in a thread that stops when cancelled."""
+    ctx.report_progress(percent=1, message="waiting")
+    ctx.sleep(float(params.get("seconds", 3600)))
+    return {"waited": True}
+
+
+@handler("test.ignore_cancel")
+def ignore_cancel(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Ignores cancellation for ``seconds`` (the server must force it after its grace period)."""
+    time.sleep(float(params.get("seconds", 1)))
+    return {"ignored": True}
+
+
+@handler("test.gate")
+def gate(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Blocks until GATE is set (or cancelled): lets a test hold jobs RUNNING."""
+    while not GATE.wait(0.01):
+        ctx.raise_if_cancelled()
+    return {"order": params.get("order")}
+
+
+@handler("test.limited", max_running=1)
+async def limited(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    await ctx.asleep(float(params.get("seconds", 0.05)))
+    return {}
+
+
+@handler("test.progress")
+async def progress(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Reports ``count`` progress updates as fast as it can."""
+    count = int(params.get("count", 100))
+    for i in range(count):
+        ctx.report_progress(current_step=i + 1, total_steps=count)
+    await ctx.asleep(0)
+    return {"count": count}
