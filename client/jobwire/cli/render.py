@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, TextIO
@@ -31,9 +32,19 @@ STATE_STYLES = {
 }
 
 
+PIPE_WIDTH = 160
+
+
 def make_console(file: TextIO | None = None) -> Console:
-    """A console for tables; no auto-highlighting, so ids and numbers print as they are."""
-    return Console(file=file, highlight=False)
+    """A console for tables; no auto-highlighting, so ids and numbers print as they are.
+
+    Piped output gets a wide page instead of rich's 80 columns, so that tables are not truncated
+    for grep and friends ($COLUMNS still wins when set).
+    """
+    console = Console(file=file, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(file=file, highlight=False, width=PIPE_WIDTH)
+    return console
 
 
 # --- JSON -------------------------------------------------------------------------------------------
@@ -189,12 +200,12 @@ def jobs_table(jobs: Iterable[job_pb2.Job]) -> Table:
     """One row per job, for ``list``."""
     table = Table(box=box.SIMPLE_HEAD)
     table.add_column("ID", no_wrap=True)
-    table.add_column("TYPE")
-    table.add_column("STATE")
+    table.add_column("TYPE", overflow="fold")
+    table.add_column("STATE", no_wrap=True)
     table.add_column("PRI", justify="right")
-    table.add_column("PROGRESS")
+    table.add_column("PROGRESS", overflow="fold")
     table.add_column("CREATED", no_wrap=True)
-    table.add_column("LABELS")
+    table.add_column("LABELS", overflow="fold")
     for job in jobs:
         table.add_row(
             job.id,

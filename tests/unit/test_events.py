@@ -1,0 +1,83 @@
+"""Watch events: ordering, coalescing of progress for slow readers, replay, closing."""
+
+from __future__ import annotations
+
+import asyncio
+
+from jobwire.server.events import EventHub, EventKind
+from jobwire.server.job import Job, Progress
+from jobwire.server.state_machine import JobState
+
+
+def make_job() -> Job:
+    return Job("j1", "t", JobState.RUNNING, 5, {}, {}, 0.0, 0.0, 0.0)
+
+
+def step(hub: EventHub, job: Job, kind: EventKind, state: JobState | None = None, percent: float = 0) -> None:
+    job.sequence += 1
+    if state is not None:
+        job.state = state
+    job.progress = Progress(percent=percent)
+    hub.publish(job, kind, now=0.0)
+
+
+async def test_slow_reader_gets_merged_progress_but_every_transition() -> None:
+    hub = EventHub()
+    job = make_job()
+    subscription = hub.subscribe(job.id)
+    for i in range(100):
+        step(hub, job, EventKind.PROGRESS_UPDATED, percent=i)
+    step(hub, job, EventKind.STATE_CHANGED, JobState.CANCELLING)
+    for i in range(100):
+        step(hub, job, EventKind.PROGRESS_UPDATED, percent=i)
+    step(hub, job, EventKind.STATE_CHANGED, JobState.CANCELLED)
+    received = []
+    while (event := await subscription.next()) is not None:
+        received.append(event)
+        if event.job.state.is_terminal:
+            break
+    assert [e.kind for e in received] == [
+        EventKind.PROGRESS_UPDATED, EventKind.STATE_CHANGED, EventKind.PROGRESS_UPDATED, EventKind.STATE_CHANGED
+    ]
+    assert received[0].job.progress is not None and received[0].job.progress.percent == 99  # latest wins
+    assert [e.sequence for e in received] == sorted(e.sequence for e in received)
+
+
+async def test_events_are_snapshots_not_live_objects() -> None:
+    hub = EventHub()
+    job = make_job()
+    subscription = hub.subscribe(job.id)
+    step(hub, job, EventKind.PROGRESS_UPDATED, percent=10)
+    job.progress = Progress(percent=50)
+    event = await subscription.next()
+    assert event is not None and event.job.progress is not None and event.job.progress.percent == 10
+
+
+def test_replay_covers_the_gap_or_says_it_cannot() -> None:
+    hub = EventHub(retain_per_job=5)
+    job = make_job()
+    for _ in range(10):  # sequences 2..11; the last 5 (7..11) are retained
+        step(hub, job, EventKind.PROGRESS_UPDATED)
+    replayed = hub.replay(job.id, 6, up_to=11)
+    assert replayed is not None and [e.sequence for e in replayed] == [7, 8, 9, 10, 11]
+    assert hub.replay(job.id, 5, up_to=11) is None
+    assert hub.replay("other", 0, up_to=1) is None
+
+
+async def test_close_all_ends_waiting_watchers_and_new_ones() -> None:
+    hub = EventHub()
+    subscription = hub.subscribe("j1")
+    waiter = asyncio.create_task(subscription.next())
+    await asyncio.sleep(0)
+    hub.close_all()
+    assert await waiter is None
+    assert await hub.subscribe("j2").next() is None
+
+
+def test_sweep_drops_finished_unwatched_logs() -> None:
+    hub = EventHub(retain_after_finish=10)
+    job = make_job()
+    step(hub, job, EventKind.STATE_CHANGED, JobState.SUCCEEDED)
+    assert hub.sweep(now=5) == 0
+    assert hub.sweep(now=10) == 1
+    assert hub.replay(job.id, 1, up_to=2) is None
