@@ -62,11 +62,15 @@ def main() -> int:
         fresh = Path(tmp) / PACKAGE_DIR
         if options.check:
             names = sorted(p.name for p in fresh.iterdir())
-            existing = sorted(p.name for p in target.iterdir() if p.name != "__pycache__") if target.exists() else []
+            existing = (
+                sorted(p.name for p in target.iterdir() if p.name != "__pycache__") if target.exists() else []
+            )
             _, mismatch, errors = filecmp.cmpfiles(fresh, target, names, shallow=False)
             if names != existing or mismatch or errors:
-                print(f"generated code in {target.relative_to(ROOT)} is stale: run scripts/generate_protos.py",
-                      file=sys.stderr)
+                print(
+                    f"generated code in {target.relative_to(ROOT)} is stale: run scripts/generate_protos.py",
+                    file=sys.stderr,
+                )
                 return 1
             print("generated code is up to date")
             return 0

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from support.servers import ServerThread
 
 from jobwire.v1 import job_service_pb2_grpc
+from support.servers import ServerThread
 
 
 @pytest.fixture

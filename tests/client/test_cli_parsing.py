@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, json_format
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -29,6 +29,7 @@ from jobwire.client import (
     NotFoundError,
     OutOfRangeError,
     UnavailableError,
+    _core,  # the shared, I/O-free policies
     from_rpc_error,
     is_terminal,
     job_params,
@@ -36,7 +37,6 @@ from jobwire.client import (
     parse_state,
     state_name,
 )
-from jobwire.client import _core
 from jobwire.client.errors import DeadlineExceededError
 from jobwire.v1 import job_pb2, job_service_pb2
 
@@ -45,7 +45,16 @@ from jobwire.v1 import job_pb2, job_service_pb2
 
 def test_key_value_params_parse_json_values_and_fall_back_to_strings() -> None:
     params = parse_params(
-        ["seconds=2", "ratio=0.5", "on=true", "off=false", "nothing=null", "tags=[1,2]", "name=world", 'q="7"']
+        [
+            "seconds=2",
+            "ratio=0.5",
+            "on=true",
+            "off=false",
+            "nothing=null",
+            "tags=[1,2]",
+            "name=world",
+            'q="7"',
+        ]
     )
     assert params == {
         "seconds": 2,
@@ -178,7 +187,7 @@ def test_submit_request_always_has_a_request_id_and_converts_types() -> None:
     )
     assert len(request.request_id) == 36
     assert request.params["seconds"] == 2
-    assert request.params["nested"]["a"][1] == "b"
+    assert json_format.MessageToDict(request.params)["nested"] == {"a": [1, "b"]}
     assert request.HasField("priority") and request.priority == 7
     assert request.timeout == duration_pb2.Duration(seconds=1, nanos=500_000_000)
     assert dict(request.labels) == {"k": "v"}
@@ -261,7 +270,9 @@ class FakeClock:
         return self.now
 
 
-def _update(sequence: int, state: int = job_pb2.JOB_STATE_RUNNING) -> job_service_pb2.WatchJobResponse:
+def _update(
+    sequence: int, state: job_pb2.JobState.ValueType = job_pb2.JOB_STATE_RUNNING
+) -> job_service_pb2.WatchJobResponse:
     return job_service_pb2.WatchJobResponse(job=job_pb2.Job(id="j", state=state), sequence=sequence)
 
 
@@ -361,7 +372,9 @@ SERVICE = "jobwire.test.Errors"
 def _rich_status() -> status_pb2.Status:
     status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="unknown job type 'nope'")
     status.details.add().Pack(
-        error_details_pb2.ErrorInfo(reason="UNKNOWN_JOB_TYPE", domain="jobwire.dev", metadata={"type": "nope"})
+        error_details_pb2.ErrorInfo(
+            reason="UNKNOWN_JOB_TYPE", domain="jobwire.dev", metadata={"type": "nope"}
+        )
     )
     bad = error_details_pb2.BadRequest()
     bad.field_violations.add(field="type", description="no handler named 'nope'")

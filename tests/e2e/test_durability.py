@@ -6,11 +6,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support.servers import ServerProcess, ServerThread
 
 from jobwire.server.clock import FakeClock
 from jobwire.server.config import ServerConfig
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+from support.servers import ServerProcess, ServerThread
 
 S = job_service_pb2
 J = job_pb2
@@ -22,6 +22,7 @@ def connect(target: str) -> tuple[grpc.Channel, job_service_pb2_grpc.JobServiceS
 
 
 def wait_running(stub: job_service_pb2_grpc.JobServiceStub, job_id: str) -> J.Job:
+    update: S.WatchJobResponse
     for update in stub.WatchJob(S.WatchJobRequest(job_id=job_id), timeout=30):
         if update.job.state == J.JOB_STATE_RUNNING:
             return update.job
@@ -44,7 +45,8 @@ def test_sigkill_then_restart_keeps_every_acknowledged_job(tmp_path: Path) -> No
         cancelled = stub.CancelJob(S.CancelJobRequest(job_id=queued[0].id)).job
         assert cancelled.state == J.JOB_STATE_CANCELLED
         expected_order = [
-            j.id for j in sorted(queued[1:], key=lambda j: -j.priority)  # stable: FIFO within a priority
+            j.id
+            for j in sorted(queued[1:], key=lambda j: -j.priority)  # stable: FIFO within a priority
         ]
     finally:
         channel.close()
@@ -61,11 +63,15 @@ def test_sigkill_then_restart_keeps_every_acknowledged_job(tmp_path: Path) -> No
         assert jobs[done.job.id].state in (J.JOB_STATE_QUEUED, J.JOB_STATE_SUCCEEDED)
         assert jobs[queued[0].id].state == J.JOB_STATE_CANCELLED
         positions = {
-            job_id: stub.GetJob(S.GetJobRequest(job_id=job_id)).job.queue_position for job_id in expected_order
+            job_id: stub.GetJob(S.GetJobRequest(job_id=job_id)).job.queue_position
+            for job_id in expected_order
         }
         assert sorted(expected_order, key=positions.__getitem__) == expected_order
         # The same request_id after the restart still finds the same job.
-        assert stub.SubmitJob(S.SubmitJobRequest(type="test.echo", priority=7, request_id="r1")).job.id == queued[1].id
+        assert (
+            stub.SubmitJob(S.SubmitJobRequest(type="test.echo", priority=7, request_id="r1")).job.id
+            == queued[1].id
+        )
 
         # A watcher during a graceful drain is told to reconnect, and the running job is queued again.
         watch = stub.WatchJob(S.WatchJobRequest(job_id=running.id), timeout=30)
@@ -73,8 +79,8 @@ def test_sigkill_then_restart_keeps_every_acknowledged_job(tmp_path: Path) -> No
         assert second.terminate() == 0
         with pytest.raises(grpc.RpcError) as caught:
             list(watch)
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-        assert "after_sequence=" in caught.value.details()  # type: ignore[attr-defined]
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "after_sequence=" in caught.value.details()
     finally:
         channel.close()
         second.kill()
@@ -121,7 +127,7 @@ def test_draining_server_refuses_new_jobs(tmp_path: Path) -> None:
         thread.call(drain())
         with pytest.raises(grpc.RpcError) as caught:
             stub.SubmitJob(S.SubmitJobRequest(type="test.echo"))
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert stub.GetQueueStats(S.GetQueueStatsRequest()).draining
     finally:
         channel.close()
@@ -148,7 +154,7 @@ def test_finished_jobs_are_purged_after_retention(tmp_path: Path) -> None:
         assert thread.call(manager.sweep()) == 1
         with pytest.raises(grpc.RpcError) as caught:
             stub.GetJob(S.GetJobRequest(job_id=old.id))
-        assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         assert stub.GetJob(S.GetJobRequest(job_id=young.id)).job.state == J.JOB_STATE_SUCCEEDED
         assert stub.GetJob(S.GetJobRequest(job_id=unfinished.id)).job.state == J.JOB_STATE_RUNNING
         stub.CancelJob(S.CancelJobRequest(job_id=unfinished.id))

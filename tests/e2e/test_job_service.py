@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -12,17 +14,17 @@ from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from support import handlers as test_handlers
-from support.servers import ServerThread
 
 from jobwire.server.config import ServerConfig
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+from support import handlers as test_handlers
+from support.servers import ServerThread
 
 S = job_service_pb2
 J = job_pb2
 
 
-def struct(**values: object) -> struct_pb2.Struct:
+def struct(**values: Any) -> struct_pb2.Struct:
     message = struct_pb2.Struct()
     message.update(values)
     return message
@@ -37,12 +39,15 @@ def submit(stub: job_service_pb2_grpc.JobServiceStub, job_type: str, **kwargs: o
     return response.job
 
 
-def watch_all(stub: job_service_pb2_grpc.JobServiceStub, job_id: str, after: int = 0) -> list[S.WatchJobResponse]:
+def watch_all(
+    stub: job_service_pb2_grpc.JobServiceStub, job_id: str, after: int = 0
+) -> list[S.WatchJobResponse]:
     return list(stub.WatchJob(S.WatchJobRequest(job_id=job_id, after_sequence=after), timeout=30))
 
 
 def wait_state(stub: job_service_pb2_grpc.JobServiceStub, job_id: str, *states: int) -> J.Job:
     """Follow WatchJob until the job is in one of ``states`` (no polling sleeps)."""
+    update: S.WatchJobResponse
     for update in stub.WatchJob(S.WatchJobRequest(job_id=job_id), timeout=30):
         if update.job.state in states:
             return update.job
@@ -53,7 +58,7 @@ def wait_state(stub: job_service_pb2_grpc.JobServiceStub, job_id: str, *states: 
 
 def rich_error(error: grpc.RpcError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
     """(code, ErrorInfo.reason, BadRequest field violations) of a failed call."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     assert status is not None, "no google.rpc.Status in the trailers"
     reason, violations = "", []
     for detail in status.details:
@@ -66,7 +71,7 @@ def rich_error(error: grpc.RpcError) -> tuple[grpc.StatusCode, str, list[tuple[s
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations = [(v.field, v.description) for v in bad.field_violations]
-    return error.code(), reason, violations  # type: ignore[attr-defined]
+    return error.code(), reason, violations
 
 
 @pytest.fixture
@@ -83,15 +88,19 @@ def server_with(**settings: object) -> ServerThread:
 @pytest.fixture
 def single_slot(gate: threading.Event) -> Iterator[job_service_pb2_grpc.JobServiceStub]:
     """A server that runs one job at a time, with strict priorities (no aging)."""
-    with server_with(max_running=1, aging_interval=0.0, cancel_grace=0.3, max_queued=5) as running:
-        with grpc.insecure_channel(running.target) as channel:
-            yield job_service_pb2_grpc.JobServiceStub(channel)
+    with (
+        server_with(max_running=1, aging_interval=0.0, cancel_grace=0.3, max_queued=5) as running,
+        grpc.insecure_channel(running.target) as channel,
+    ):
+        yield job_service_pb2_grpc.JobServiceStub(channel)
 
 
 # -- the happy path -----------------------------------------------------------------------------------
 
 
-def test_submit_returns_queued_job_then_watch_streams_to_success(stub: job_service_pb2_grpc.JobServiceStub) -> None:
+def test_submit_returns_queued_job_then_watch_streams_to_success(
+    stub: job_service_pb2_grpc.JobServiceStub,
+) -> None:
     job = submit(stub, "demo.sleep", params={"seconds": 0.2, "steps": 4}, labels={"team": "a"})
     assert job.state == J.JOB_STATE_QUEUED
     assert len(job.id) == 26 and job.id.isalnum()
@@ -105,7 +114,11 @@ def test_submit_returns_queued_job_then_watch_streams_to_success(stub: job_servi
     assert final.state == J.JOB_STATE_SUCCEEDED
     assert dict(final.result) == {"slept_seconds": 0.2, "steps": 4.0}
     assert final.progress.percent == 100 and final.progress.total_steps == 4
-    assert final.attempt == 1 and final.end_time.seconds > 0 and final.expire_time.seconds > final.end_time.seconds
+    assert (
+        final.attempt == 1
+        and final.end_time.seconds > 0
+        and final.expire_time.seconds > final.end_time.seconds
+    )
     states = [u.job.state for u in updates if u.event_type == S.WATCH_EVENT_TYPE_STATE_CHANGED]
     assert J.JOB_STATE_SUCCEEDED in states
     assert any(u.event_type == S.WATCH_EVENT_TYPE_PROGRESS_UPDATED for u in updates)
@@ -136,7 +149,9 @@ def test_results_that_are_not_objects_are_wrapped_and_non_json_fails(
     assert bad.state == J.JOB_STATE_FAILED and "not JSON" in bad.error.message
 
 
-def test_sync_handlers_run_in_threads_without_blocking_the_server(stub: job_service_pb2_grpc.JobServiceStub) -> None:
+def test_sync_handlers_run_in_threads_without_blocking_the_server(
+    stub: job_service_pb2_grpc.JobServiceStub,
+) -> None:
     job = submit(stub, "test.sync_wait_cancel", params={"seconds": 30})
     wait_state(stub, job.id, J.JOB_STATE_RUNNING)
     started = time.monotonic()
@@ -189,14 +204,16 @@ def test_running_job_that_ignores_cancel_is_forced_after_grace(
     assert final.state == J.JOB_STATE_CANCELLED
 
 
-def test_cancel_finished_job_is_failed_precondition_naming_state(stub: job_service_pb2_grpc.JobServiceStub) -> None:
+def test_cancel_finished_job_is_failed_precondition_naming_state(
+    stub: job_service_pb2_grpc.JobServiceStub,
+) -> None:
     job = submit(stub, "test.echo")
     wait_state(stub, job.id, J.JOB_STATE_SUCCEEDED)
     with pytest.raises(grpc.RpcError) as caught:
         stub.CancelJob(S.CancelJobRequest(job_id=job.id))
     code, reason, _ = rich_error(caught.value)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and reason == "JOB_ALREADY_FINISHED"
-    assert "SUCCEEDED" in caught.value.details()  # type: ignore[attr-defined]
+    assert "SUCCEEDED" in caught.value.details()
 
 
 # -- scheduling ---------------------------------------------------------------------------------------
@@ -227,10 +244,8 @@ def test_per_type_limit_holds_while_other_types_run(stub: job_service_pb2_grpc.J
     other = submit(stub, "test.echo")
     assert wait_state(stub, other.id, J.JOB_STATE_SUCCEEDED)
     finals = [wait_state(stub, j.id, J.JOB_STATE_SUCCEEDED) for j in limited]
-    spans = sorted(
-        (f.start_time.ToNanoseconds(), f.end_time.ToNanoseconds()) for f in finals
-    )
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    spans = sorted((f.start_time.ToNanoseconds(), f.end_time.ToNanoseconds()) for f in finals)
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end, "test.limited (max_running=1) never overlaps itself"
 
 
@@ -317,7 +332,9 @@ def test_list_filters_and_pages_newest_first(stub: job_service_pb2_grpc.JobServi
     by_type = stub.ListJobs(S.ListJobsRequest(types=["test.fail"], page_size=1000)).jobs
     assert len(by_type) == 3
     recent = stub.ListJobs(S.ListJobsRequest(create_time_start=middle, types=["test.echo", "test.fail"])).jobs
-    assert {j.id for j in recent} >= {j.id for j in second} and not {j.id for j in recent} & {j.id for j in first}
+    assert {j.id for j in recent} >= {j.id for j in second} and not {j.id for j in recent} & {
+        j.id for j in first
+    }
     older = stub.ListJobs(S.ListJobsRequest(create_time_end=middle)).jobs
     assert {j.id for j in older} == {j.id for j in first}
 
@@ -335,7 +352,9 @@ def test_repeated_request_id_returns_the_same_job(stub: job_service_pb2_grpc.Job
     assert rich_error(caught.value)[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_ID_REUSED")
 
 
-def test_concurrent_submits_with_one_request_id_create_one_job(stub: job_service_pb2_grpc.JobServiceStub) -> None:
+def test_concurrent_submits_with_one_request_id_create_one_job(
+    stub: job_service_pb2_grpc.JobServiceStub,
+) -> None:
     futures = [
         stub.SubmitJob.future(S.SubmitJobRequest(type="test.echo", request_id="same", params=struct(k=1)))
         for _ in range(20)
@@ -359,7 +378,11 @@ def test_concurrent_submits_with_one_request_id_create_one_job(stub: job_service
         ({"type": "test.echo", "labels": {"k": "v" * 300}}, "labels['k']", "INVALID_ARGUMENT"),
         ({"type": "test.echo", "request_id": "r" * 129}, "request_id", "INVALID_ARGUMENT"),
         ({"type": "test.echo", "timeout": duration_pb2.Duration(seconds=-1)}, "timeout", "INVALID_ARGUMENT"),
-        ({"type": "test.echo", "timeout": duration_pb2.Duration(seconds=8 * 86400)}, "timeout", "INVALID_ARGUMENT"),
+        (
+            {"type": "test.echo", "timeout": duration_pb2.Duration(seconds=8 * 86400)},
+            "timeout",
+            "INVALID_ARGUMENT",
+        ),
     ],
 )
 def test_bad_submit_is_invalid_argument_with_field_violations(
@@ -372,7 +395,7 @@ def test_bad_submit_is_invalid_argument_with_field_violations(
     if field:
         assert field in [v[0] for v in violations]
     else:
-        assert "known types: " in caught.value.details() and "demo.sleep" in caught.value.details()  # type: ignore[attr-defined]
+        assert "known types: " in caught.value.details() and "demo.sleep" in caught.value.details()
 
 
 def test_oversized_params_are_invalid_argument(stub: job_service_pb2_grpc.JobServiceStub) -> None:
@@ -384,19 +407,47 @@ def test_oversized_params_are_invalid_argument(stub: job_service_pb2_grpc.JobSer
 
 def test_bad_ids_page_tokens_and_filters(stub: job_service_pb2_grpc.JobServiceStub) -> None:
     cases: list[tuple[object, grpc.StatusCode, str]] = [
-        (lambda: stub.GetJob(S.GetJobRequest(job_id="")), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (
+            lambda: stub.GetJob(S.GetJobRequest(job_id="")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        ),
         (lambda: stub.GetJob(S.GetJobRequest(job_id="nope")), grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND"),
-        (lambda: stub.CancelJob(S.CancelJobRequest(job_id="nope")), grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND"),
-        (lambda: stub.CancelJob(S.CancelJobRequest(job_id="x", reason="r" * 2000)),
-         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
-        (lambda: stub.ListJobs(S.ListJobsRequest(page_size=-1)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
-        (lambda: stub.ListJobs(S.ListJobsRequest(page_token="garbage!")),
-         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
-        (lambda: stub.ListJobs(S.ListJobsRequest(states=[J.JOB_STATE_UNSPECIFIED])),
-         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
-        (lambda: list(stub.WatchJob(S.WatchJobRequest(job_id="nope"))), grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND"),
-        (lambda: list(stub.WatchJob(S.WatchJobRequest(job_id=""))),
-         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (
+            lambda: stub.CancelJob(S.CancelJobRequest(job_id="nope")),
+            grpc.StatusCode.NOT_FOUND,
+            "JOB_NOT_FOUND",
+        ),
+        (
+            lambda: stub.CancelJob(S.CancelJobRequest(job_id="x", reason="r" * 2000)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            lambda: stub.ListJobs(S.ListJobsRequest(page_size=-1)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            lambda: stub.ListJobs(S.ListJobsRequest(page_token="garbage!")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            lambda: stub.ListJobs(S.ListJobsRequest(states=[J.JOB_STATE_UNSPECIFIED])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            lambda: list(stub.WatchJob(S.WatchJobRequest(job_id="nope"))),
+            grpc.StatusCode.NOT_FOUND,
+            "JOB_NOT_FOUND",
+        ),
+        (
+            lambda: list(stub.WatchJob(S.WatchJobRequest(job_id=""))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+        ),
     ]
     for call, code, reason in cases:
         with pytest.raises(grpc.RpcError) as caught:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -234,19 +235,15 @@ class DroppingProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def drop(self) -> None:
         with self._lock:
             sockets, self._sockets = self._sockets, []
         for s in sockets:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def close(self) -> None:
@@ -288,7 +285,8 @@ async def test_async_client_end_to_end(jobwire_target: str) -> None:
         assert job_result(done) == {"slept_seconds": 0.3, "steps": 3}
         assert (await client.get(job.id)).state == job_pb2.JOB_STATE_SUCCEEDED
 
-        more = [(await client.submit("test.echo", {"i": i}, labels={"flavour": "async"})).id for i in range(4)]
+        labels = {"flavour": "async"}
+        more = [(await client.submit("test.echo", {"i": i}, labels=labels)).id for i in range(4)]
         listed = [j.id async for j in client.list_jobs(labels={"flavour": "async"}, page_size=2)]
         assert sorted(listed) == sorted([job.id, *more])
 
@@ -325,9 +323,12 @@ def test_cli_submit_watch_exit_codes(jobwire_target: str, capsys: pytest.Capture
     assert "FAILED" in out and "boom" in out
 
 
-def test_cli_submit_get_cancel_and_watch_json(jobwire_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_submit_get_cancel_and_watch_json(
+    jobwire_target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     base = ["--server", jobwire_target]
-    assert main([*base, "submit", "test.echo", '{"greeting": "hi"}', "n=3", "--label", "team=ml", "--json"]) == 0
+    submit = ["submit", "test.echo", '{"greeting": "hi"}', "n=3", "--label", "team=ml", "--json"]
+    assert main([*base, *submit]) == 0
     submitted = json.loads(capsys.readouterr().out)
     assert submitted["type"] == "test.echo"
     assert submitted["params"] == {"greeting": "hi", "n": 3}

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from jobwire.server.job import Job, JobIdGenerator
 from jobwire.server.state_machine import JobState
 from jobwire.server.stores.base import JobStore
@@ -22,8 +23,15 @@ BACKENDS = ("memory", "sqlite")
 def make_job(**overrides: Any) -> Job:
     """A queued job with a fresh, increasing id; any Job field can be overridden."""
     fields: dict[str, Any] = {
-        "id": _ids.new_id(), "type": "test.echo", "state": JobState.QUEUED, "priority": 5,
-        "params": {"n": 1}, "labels": {}, "create_time": T0, "update_time": T0, "queue_time": T0,
+        "id": _ids.new_id(),
+        "type": "test.echo",
+        "state": JobState.QUEUED,
+        "priority": 5,
+        "params": {"n": 1},
+        "labels": {},
+        "create_time": T0,
+        "update_time": T0,
+        "queue_time": T0,
     }
     fields.update(overrides)
     return Job(**fields)
@@ -64,8 +72,9 @@ async def store(new_store: Callable[[], JobStore]) -> AsyncIterator[JobStore]:
 
 
 @pytest.fixture
-async def reopen(new_store: Callable[[], JobStore],
-                 durable: bool) -> AsyncIterator[Callable[[JobStore], Awaitable[JobStore | None]]]:
+async def reopen(
+    new_store: Callable[[], JobStore], durable: bool
+) -> AsyncIterator[Callable[[JobStore], Awaitable[JobStore | None]]]:
     """Closes a store and opens a fresh one on the same location (None for a non-durable backend)."""
     opened: list[JobStore] = []
 

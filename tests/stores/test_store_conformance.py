@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+
 from jobwire.server.job import ErrorCode, Job, JobError, Progress
 from jobwire.server.state_machine import JobState
 from jobwire.server.stores.base import DuplicateRequestId, JobCount, JobFilter, JobQuery, JobStore
@@ -39,22 +40,39 @@ async def ids(store: JobStore, query: JobQuery) -> list[str]:
 def full_job(make_job: MakeJob) -> Job:
     """A job with every field set to something other than its default, unicode included."""
     return make_job(
-        type="übersetzung/翻訳", state=JobState.FAILED, priority=9,
-        params={"text": "naïve café ☕", "n": 3, "ratio": 0.25, "flags": [True, False, None],
-                "nested": {"deep": ["a", {"b": 1.5}]}},
+        type="übersetzung/翻訳",
+        state=JobState.FAILED,
+        priority=9,
+        params={
+            "text": "naïve café ☕",
+            "n": 3,
+            "ratio": 0.25,
+            "flags": [True, False, None],
+            "nested": {"deep": ["a", {"b": 1.5}]},
+        },
         labels={"team": "données", "env": "prod", "emoji": "🚀", "dotted.key/x": "v"},
-        create_time=T0 + 0.123456789, update_time=T0 + 10.5, queue_time=T0 + 1.25, attempt=2,
+        create_time=T0 + 0.123456789,
+        update_time=T0 + 10.5,
+        queue_time=T0 + 1.25,
+        attempt=2,
         progress=Progress(percent=42.5, message="étape 3 — ok", current_step=3, total_steps=7),
         result={"partial": "résultat", "count": 2},
-        error=JobError(ErrorCode.DEADLINE_EXCEEDED, "timed out ⏱", "JOB_TIMEOUT",
-                       {"timeout": "30s", "clé": "valeur"}),
-        start_time=T0 + 2.0, end_time=T0 + 9.75, expire_time=T0 + 86_400.0,
-        request_id="req-ünïcode-1", request_fingerprint="sha256:abc", timeout=30.0,
-        cancel_reason="", sequence=17,
+        error=JobError(
+            ErrorCode.DEADLINE_EXCEEDED, "timed out ⏱", "JOB_TIMEOUT", {"timeout": "30s", "clé": "valeur"}
+        ),
+        start_time=T0 + 2.0,
+        end_time=T0 + 9.75,
+        expire_time=T0 + 86_400.0,
+        request_id="req-ünïcode-1",
+        request_fingerprint="sha256:abc",
+        timeout=30.0,
+        cancel_reason="",
+        sequence=17,
     )
 
 
 # --- round trips -----------------------------------------------------------------------------------
+
 
 async def test_insert_get_round_trips_every_field(store: JobStore, reopen: Reopen, make_job: MakeJob) -> None:
     job = full_job(make_job)
@@ -80,7 +98,11 @@ async def test_round_trips_defaults_and_none(store: JobStore, make_job: MakeJob)
     assert got_minimal == minimal
     assert got_minimal is not None
     assert (got_minimal.progress, got_minimal.result, got_minimal.error, got_minimal.timeout) == (
-        None, None, None, None)
+        None,
+        None,
+        None,
+        None,
+    )
     assert got_timeout == with_timeout
 
 
@@ -112,8 +134,9 @@ def full_job_like(job: Job) -> Job:
     return copy
 
 
-async def test_mutating_the_job_after_a_write_does_not_reach_the_store(store: JobStore,
-                                                                        make_job: MakeJob) -> None:
+async def test_mutating_the_job_after_a_write_does_not_reach_the_store(
+    store: JobStore, make_job: MakeJob
+) -> None:
     job = full_job(make_job)
     expected = full_job_like(job)
     await store.insert(job)
@@ -132,8 +155,9 @@ async def test_mutating_the_job_after_a_write_does_not_reach_the_store(store: Jo
     assert await store.get(job.id) == expected
 
 
-async def test_job_mutated_while_insert_is_pending_is_stored_as_it_was(store: JobStore,
-                                                                       make_job: MakeJob) -> None:
+async def test_job_mutated_while_insert_is_pending_is_stored_as_it_was(
+    store: JobStore, make_job: MakeJob
+) -> None:
     """The row is captured when insert is called, not when the writer gets round to it."""
     job = make_job(labels={"k": "v"})
     expected = full_job_like(job)
@@ -146,6 +170,7 @@ async def test_job_mutated_while_insert_is_pending_is_stored_as_it_was(store: Jo
 
 
 # --- request ids -----------------------------------------------------------------------------------
+
 
 async def test_duplicate_request_id_is_refused(store: JobStore, make_job: MakeJob) -> None:
     first = make_job(request_id="req-1")
@@ -166,8 +191,9 @@ async def test_empty_request_id_never_conflicts(store: JobStore, make_job: MakeJ
     assert await store.get_by_request_id("") is None
 
 
-async def test_one_duplicate_in_concurrent_inserts_fails_only_itself(store: JobStore,
-                                                                     make_job: MakeJob) -> None:
+async def test_one_duplicate_in_concurrent_inserts_fails_only_itself(
+    store: JobStore, make_job: MakeJob
+) -> None:
     jobs = [make_job(request_id=f"req-{i}") for i in range(20)]
     jobs.append(make_job(request_id="req-7"))
     outcomes = await asyncio.gather(*(store.insert(job) for job in jobs), return_exceptions=True)
@@ -194,6 +220,7 @@ async def test_duplicate_id_is_refused(store: JobStore, make_job: MakeJob) -> No
 
 
 # --- update ----------------------------------------------------------------------------------------
+
 
 async def test_update_replaces_the_stored_job(store: JobStore, make_job: MakeJob) -> None:
     job = make_job()
@@ -239,8 +266,10 @@ async def test_update_of_a_missing_job_returns_false(store: JobStore, make_job: 
 
 # --- progress --------------------------------------------------------------------------------------
 
-async def test_record_progress_coalesces_and_latest_wins(store: JobStore, reopen: Reopen,
-                                                         make_job: MakeJob) -> None:
+
+async def test_record_progress_coalesces_and_latest_wins(
+    store: JobStore, reopen: Reopen, make_job: MakeJob
+) -> None:
     job = make_job(state=JobState.RUNNING)
     await store.insert(job)
     for step in range(1, 51):
@@ -255,7 +284,8 @@ async def test_record_progress_coalesces_and_latest_wins(store: JobStore, reopen
 
 
 async def test_record_progress_touches_only_progress_sequence_and_update_time(
-        store: JobStore, reopen: Reopen, make_job: MakeJob) -> None:
+    store: JobStore, reopen: Reopen, make_job: MakeJob
+) -> None:
     job = make_job(state=JobState.RUNNING, attempt=1)
     await store.insert(job)
     noted = full_job_like(job)
@@ -267,8 +297,9 @@ async def test_record_progress_touches_only_progress_sequence_and_update_time(
     assert (stored.progress, stored.sequence, stored.update_time) == (Progress(50.0, "half"), 2, T0 + 5)
 
 
-async def test_progress_never_overwrites_a_newer_update(store: JobStore, reopen: Reopen,
-                                                        make_job: MakeJob) -> None:
+async def test_progress_never_overwrites_a_newer_update(
+    store: JobStore, reopen: Reopen, make_job: MakeJob
+) -> None:
     job = make_job(state=JobState.RUNNING)
     await store.insert(job)
     job.progress, job.sequence = Progress(50.0, "half"), 2
@@ -283,6 +314,7 @@ async def test_progress_never_overwrites_a_newer_update(store: JobStore, reopen:
 
 
 # --- listing ---------------------------------------------------------------------------------------
+
 
 async def test_list_is_newest_first_and_limited(store: JobStore, make_job: MakeJob) -> None:
     jobs = [make_job() for _ in range(7)]
@@ -340,12 +372,16 @@ async def test_filter_by_labels_all_must_match(store: JobStore, make_job: MakeJo
     labels = (("team", "ml"), ("env", "prod"))
     assert await ids(store, JobQuery(filter=JobFilter(labels=labels))) == [both.id]
     assert await ids(store, JobQuery(filter=JobFilter(labels=(("team", "ml"),)))) == [
-        wrong_value.id, one_only.id, both.id]
+        wrong_value.id,
+        one_only.id,
+        both.id,
+    ]
     assert await ids(store, JobQuery(filter=JobFilter(labels=(('we"ird.key[0]', "ü"),)))) == [odd_key.id]
 
 
-async def test_filter_by_create_time_start_inclusive_end_exclusive(store: JobStore,
-                                                                   make_job: MakeJob) -> None:
+async def test_filter_by_create_time_start_inclusive_end_exclusive(
+    store: JobStore, make_job: MakeJob
+) -> None:
     jobs = [make_job(create_time=T0 + i) for i in range(5)]
     for job in jobs:
         await store.insert(job)
@@ -358,14 +394,21 @@ async def test_filter_by_create_time_start_inclusive_end_exclusive(store: JobSto
 async def test_filters_combine_with_paging(store: JobStore, make_job: MakeJob) -> None:
     matching = []
     for i in range(12):
-        job = make_job(type="resize" if i % 2 else "email",
-                       state=JobState.QUEUED if i % 3 else JobState.FAILED,
-                       labels={"team": "ml"} if i % 4 else {}, create_time=T0 + i)
+        job = make_job(
+            type="resize" if i % 2 else "email",
+            state=JobState.QUEUED if i % 3 else JobState.FAILED,
+            labels={"team": "ml"} if i % 4 else {},
+            create_time=T0 + i,
+        )
         await store.insert(job)
         if job.type == "resize" and job.state == JobState.QUEUED and job.labels and job.create_time >= T0 + 2:
             matching.append(job.id)
-    job_filter = JobFilter(states=frozenset({JobState.QUEUED}), types=frozenset({"resize"}),
-                           labels=(("team", "ml"),), create_time_start=T0 + 2)
+    job_filter = JobFilter(
+        states=frozenset({JobState.QUEUED}),
+        types=frozenset({"resize"}),
+        labels=(("team", "ml"),),
+        create_time_start=T0 + 2,
+    )
     first = await ids(store, JobQuery(filter=job_filter, limit=2))
     rest = await ids(store, JobQuery(filter=job_filter, limit=50, before_id=first[-1]))
     assert first + rest == sorted(matching, reverse=True)
@@ -374,10 +417,20 @@ async def test_filters_combine_with_paging(store: JobStore, make_job: MakeJob) -
 
 # --- unfinished, purge, count ----------------------------------------------------------------------
 
+
 async def test_load_unfinished_oldest_first(store: JobStore, make_job: MakeJob) -> None:
-    jobs = [make_job(state=state) for state in (JobState.RUNNING, JobState.SUCCEEDED, JobState.QUEUED,
-                                                JobState.FAILED, JobState.CANCELLING, JobState.CANCELLED,
-                                                JobState.QUEUED)]
+    jobs = [
+        make_job(state=state)
+        for state in (
+            JobState.RUNNING,
+            JobState.SUCCEEDED,
+            JobState.QUEUED,
+            JobState.FAILED,
+            JobState.CANCELLING,
+            JobState.CANCELLED,
+            JobState.QUEUED,
+        )
+    ]
     for job in reversed(jobs):
         await store.insert(job)
     unfinished = await store.load_unfinished()
@@ -387,14 +440,18 @@ async def test_load_unfinished_oldest_first(store: JobStore, make_job: MakeJob) 
 
 async def test_purge_expired_deletes_only_expired_finished_jobs(store: JobStore, make_job: MakeJob) -> None:
     now = T0 + 100
-    expired = [make_job(state=JobState.SUCCEEDED, expire_time=now - 1),
-               make_job(state=JobState.FAILED, expire_time=now),  # "at or before now"
-               make_job(state=JobState.CANCELLED, expire_time=now - 50)]
-    kept = [make_job(state=JobState.SUCCEEDED, expire_time=now + 1),
-            make_job(state=JobState.FAILED, expire_time=None),
-            make_job(state=JobState.RUNNING, expire_time=now - 1),
-            make_job(state=JobState.QUEUED, expire_time=now - 1),
-            make_job(state=JobState.CANCELLING, expire_time=now)]
+    expired = [
+        make_job(state=JobState.SUCCEEDED, expire_time=now - 1),
+        make_job(state=JobState.FAILED, expire_time=now),  # "at or before now"
+        make_job(state=JobState.CANCELLED, expire_time=now - 50),
+    ]
+    kept = [
+        make_job(state=JobState.SUCCEEDED, expire_time=now + 1),
+        make_job(state=JobState.FAILED, expire_time=None),
+        make_job(state=JobState.RUNNING, expire_time=now - 1),
+        make_job(state=JobState.QUEUED, expire_time=now - 1),
+        make_job(state=JobState.CANCELLING, expire_time=now),
+    ]
     for job in expired + kept:
         await store.insert(job)
     assert await store.purge_expired(now) == 3
@@ -415,15 +472,23 @@ async def test_purge_frees_the_request_id(store: JobStore, make_job: MakeJob) ->
 
 
 async def test_count_groups_by_state_type_and_priority(store: JobStore, make_job: MakeJob) -> None:
-    specs = [(JobState.QUEUED, "a", 5), (JobState.QUEUED, "a", 5), (JobState.QUEUED, "a", 9),
-             (JobState.QUEUED, "b", 5), (JobState.RUNNING, "a", 5), (JobState.FAILED, "b", 0)]
+    specs = [
+        (JobState.QUEUED, "a", 5),
+        (JobState.QUEUED, "a", 5),
+        (JobState.QUEUED, "a", 9),
+        (JobState.QUEUED, "b", 5),
+        (JobState.RUNNING, "a", 5),
+        (JobState.FAILED, "b", 0),
+    ]
     for state, job_type, priority in specs:
         await store.insert(make_job(state=state, type=job_type, priority=priority))
     counts = await store.count()
     key = lambda c: (c.state, c.type, c.priority)  # noqa: E731
     assert sorted(counts, key=key) == [
-        JobCount(JobState.QUEUED, "a", 5, 2), JobCount(JobState.QUEUED, "a", 9, 1),
-        JobCount(JobState.QUEUED, "b", 5, 1), JobCount(JobState.RUNNING, "a", 5, 1),
+        JobCount(JobState.QUEUED, "a", 5, 2),
+        JobCount(JobState.QUEUED, "a", 9, 1),
+        JobCount(JobState.QUEUED, "b", 5, 1),
+        JobCount(JobState.RUNNING, "a", 5, 1),
         JobCount(JobState.FAILED, "b", 0, 1),
     ]
     assert all(type(c.state) is JobState for c in counts)
@@ -434,6 +499,7 @@ async def test_count_of_an_empty_store(store: JobStore) -> None:
 
 
 # --- lifecycle and durability ----------------------------------------------------------------------
+
 
 async def test_open_and_close_are_idempotent(new_store: Callable[[], JobStore], make_job: MakeJob) -> None:
     store = new_store()
@@ -446,8 +512,9 @@ async def test_open_and_close_are_idempotent(new_store: Callable[[], JobStore], 
     await store.close()
 
 
-async def test_concurrent_inserts_are_group_committed_and_durable(store: JobStore, reopen: Reopen,
-                                                                  make_job: MakeJob) -> None:
+async def test_concurrent_inserts_are_group_committed_and_durable(
+    store: JobStore, reopen: Reopen, make_job: MakeJob
+) -> None:
     jobs = [make_job(labels={"i": str(i)}) for i in range(200)]
     commits_before = getattr(store, "commits", 0)
     await asyncio.gather(*(store.insert(job) for job in jobs))
@@ -459,6 +526,7 @@ async def test_concurrent_inserts_are_group_committed_and_durable(store: JobStor
 
 
 # --- SQLite specifics ------------------------------------------------------------------------------
+
 
 async def test_sqlite_progress_is_flushed_by_the_timer(tmp_path: Path, make_job: MakeJob) -> None:
     store = SqliteStore(str(tmp_path / "jobs.db"), progress_flush_interval=0.05)
@@ -558,17 +626,21 @@ def test_sqlite_rejects_bad_options() -> None:
 
 # --- open_store ------------------------------------------------------------------------------------
 
+
 def test_open_store_memory() -> None:
     assert isinstance(open_store("memory:"), MemoryStore)
 
 
-@pytest.mark.parametrize(("url", "path"), [
-    ("sqlite:///jobs.db", "jobs.db"),
-    ("sqlite:///data/jobs.db", "data/jobs.db"),
-    ("sqlite:////var/lib/jobwire/jobs.db", "/var/lib/jobwire/jobs.db"),
-    ("jobs.db", "jobs.db"),
-    ("/tmp/x/jobs.db", "/tmp/x/jobs.db"),
-])
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///jobs.db", "jobs.db"),
+        ("sqlite:///data/jobs.db", "data/jobs.db"),
+        ("sqlite:////var/lib/jobwire/jobs.db", "/var/lib/jobwire/jobs.db"),
+        ("jobs.db", "jobs.db"),
+        ("/tmp/x/jobs.db", "/tmp/x/jobs.db"),
+    ],
+)
 def test_open_store_sqlite_paths(url: str, path: str) -> None:
     store = open_store(url)
     assert isinstance(store, SqliteStore)
@@ -583,15 +655,28 @@ def test_open_store_sqlite_options() -> None:
         open_store("sqlite:///jobs.db?cache=big")
 
 
-@pytest.mark.parametrize("url", ["postgresql://u@localhost/jobwire", "postgres://localhost/db",
-                                 "postgresql+psycopg://localhost/db"])
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://u@localhost/jobwire", "postgres://localhost/db", "postgresql+psycopg://localhost/db"],
+)
 def test_open_store_postgresql_not_yet(url: str) -> None:
     with pytest.raises(ValueError, match="PostgreSQL store is not available yet"):
         open_store(url)
 
 
-@pytest.mark.parametrize("url", ["", "memory", "mysql://x/y", "sqlite://jobs.db", "sqlite:///",
-                                 "sqlite:///:memory:", "jobs.sqlite", "redis://localhost"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "memory",
+        "mysql://x/y",
+        "sqlite://jobs.db",
+        "sqlite:///",
+        "sqlite:///:memory:",
+        "jobs.sqlite",
+        "redis://localhost",
+    ],
+)
 def test_open_store_rejects_other_urls(url: str) -> None:
     with pytest.raises(ValueError, match=r"memory:|sqlite:///"):
         open_store(url)

@@ -76,8 +76,20 @@ class ServerProcess:
 
     def __init__(self, store: str, *extra_args: str, cwd: Path | None = None) -> None:
         self.args = [
-            sys.executable, "-m", "jobwire.server", "--host", "127.0.0.1", "--port", "0",
-            "--store", store, "--handlers", "support.handlers", "--log-format", "json", *extra_args,
+            sys.executable,
+            "-m",
+            "jobwire.server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--store",
+            store,
+            "--handlers",
+            "support.handlers",
+            "--log-format",
+            "json",
+            *extra_args,
         ]
         self.cwd = cwd
         self.process: subprocess.Popen[str] | None = None

@@ -37,7 +37,10 @@ async def test_slow_reader_gets_merged_progress_but_every_transition() -> None:
         if event.job.state.is_terminal:
             break
     assert [e.kind for e in received] == [
-        EventKind.PROGRESS_UPDATED, EventKind.STATE_CHANGED, EventKind.PROGRESS_UPDATED, EventKind.STATE_CHANGED
+        EventKind.PROGRESS_UPDATED,
+        EventKind.STATE_CHANGED,
+        EventKind.PROGRESS_UPDATED,
+        EventKind.STATE_CHANGED,
     ]
     assert received[0].job.progress is not None and received[0].job.progress.percent == 99  # latest wins
     assert [e.sequence for e in received] == sorted(e.sequence for e in received)

@@ -13,14 +13,15 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from google.protobuf import duration_pb2, json_format, message, timestamp_pb2
-from jobwire.client.errors import JobwireError, from_status
-from jobwire.client.jobs import is_terminal, job_params, job_result, state_name
-from jobwire.v1 import job_pb2, job_service_pb2
 from rich import box
 from rich.console import Console, Group
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
+
+from jobwire.client.errors import JobwireError, from_status
+from jobwire.client.jobs import is_terminal, job_params, job_result, state_name
+from jobwire.v1 import job_pb2, job_service_pb2
 
 STATE_STYLES = {
     "queued": "cyan",
@@ -88,9 +89,9 @@ def fmt_seconds(seconds: float) -> str:
         return f"{seconds:.1f} s"
     minutes, secs = divmod(round(seconds), 60)
     if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
+        return f"{minutes} min {secs:02d} s" if secs else f"{minutes} min"
     hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
+    return f"{hours} h {minutes:02d} min" if minutes else f"{hours} h"
 
 
 def fmt_duration(duration: duration_pb2.Duration, present: bool = True) -> str:
@@ -112,7 +113,7 @@ def run_time(job: job_pb2.Job) -> str:
 
 
 def fmt_progress(job: job_pb2.Job) -> str:
-    """"42% (3/10) message", or "-" before the handler reported anything."""
+    """Progress as '42% (3/10) message', or '-' before the handler reported anything."""
     if not job.HasField("progress"):
         return "-"
     p = job.progress
@@ -128,8 +129,19 @@ def fmt_labels(labels: Any) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
 
 
+def _tidy(value: Any) -> Any:
+    """Whole floats back to ints for display: Struct stores every number as a double."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _tidy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tidy(v) for v in value]
+    return value
+
+
 def fmt_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return json.dumps(_tidy(value), ensure_ascii=False, sort_keys=True)
 
 
 def fmt_error(job: job_pb2.Job) -> str:

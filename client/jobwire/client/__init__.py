@@ -1,5 +1,7 @@
 """Jobwire Python SDK: blocking and asyncio clients for the jobwire.v1 JobService.
 
+Usage::
+
     from jobwire.client import JobwireClient, job_result
 
     with JobwireClient("localhost:50051") as client:

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+
 from jobwire.client.errors import (
     DeadlineExceededError,
     InvalidArgumentError,

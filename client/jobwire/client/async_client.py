@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import grpc.aio
+
 from jobwire.client import _core
 from jobwire.client.errors import JobFailedError, from_rpc_error
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc

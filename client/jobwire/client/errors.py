@@ -16,6 +16,7 @@ import grpc.aio
 from google.rpc.error_details_pb2 import BadRequest, ErrorInfo, RetryInfo
 from google.rpc.status_pb2 import Status
 from grpc_status import rpc_status
+
 from jobwire.v1 import job_pb2
 
 __all__ = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeAlias
 
 from google.protobuf import json_format, struct_pb2
+
 from jobwire.v1 import job_pb2
 
 __all__ = [

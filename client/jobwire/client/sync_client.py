@@ -9,11 +9,13 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+
 from jobwire.client import _core
 from jobwire.client.errors import JobFailedError, from_rpc_error
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
 __all__ = ["JobwireClient"]
+
 
 class JobwireClient:
     """Blocking client for the Jobwire JobService.

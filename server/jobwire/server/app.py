@@ -68,6 +68,7 @@ class JobwireServer:
         """Recover jobs, then listen. Returns the bound port."""
         if self._server is not None:
             return self.port
+        port: int
         await self.manager.start()
         server = grpc.aio.server(options=SERVER_OPTIONS)
         add_servicer(JobServiceServicer(self.manager), JOB_SERVICE_DESCRIPTOR, server)
@@ -85,8 +86,13 @@ class JobwireServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "jobwire listening",
-            extra={"address": address, "port": port, "store": self.config.store,
-                   "job_types": sorted(self.manager.handlers), "max_running": self.config.max_running},
+            extra={
+                "address": address,
+                "port": port,
+                "store": self.config.store,
+                "job_types": sorted(self.manager.handlers),
+                "max_running": self.config.max_running,
+            },
         )
         return port
 

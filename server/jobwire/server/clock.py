@@ -1,4 +1,4 @@
-"""Time as an injectable dependency, so that aging, retention, time-outs and stats are testable without sleeping."""
+"""Time as an injectable dependency: aging, retention, time-outs and stats are testable without sleeping."""
 
 from __future__ import annotations
 

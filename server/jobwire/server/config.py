@@ -127,7 +127,9 @@ OPTIONS: dict[str, Option] = {
     "port": Option("--port", int, "port to listen on; 0 picks a free one (default 50051)"),
     "store": Option("--store", str, "sqlite:///path.db (default sqlite:///jobwire.db) or memory:"),
     "handlers": Option("--handlers", parse_modules, "comma-separated modules with @handler functions"),
-    "demo_handlers": Option("--demo-handlers", parse_bool, "load the built-in demo.* handlers (default true)"),
+    "demo_handlers": Option(
+        "--demo-handlers", parse_bool, "load the built-in demo.* handlers (default true)"
+    ),
     "max_running": Option("--max-running", _positive_int, "global limit on running jobs (default 8)"),
     "max_queued": Option("--max-queued", _positive_int, "queued jobs beyond which SubmitJob is refused"),
     "type_limits": Option("--type-limits", parse_type_limits, "per-type limits on running jobs: TYPE=N,..."),
@@ -152,7 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(option.flag, dest=name, default=None, help=f"{option.help} [{env_name(name)}]")
 
 
-def load_config(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+def load_config(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
     """Defaults, overridden by the environment, overridden by flags; then validated."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}

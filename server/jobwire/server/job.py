@@ -78,18 +78,36 @@ class Job:
     queue_position: int = 0
 
     def copy(self) -> Job:
-        """A snapshot that later changes to this job do not reach (params/result are never mutated in place)."""
+        """A snapshot that later changes to this job do not reach (params and result are never mutated)."""
         return Job(
-            id=self.id, type=self.type, state=self.state, priority=self.priority, params=self.params,
-            labels=self.labels, create_time=self.create_time, update_time=self.update_time,
-            queue_time=self.queue_time, attempt=self.attempt,
-            progress=None if self.progress is None else Progress(
-                self.progress.percent, self.progress.message,
-                self.progress.current_step, self.progress.total_steps),
-            result=self.result, error=self.error, start_time=self.start_time, end_time=self.end_time,
-            expire_time=self.expire_time, request_id=self.request_id,
-            request_fingerprint=self.request_fingerprint, timeout=self.timeout,
-            cancel_reason=self.cancel_reason, sequence=self.sequence,
+            id=self.id,
+            type=self.type,
+            state=self.state,
+            priority=self.priority,
+            params=self.params,
+            labels=self.labels,
+            create_time=self.create_time,
+            update_time=self.update_time,
+            queue_time=self.queue_time,
+            attempt=self.attempt,
+            progress=None
+            if self.progress is None
+            else Progress(
+                self.progress.percent,
+                self.progress.message,
+                self.progress.current_step,
+                self.progress.total_steps,
+            ),
+            result=self.result,
+            error=self.error,
+            start_time=self.start_time,
+            end_time=self.end_time,
+            expire_time=self.expire_time,
+            request_id=self.request_id,
+            request_fingerprint=self.request_fingerprint,
+            timeout=self.timeout,
+            cancel_reason=self.cancel_reason,
+            sequence=self.sequence,
         )
 
 

@@ -152,7 +152,9 @@ class JobManager:
             if job.type in self.handlers:
                 self.scheduler.push(job.id, job.type, job.priority, job.queue_time)
             else:
-                log.warning("job %s of unknown type %r stays queued until a handler declares it", job.id, job.type)
+                log.warning(
+                    "job %s of unknown type %r stays queued until a handler declares it", job.id, job.type
+                )
             recovered += 1
         log.info("recovered %d unfinished jobs (%d were running and were queued again)", recovered, requeued)
         self._dispatching = True
@@ -204,7 +206,9 @@ class JobManager:
         violations = submit_violations(request)
         check(violations)
         if request.type not in self.handlers:
-            raise UnknownJobType(f"unknown job type {request.type!r}; known types: {self._known_types_message}")
+            raise UnknownJobType(
+                f"unknown job type {request.type!r}; known types: {self._known_types_message}"
+            )
         if len(self.scheduler) + self._inserting >= self.settings.max_queued:
             raise QueueFull(f"the queue is full ({self.settings.max_queued} jobs waiting); retry later")
         priority = PRIORITY_DEFAULT if request.priority is None else request.priority
@@ -242,7 +246,8 @@ class JobManager:
             raise JobwireError("the job of this request_id vanished while it was being read; retry")
         if existing.request_fingerprint != job.request_fingerprint:
             raise RequestIdReused(
-                f"request_id {job.request_id!r} was already used by job {existing.id} with a different request"
+                f"request_id {job.request_id!r} was already used by job {existing.id} "
+                "with a different request"
             )
         return await self.get(existing.id)
 
@@ -334,14 +339,14 @@ class JobManager:
             if job.state.is_terminal and last >= job.sequence:
                 return
             while True:
-                event = await subscription.next()
-                if event is None:
+                change = await subscription.next()
+                if change is None:
                     raise Draining(f"the server is shutting down; watch again with after_sequence={last}")
-                if event.sequence <= last:
+                if change.sequence <= last:
                     continue
-                last = event.sequence
-                yield event
-                if event.job.state.is_terminal:
+                last = change.sequence
+                yield change
+                if change.job.state.is_terminal:
                     return
         finally:
             self.events.unsubscribe(subscription)
@@ -389,7 +394,9 @@ class JobManager:
             updated.end_time = now
             updated.expire_time = now + self.settings.retention
         if not await self.store.update(updated, expected_state=job.state):
-            log.warning("job %s: store refused %s -> %s (changed elsewhere)", job.id, job.state.name, target.name)
+            log.warning(
+                "job %s: store refused %s -> %s (changed elsewhere)", job.id, job.state.name, target.name
+            )
             return False
         live_progress = job.progress if "progress" not in changes else updated.progress
         for name in Job.__slots__:
@@ -439,7 +446,12 @@ class JobManager:
                 continue
             spec = self.handlers[job_type]
             ctx = LocalJobContext(
-                job.id, job.type, max(job.attempt, 1), job.progress, asyncio.get_running_loop(), self._on_progress
+                job.id,
+                job.type,
+                max(job.attempt, 1),
+                job.progress,
+                asyncio.get_running_loop(),
+                self._on_progress,
             )
             attempt = _Attempt(job, spec, ctx)
             self._attempts[job_id] = attempt
@@ -495,7 +507,9 @@ class JobManager:
                 return JobState.CANCELLED, self._cancelled_changes(job)
             if not done:
                 message = f"the job ran longer than its time-out of {timeout:g}s"
-                return JobState.FAILED, {"error": JobError(ErrorCode.DEADLINE_EXCEEDED, message, "JOB_TIMEOUT")}
+                return JobState.FAILED, {
+                    "error": JobError(ErrorCode.DEADLINE_EXCEEDED, message, "JOB_TIMEOUT")
+                }
             if handler_task.cancelled():
                 return JobState.FAILED, {
                     "error": JobError(ErrorCode.ABORTED, "the handler was stopped", "HANDLER_STOPPED")
@@ -503,7 +517,9 @@ class JobManager:
             error = handler_task.exception()
             if isinstance(error, JobCancelled):
                 return JobState.FAILED, {
-                    "error": JobError(ErrorCode.CANCELLED, f"the handler cancelled itself: {error}", "HANDLER_CANCELLED")
+                    "error": JobError(
+                        ErrorCode.CANCELLED, f"the handler cancelled itself: {error}", "HANDLER_CANCELLED"
+                    )
                 }
             if error is not None:
                 return JobState.FAILED, {"error": _handler_error(error)}

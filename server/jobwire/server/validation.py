@@ -42,7 +42,9 @@ def submit_violations(request: SubmitRequest) -> list[FieldViolation]:
         violations.append(FieldViolation("type", "1-128 characters of letters, digits and ._:/-"))
     if request.priority is not None and not PRIORITY_MIN <= request.priority <= PRIORITY_MAX:
         violations.append(
-            FieldViolation("priority", f"must be from {PRIORITY_MIN} to {PRIORITY_MAX}, got {request.priority}")
+            FieldViolation(
+                "priority", f"must be from {PRIORITY_MIN} to {PRIORITY_MAX}, got {request.priority}"
+            )
         )
     violations.extend(label_violations(request.labels or {}, "labels"))
     if len(request.request_id) > MAX_REQUEST_ID:

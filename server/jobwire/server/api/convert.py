@@ -23,7 +23,7 @@ ERROR_DOMAIN = "jobwire.dev"
 def set_timestamp(target: timestamp_pb2.Timestamp, seconds: float) -> None:
     whole = int(seconds)
     target.seconds = whole
-    target.nanos = int(round((seconds - whole) * 1e9)) % 1_000_000_000
+    target.nanos = round((seconds - whole) * 1e9) % 1_000_000_000
 
 
 def timestamp_seconds(value: timestamp_pb2.Timestamp) -> float:
@@ -33,7 +33,7 @@ def timestamp_seconds(value: timestamp_pb2.Timestamp) -> float:
 def set_duration(target: duration_pb2.Duration, seconds: float) -> None:
     whole = int(seconds)
     target.seconds = whole
-    target.nanos = int(round((seconds - whole) * 1e9))
+    target.nanos = round((seconds - whole) * 1e9)
 
 
 def duration_seconds(value: duration_pb2.Duration) -> float:
@@ -161,8 +161,8 @@ def decode_page_token(token: str, job_filter: JobFilter) -> str:
         ) from error
     if digest != _filter_digest(job_filter):
         raise InvalidArgument(
-            violations=[FieldViolation("page_token", "was made for different filters; start again without it")]
+            violations=[
+                FieldViolation("page_token", "was made for different filters; start again without it")
+            ]
         )
     return last_id
-
-

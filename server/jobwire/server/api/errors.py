@@ -50,7 +50,9 @@ async def abort(context: grpc.aio.ServicerContext, error: errors.JobwireError) -
     code, status = to_status(error)
     if code is grpc.StatusCode.INTERNAL:
         log.error("internal error: %s", error.message)
-    await context.abort(code, status.message, trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),))
+    await context.abort(
+        code, status.message, trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),)
+    )
     raise AssertionError("unreachable: context.abort raises")
 
 

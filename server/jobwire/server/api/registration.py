@@ -41,7 +41,11 @@ def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.
         serialize = message_factory.GetMessageClass(descriptor.output_type).SerializeToString
         if descriptor.client_streaming:
             raise NotImplementedError(f"{descriptor.full_name}: client streaming is not supported here")
-        make = grpc.unary_stream_rpc_method_handler if descriptor.server_streaming else grpc.unary_unary_rpc_method_handler
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if descriptor.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
         handlers[descriptor.name] = make(_decoding(method, descriptor), response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

@@ -8,9 +8,11 @@ from jobwire.server.stores.base import JobStore
 from jobwire.server.stores.memory import MemoryStore
 from jobwire.server.stores.sqlite import SqliteStore
 
-ACCEPTED_FORMS = ("memory:, sqlite:///relative/path.db, sqlite:////absolute/path.db "
-                  "(optionally ?synchronous=NORMAL&max_batch=256&progress_flush_interval=0.2) "
-                  "or a plain file path ending in .db")
+ACCEPTED_FORMS = (
+    "memory:, sqlite:///relative/path.db, sqlite:////absolute/path.db "
+    "(optionally ?synchronous=NORMAL&max_batch=256&progress_flush_interval=0.2) "
+    "or a plain file path ending in .db"
+)
 
 
 def open_store(url: str) -> JobStore:
@@ -23,17 +25,18 @@ def open_store(url: str) -> JobStore:
         return MemoryStore()
     scheme = url.partition(":")[0].lower()
     if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
-        raise ValueError(f"the PostgreSQL store is not available yet ({url!r}); "
-                         f"use one of: {ACCEPTED_FORMS}")
+        raise ValueError(f"the PostgreSQL store is not available yet ({url!r}); use one of: {ACCEPTED_FORMS}")
     if scheme == "sqlite":
         prefix = "sqlite:///"
         if not url.startswith(prefix):
-            raise ValueError(f"bad SQLite store URL {url!r}: use sqlite:///relative/path.db or "
-                             "sqlite:////absolute/path.db")
-        path, _, query = url[len(prefix):].partition("?")
+            raise ValueError(
+                f"bad SQLite store URL {url!r}: use sqlite:///relative/path.db or sqlite:////absolute/path.db"
+            )
+        path, _, query = url[len(prefix) :].partition("?")
         if not path or path == ":memory:":
-            raise ValueError(f"bad SQLite store URL {url!r}: it needs a file path (for a store in "
-                             "memory use memory:)")
+            raise ValueError(
+                f"bad SQLite store URL {url!r}: it needs a file path (for a store in memory use memory:)"
+            )
         return _sqlite_store(path, query)
     if url.endswith(".db") and "://" not in url:
         return SqliteStore(url)
@@ -50,7 +53,8 @@ def _sqlite_store(path: str, query: str) -> SqliteStore:
     except ValueError as exc:
         raise ValueError(f"bad SQLite store option: {exc}") from exc
     if options:
-        raise ValueError(f"unknown SQLite store option(s) {sorted(options)}; known: synchronous, "
-                         "max_batch, progress_flush_interval")
-    return SqliteStore(path, synchronous=synchronous, max_batch=max_batch,
-                       progress_flush_interval=interval)
+        raise ValueError(
+            f"unknown SQLite store option(s) {sorted(options)}; known: synchronous, "
+            "max_batch, progress_flush_interval"
+        )
+    return SqliteStore(path, synchronous=synchronous, max_batch=max_batch, progress_flush_interval=interval)

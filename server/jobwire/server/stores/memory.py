@@ -39,8 +39,9 @@ def _snapshot(job: Job) -> Job:
     snapshot = job.copy()
     snapshot.labels = dict(job.labels)
     if job.error is not None:
-        snapshot.error = JobError(job.error.code, job.error.message, job.error.reason,
-                                  dict(job.error.metadata))
+        snapshot.error = JobError(
+            job.error.code, job.error.message, job.error.reason, dict(job.error.metadata)
+        )
     return snapshot
 
 
@@ -121,12 +122,18 @@ class MemoryStore(JobStore):
         return page
 
     async def load_unfinished(self) -> builtins.list[Job]:
-        return [_snapshot(job) for job in (self._jobs[job_id] for job_id in self._ids)
-                if job.state not in TERMINAL_STATES]
+        return [
+            _snapshot(job)
+            for job in (self._jobs[job_id] for job_id in self._ids)
+            if job.state not in TERMINAL_STATES
+        ]
 
     async def purge_expired(self, now: float) -> int:
-        expired = [job for job in self._jobs.values()
-                   if job.state in TERMINAL_STATES and job.expire_time is not None and job.expire_time <= now]
+        expired = [
+            job
+            for job in self._jobs.values()
+            if job.state in TERMINAL_STATES and job.expire_time is not None and job.expire_time <= now
+        ]
         if not expired:
             return 0
         for job in expired:
@@ -138,5 +145,7 @@ class MemoryStore(JobStore):
 
     async def count(self) -> builtins.list[JobCount]:
         counts = Counter((job.state, job.type, job.priority) for job in self._jobs.values())
-        return [JobCount(state, job_type, priority, n)
-                for (state, job_type, priority), n in sorted(counts.items())]
+        return [
+            JobCount(state, job_type, priority, n)
+            for (state, job_type, priority), n in sorted(counts.items())
+        ]

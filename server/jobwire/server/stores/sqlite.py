@@ -74,9 +74,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 _COLUMNS = (
-    "id", "type", "state", "priority", "params", "labels", "create_time", "update_time", "queue_time",
-    "attempt", "progress", "result", "error", "start_time", "end_time", "expire_time", "request_id",
-    "request_fingerprint", "timeout", "cancel_reason", "sequence",
+    "id",
+    "type",
+    "state",
+    "priority",
+    "params",
+    "labels",
+    "create_time",
+    "update_time",
+    "queue_time",
+    "attempt",
+    "progress",
+    "result",
+    "error",
+    "start_time",
+    "end_time",
+    "expire_time",
+    "request_id",
+    "request_fingerprint",
+    "timeout",
+    "cancel_reason",
+    "sequence",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 _INSERT = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
@@ -103,30 +121,80 @@ def _dumps(value: object) -> str:
 def _progress_json(progress: Progress | None) -> str | None:
     if progress is None:
         return None
-    return _dumps({"percent": progress.percent, "message": progress.message,
-                   "current_step": progress.current_step, "total_steps": progress.total_steps})
+    return _dumps(
+        {
+            "percent": progress.percent,
+            "message": progress.message,
+            "current_step": progress.current_step,
+            "total_steps": progress.total_steps,
+        }
+    )
 
 
 def job_to_row(job: Job) -> Row:
     """Serialize in the caller's thread, so later changes to ``job`` cannot race with the writer."""
-    error = None if job.error is None else _dumps({
-        "code": int(job.error.code), "message": job.error.message, "reason": job.error.reason,
-        "metadata": job.error.metadata,
-    })
+    error = (
+        None
+        if job.error is None
+        else _dumps(
+            {
+                "code": int(job.error.code),
+                "message": job.error.message,
+                "reason": job.error.reason,
+                "metadata": job.error.metadata,
+            }
+        )
+    )
     return (
-        job.id, job.type, int(job.state), job.priority, _dumps(job.params), _dumps(job.labels),
-        job.create_time, job.update_time, job.queue_time, job.attempt, _progress_json(job.progress),
-        None if job.result is None else _dumps(job.result), error, job.start_time, job.end_time,
-        job.expire_time, job.request_id, job.request_fingerprint, job.timeout, job.cancel_reason,
+        job.id,
+        job.type,
+        int(job.state),
+        job.priority,
+        _dumps(job.params),
+        _dumps(job.labels),
+        job.create_time,
+        job.update_time,
+        job.queue_time,
+        job.attempt,
+        _progress_json(job.progress),
+        None if job.result is None else _dumps(job.result),
+        error,
+        job.start_time,
+        job.end_time,
+        job.expire_time,
+        job.request_id,
+        job.request_fingerprint,
+        job.timeout,
+        job.cancel_reason,
         job.sequence,
     )
 
 
 def row_to_job(row: Sequence[Any]) -> Job:
     """The inverse of ``job_to_row``."""
-    (job_id, job_type, state, priority, params, labels, create_time, update_time, queue_time, attempt,
-     progress, result, error, start_time, end_time, expire_time, request_id, request_fingerprint,
-     timeout, cancel_reason, sequence) = row
+    (
+        job_id,
+        job_type,
+        state,
+        priority,
+        params,
+        labels,
+        create_time,
+        update_time,
+        queue_time,
+        attempt,
+        progress,
+        result,
+        error,
+        start_time,
+        end_time,
+        expire_time,
+        request_id,
+        request_fingerprint,
+        timeout,
+        cancel_reason,
+        sequence,
+    ) = row
     job_progress = None
     if progress is not None:
         p = json.loads(progress)
@@ -136,17 +204,32 @@ def row_to_job(row: Sequence[Any]) -> Job:
         e = json.loads(error)
         job_error = JobError(ErrorCode(e["code"]), e["message"], e["reason"], e["metadata"])
     return Job(
-        id=job_id, type=job_type, state=JobState(state), priority=priority, params=json.loads(params),
-        labels=json.loads(labels), create_time=create_time, update_time=update_time,
-        queue_time=queue_time, attempt=attempt, progress=job_progress,
-        result=None if result is None else json.loads(result), error=job_error, start_time=start_time,
-        end_time=end_time, expire_time=expire_time, request_id=request_id,
-        request_fingerprint=request_fingerprint, timeout=timeout, cancel_reason=cancel_reason,
+        id=job_id,
+        type=job_type,
+        state=JobState(state),
+        priority=priority,
+        params=json.loads(params),
+        labels=json.loads(labels),
+        create_time=create_time,
+        update_time=update_time,
+        queue_time=queue_time,
+        attempt=attempt,
+        progress=job_progress,
+        result=None if result is None else json.loads(result),
+        error=job_error,
+        start_time=start_time,
+        end_time=end_time,
+        expire_time=expire_time,
+        request_id=request_id,
+        request_fingerprint=request_fingerprint,
+        timeout=timeout,
+        cancel_reason=cancel_reason,
         sequence=sequence,
     )
 
 
 # --- operations run by the writer thread, each inside its own SAVEPOINT -------------------------------
+
 
 def _apply_insert(row: Row, conn: sqlite3.Connection) -> None:
     try:
@@ -177,6 +260,7 @@ def _apply_purge(now: float, conn: sqlite3.Connection) -> int:
 
 
 # --- reads, run by the reader thread ---------------------------------------------------------------
+
 
 def _read_get(job_id: str, conn: sqlite3.Connection) -> Job | None:
     row = conn.execute(f"{_SELECT} WHERE id = ?", (job_id,)).fetchone()
@@ -228,11 +312,14 @@ def _read_unfinished(conn: sqlite3.Connection) -> list[Job]:
 
 
 def _read_count(conn: sqlite3.Connection) -> list[JobCount]:
-    return [JobCount(JobState(state), job_type, priority, n)
-            for state, job_type, priority, n in conn.execute(_COUNT).fetchall()]
+    return [
+        JobCount(JobState(state), job_type, priority, n)
+        for state, job_type, priority, n in conn.execute(_COUNT).fetchall()
+    ]
 
 
 # --- the writer thread's plumbing ------------------------------------------------------------------
+
 
 @dataclass(slots=True)
 class _Op(Generic[_T]):
@@ -287,8 +374,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
     try:
         version: int = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
-            raise RuntimeError(f"database schema version {version} is newer than this Jobwire "
-                               f"understands ({len(MIGRATIONS)})")
+            raise RuntimeError(
+                f"database schema version {version} is newer than this Jobwire "
+                f"understands ({len(MIGRATIONS)})"
+            )
         for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
             for statement in statements:
                 conn.execute(statement)
@@ -302,8 +391,14 @@ def _migrate(conn: sqlite3.Connection) -> None:
 class SqliteStore(JobStore):
     """A JobStore in one SQLite file. Create, ``await open()``, use, ``await close()``."""
 
-    def __init__(self, path: str, *, synchronous: str = "FULL", max_batch: int = 256,
-                 progress_flush_interval: float = 0.2) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "FULL",
+        max_batch: int = 256,
+        progress_flush_interval: float = 0.2,
+    ) -> None:
         if synchronous.upper() not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {sorted(SYNCHRONOUS_MODES)}, not {synchronous!r}")
         if max_batch < 1:
@@ -311,8 +406,10 @@ class SqliteStore(JobStore):
         if progress_flush_interval <= 0:
             raise ValueError("progress_flush_interval must be positive")
         if path in ("", ":memory:") or path.startswith("file:"):
-            raise ValueError("SqliteStore needs a file path (the writer and reader use separate "
-                             "connections); use the memory: store for an in-memory one")
+            raise ValueError(
+                "SqliteStore needs a file path (the writer and reader use separate "
+                "connections); use the memory: store for an in-memory one"
+            )
         self.path = path
         self.synchronous = synchronous.upper()
         self.max_batch = max_batch
@@ -342,8 +439,12 @@ class SqliteStore(JobStore):
             ready: asyncio.Future[None] = loop.create_future()
             with self._cond:
                 self._stopping = False
-            writer = threading.Thread(target=self._writer_main, args=(loop, ready),
-                                      name=f"jobwire-sqlite-writer:{self.path}", daemon=True)
+            writer = threading.Thread(
+                target=self._writer_main,
+                args=(loop, ready),
+                name=f"jobwire-sqlite-writer:{self.path}",
+                daemon=True,
+            )
             writer.start()
             reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobwire-sqlite-reader")
             try:
@@ -414,9 +515,12 @@ class SqliteStore(JobStore):
         """Note the latest progress in a dict under a lock held only for microseconds; never does I/O."""
         progress = job.progress
         note = _ProgressNote(
-            None if progress is None else Progress(
-                progress.percent, progress.message, progress.current_step, progress.total_steps),
-            job.sequence, job.update_time)
+            None
+            if progress is None
+            else Progress(progress.percent, progress.message, progress.current_step, progress.total_steps),
+            job.sequence,
+            job.update_time,
+        )
         with self._cond:
             if not self._accepting:
                 return  # closed: progress is advisory, so dropping it is allowed
@@ -483,8 +587,9 @@ class SqliteStore(JobStore):
             progress, self._progress = self._progress, {}
             return batch, progress
 
-    def _write(self, conn: sqlite3.Connection, batch: list[_Op[Any]],
-               progress: dict[str, _ProgressNote]) -> None:
+    def _write(
+        self, conn: sqlite3.Connection, batch: list[_Op[Any]], progress: dict[str, _ProgressNote]
+    ) -> None:
         """Run the batch in one transaction; a SAVEPOINT per op confines a failure to that op's caller."""
         outcomes: list[_Outcome] = []
         try:
@@ -518,8 +623,10 @@ class SqliteStore(JobStore):
 
     @staticmethod
     def _flush_progress(conn: sqlite3.Connection, progress: dict[str, _ProgressNote]) -> None:
-        rows = [(_progress_json(note.progress), note.sequence, note.update_time, job_id, note.sequence)
-                for job_id, note in progress.items()]
+        rows = [
+            (_progress_json(note.progress), note.sequence, note.update_time, job_id, note.sequence)
+            for job_id, note in progress.items()
+        ]
         conn.execute("SAVEPOINT progress")
         try:
             conn.executemany(_FLUSH_PROGRESS, rows)
