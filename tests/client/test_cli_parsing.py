@@ -216,6 +216,9 @@ def test_list_request_accepts_state_names_and_datetimes() -> None:
     assert request.page_size == 2
     with pytest.raises(InvalidArgumentError):
         _core.build_list_request(states=["nope"])
+    single = _core.build_list_request(states="running", types="demo.sleep")
+    assert list(single.states) == [job_pb2.JOB_STATE_RUNNING]
+    assert list(single.types) == ["demo.sleep"]
 
 
 def test_bearer_token_metadata() -> None:

@@ -369,7 +369,7 @@ def test_concurrent_submits_with_one_request_id_create_one_job(
 @pytest.mark.parametrize(
     ("request_fields", "field", "reason"),
     [
-        ({"type": "no.such.type"}, "", "UNKNOWN_JOB_TYPE"),
+        ({"type": "no.such.type"}, "type", "UNKNOWN_JOB_TYPE"),
         ({"type": ""}, "type", "INVALID_ARGUMENT"),
         ({"type": "bad type!"}, "type", "INVALID_ARGUMENT"),
         ({"type": "test.echo", "priority": 10}, "priority", "INVALID_ARGUMENT"),
@@ -392,9 +392,8 @@ def test_bad_submit_is_invalid_argument_with_field_violations(
         stub.SubmitJob(S.SubmitJobRequest(**request_fields))  # type: ignore[arg-type]
     code, got_reason, violations = rich_error(caught.value)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and got_reason == reason
-    if field:
-        assert field in [v[0] for v in violations]
-    else:
+    assert field in [v[0] for v in violations]
+    if reason == "UNKNOWN_JOB_TYPE":
         assert "known types: " in caught.value.details() and "demo.sleep" in caught.value.details()
 
 

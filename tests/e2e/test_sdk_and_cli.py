@@ -274,6 +274,27 @@ def test_watch_resumes_by_itself_after_the_connection_drops(jobwire_target: str)
 # --- asyncio SDK ------------------------------------------------------------------------------------
 
 
+async def test_async_watch_resumes_by_itself_after_the_connection_drops(jobwire_target: str) -> None:
+    proxy = DroppingProxy(jobwire_target)
+    try:
+        async with AsyncJobwireClient(proxy.target, call_timeout=10) as client:
+            job = await client.submit("demo.sleep", {"seconds": 1.5, "steps": 10})
+            sequences: list[int] = []
+            dropped = False
+            final = None
+            async for update in client.watch(job.id):
+                sequences.append(update.sequence)
+                final = update.job
+                if not dropped and update.job.progress.current_step >= 2:
+                    proxy.drop()
+                    dropped = True
+            assert dropped and proxy.connections >= 2
+            assert sequences == sorted(set(sequences)), sequences
+            assert final is not None and final.state == job_pb2.JOB_STATE_SUCCEEDED
+    finally:
+        proxy.close()
+
+
 async def test_async_client_end_to_end(jobwire_target: str) -> None:
     async with AsyncJobwireClient(jobwire_target, call_timeout=10) as client:
         job = await client.submit("demo.sleep", {"seconds": 0.3, "steps": 3}, labels={"flavour": "async"})

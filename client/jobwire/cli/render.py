@@ -53,7 +53,11 @@ def make_console(file: TextIO | None = None) -> Console:
 
 def to_dict(msg: message.Message) -> dict[str, Any]:
     """The proto3 JSON mapping of a message, with the .proto field names."""
-    return dict(json_format.MessageToDict(msg, preserving_proto_field_name=True))
+    return dict(
+        json_format.MessageToDict(
+            msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+    )
 
 
 def print_json(value: Any, file: TextIO | None = None) -> None:

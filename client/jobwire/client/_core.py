@@ -33,7 +33,7 @@ DEFAULT_PAGE_SIZE = 100
 
 Metadata = tuple[tuple[str, str], ...]
 Timeout = float | datetime.timedelta
-StateFilter = Iterable[int | str] | None
+StateFilter = Iterable[int | str] | int | str | None
 
 
 def call_metadata(token: str | None) -> Metadata:
@@ -117,7 +117,14 @@ def build_list_request(
     page_size: int = DEFAULT_PAGE_SIZE,
     page_token: str = "",
 ) -> job_service_pb2.ListJobsRequest:
-    """The ListJobsRequest for one page; states may be numbers or names such as "queued"."""
+    """The ListJobsRequest for one page; states may be numbers or names such as "queued".
+
+    A single state or type may be given bare instead of in a list.
+    """
+    if isinstance(states, int | str):
+        states = [states]
+    if isinstance(types, str):
+        types = [types]
     try:
         state_numbers = [parse_state(s) for s in states or ()]
     except ValueError as exc:

@@ -129,6 +129,9 @@ class AsyncJobwireClient:
             page_size=page_size,
             page_token=page_token,
         )
+        return await self._list_page(request)
+
+    async def _list_page(self, request: job_service_pb2.ListJobsRequest) -> tuple[list[job_pb2.Job], str]:
         response: job_service_pb2.ListJobsResponse = await self._call(self._stub.ListJobs, request)
         return list(response.jobs), response.next_page_token
 
@@ -143,23 +146,21 @@ class AsyncJobwireClient:
         page_size: int = _core.DEFAULT_PAGE_SIZE,
     ) -> AsyncIterator[job_pb2.Job]:
         """Every matching job, newest first, fetching pages lazily as the caller iterates."""
-        states = list(states) if states is not None else None
-        types = list(types) if types is not None else None
-        token = ""
+        request = _core.build_list_request(
+            states=states,
+            types=types,
+            labels=labels,
+            create_time_start=create_time_start,
+            create_time_end=create_time_end,
+            page_size=page_size,
+        )
         while True:
-            jobs, token = await self.list_page(
-                states=states,
-                types=types,
-                labels=labels,
-                create_time_start=create_time_start,
-                create_time_end=create_time_end,
-                page_size=page_size,
-                page_token=token,
-            )
+            jobs, token = await self._list_page(request)
             for job in jobs:
                 yield job
             if not token:
                 return
+            request.page_token = token
 
     async def cancel(self, job_id: str, reason: str = "") -> job_pb2.Job:
         """Cancel a job; returns it CANCELLED, or CANCELLING while its handler stops."""

@@ -225,16 +225,15 @@ def _status_from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> Status 
 def _rich_status(err: Any) -> Status | None:
     """The google.rpc.Status carried by a failed call, or None if it carried none."""
     trailing = getattr(err, "trailing_metadata", None)
-    if trailing is None:
+    if not callable(trailing):
         return None  # an RpcError that is not a Call: nothing to decode
     try:
-        if isinstance(err, grpc.aio.AioRpcError):
-            return _status_from_metadata(err.trailing_metadata())
-        status: Status | None = rpc_status.from_call(err)
-        return status
-    except ValueError:
-        # from_call refuses a status whose code or message disagrees with the call's; the details
-        # are still the best information we have, so decode them anyway.
+        if not isinstance(err, grpc.aio.AioRpcError):  # from_call wants a sync grpc.Call
+            try:
+                status: Status | None = rpc_status.from_call(err)
+                return status
+            except ValueError:
+                pass  # the status disagrees with the call's code or message: decode its details anyway
         return _status_from_metadata(trailing())
     except Exception:  # a malformed trailer must not hide the original error
         return None
@@ -264,7 +263,7 @@ def from_rpc_error(err: grpc.RpcError) -> JobwireError:
     if code is None:
         code = grpc.StatusCode.UNKNOWN
     details_fn = getattr(err, "details", None)
-    message = (details_fn() if callable(details_fn) else None) or str(err) or code.name
+    message = (details_fn() if callable(details_fn) else None) or code.name
     status = _rich_status(err)
     parsed = _parse_details(status.details) if status is not None else _Details()
     cls = _CLASS_BY_CODE.get(code, JobwireError)

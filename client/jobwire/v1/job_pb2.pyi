@@ -54,11 +54,13 @@ class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
 
       QUEUED     -> RUNNING | CANCELLED
       RUNNING    -> SUCCEEDED | FAILED | CANCELLING | QUEUED
-      CANCELLING -> CANCELLED | SUCCEEDED | FAILED
+      CANCELLING -> CANCELLED
 
     RUNNING -> QUEUED happens only when an attempt is abandoned (the server
     drained or crashed while the job ran); the job then runs again with
-    `attempt` + 1. SUCCEEDED, FAILED and CANCELLED are terminal.
+    `attempt` + 1. A CANCELLING job always ends CANCELLED, whatever its handler
+    does after being told to stop. SUCCEEDED, FAILED and CANCELLED are
+    terminal.
     """
 
 JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0

@@ -23,6 +23,7 @@ from jobwire.handlers.api import HandlerSpec, JobCancelled
 from jobwire.server.clock import Clock, SystemClock
 from jobwire.server.errors import (
     Draining,
+    FieldViolation,
     JobAlreadyFinished,
     JobNotFound,
     JobwireError,
@@ -206,8 +207,10 @@ class JobManager:
         violations = submit_violations(request)
         check(violations)
         if request.type not in self.handlers:
+            known = f"known types: {self._known_types_message}"
             raise UnknownJobType(
-                f"unknown job type {request.type!r}; known types: {self._known_types_message}"
+                f"unknown job type {request.type!r}; {known}",
+                [FieldViolation("type", f"no handler is registered for {request.type!r}; {known}")],
             )
         if len(self.scheduler) + self._inserting >= self.settings.max_queued:
             raise QueueFull(f"the queue is full ({self.settings.max_queued} jobs waiting); retry later")
@@ -499,6 +502,8 @@ class JobManager:
         if not done:
             ctx.cancel("timed out")
             handler_task.cancel()
+        # Retrieve the outcome now, whatever decide() later looks at, so no exception goes unobserved.
+        error = handler_task.exception() if done and not handler_task.cancelled() else None
 
         def decide() -> tuple[JobState, dict[str, Any]]:
             if attempt.abandon and job.state is JobState.RUNNING:
@@ -514,7 +519,6 @@ class JobManager:
                 return JobState.FAILED, {
                     "error": JobError(ErrorCode.ABORTED, "the handler was stopped", "HANDLER_STOPPED")
                 }
-            error = handler_task.exception()
             if isinstance(error, JobCancelled):
                 return JobState.FAILED, {
                     "error": JobError(
