@@ -116,8 +116,22 @@ def echo_server() -> ChildServer:
 
 def jobwire_server(store: str, max_running: int, *extra: str) -> ChildServer:
     args = [
-        sys.executable, "-m", "jobwire.server", "--host", "127.0.0.1", "--port", "0", "--store", store,
-        "--max-running", str(max_running), "--log-format", "json", "--drain-grace", "1", *extra,
+        sys.executable,
+        "-m",
+        "jobwire.server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--store",
+        store,
+        "--max-running",
+        str(max_running),
+        "--log-format",
+        "json",
+        "--drain-grace",
+        "1",
+        *extra,
     ]
     return ChildServer(f"jobwire ({store})", args, "jobwire listening")
 
@@ -131,7 +145,8 @@ async def serve_echo() -> None:
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
     handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}  # no (de)serializers: bytes
+        "bench.Echo",
+        {"Echo": grpc.unary_unary_rpc_method_handler(echo)},  # no (de)serializers: bytes
     )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -380,20 +395,50 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="jobwire-bench-") as folder:
         sqlite_load = f"sqlite:///{Path(folder) / 'load.db'}"
         sqlite_idle = f"sqlite:///{Path(folder) / 'latency.db'}"
-        print(f"running: {args.concurrency} calls in flight, {args.warmup:g} s warm-up + "
-              f"{args.duration:g} s per load case ...", file=sys.stderr)
+        print(
+            f"running: {args.concurrency} calls in flight, {args.warmup:g} s warm-up + "
+            f"{args.duration:g} s per load case ...",
+            file=sys.stderr,
+        )
         load = [
             await load_case("(a) bare grpc.aio echo", echo_server(), ECHO_METHOD, check_echo(payload)),
-            await load_case("(b) SubmitJob, memory", jobwire_server("memory:", args.max_running),
-                            SUBMIT_METHOD, check_submit),
-            await load_case("(c) SubmitJob, SQLite FULL", jobwire_server(sqlite_load, args.max_running),
-                            SUBMIT_METHOD, check_submit),
+            await load_case(
+                "(b) SubmitJob, memory",
+                jobwire_server("memory:", args.max_running),
+                SUBMIT_METHOD,
+                check_submit,
+            ),
+            await load_case(
+                "(c) SubmitJob, SQLite FULL",
+                jobwire_server(sqlite_load, args.max_running),
+                SUBMIT_METHOD,
+                check_submit,
+            ),
         ]
         if args.submit_only:
             # demo.sleep limited to one running job: every other submitted job stays QUEUED, never runs.
             parked = jobwire_server("memory:", args.max_running, "--type-limits", "demo.sleep=1")
-            load.append(await load_case("(b0) memory, never run", parked, SUBMIT_METHOD,
-                                        check_submit_type("demo.sleep"), parked_payload()))
+            load.append(
+                await load_case(
+                    "(b0) memory, never run",
+                    parked,
+                    SUBMIT_METHOD,
+                    check_submit_type("demo.sleep"),
+                    parked_payload(),
+                )
+            )
+            parked_sqlite = jobwire_server(
+                f"sqlite:///{Path(folder) / 'parked.db'}", args.max_running, "--type-limits", "demo.sleep=1"
+            )
+            load.append(
+                await load_case(
+                    "(c0) SQLite, never run",
+                    parked_sqlite,
+                    SUBMIT_METHOD,
+                    check_submit_type("demo.sleep"),
+                    parked_payload(),
+                )
+            )
         # The echo again, last: the machine's speed drifts, so the ratios use the mean of both echo runs.
         load.append(await load_case("(a') echo again", echo_server(), ECHO_METHOD, check_echo(payload)))
         latency = [
@@ -410,10 +455,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "echo_calls_per_s": echo_rate,
         "echo_drift": (max(echo_rates) - min(echo_rates)) / echo_rate if echo_rate else None,
         "settings": {
-            "concurrency": args.concurrency, "warmup_s": args.warmup, "duration_s": args.duration,
-            "max_running": args.max_running, "latency_jobs": args.latency_jobs,
-            "payload_bytes": len(payload), "cpus": os.cpu_count(), "event_loop": event_loop_name(),
-            "python": sys.version.split()[0], "grpcio": grpc.__version__,
+            "concurrency": args.concurrency,
+            "warmup_s": args.warmup,
+            "duration_s": args.duration,
+            "max_running": args.max_running,
+            "latency_jobs": args.latency_jobs,
+            "payload_bytes": len(payload),
+            "cpus": os.cpu_count(),
+            "event_loop": event_loop_name(),
+            "python": sys.version.split()[0],
+            "grpcio": grpc.__version__,
         },
         "load": [asdict(r) for r in load],
         "latency": [asdict(r) for r in latency],
@@ -429,44 +480,63 @@ def fmt(value: float | None, spec: str) -> str:
 
 def print_tables(results: dict[str, Any]) -> None:
     settings = results["settings"]
-    print(f"\nSubmit throughput: {settings['concurrency']} calls in flight, one grpc.aio client channel, "
-          f"{settings['duration_s']:g} s measured after {settings['warmup_s']:g} s warm-up; "
-          f"server in its own process; {settings['cpus']} CPUs; client loop {settings['event_loop']}; "
-          f"request {settings['payload_bytes']} bytes")
-    header = (f"{'case':<28}{'calls/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'x echo':>8}"
-              f"{'srv CPU µs/call':>17}{'cli CPU µs/call':>17}{'errors':>8}{'jobs done/s':>13}{'backlog':>9}")
+    print(
+        f"\nSubmit throughput: {settings['concurrency']} calls in flight, one grpc.aio client channel, "
+        f"{settings['duration_s']:g} s measured after {settings['warmup_s']:g} s warm-up; "
+        f"server in its own process; {settings['cpus']} CPUs; client loop {settings['event_loop']}; "
+        f"request {settings['payload_bytes']} bytes"
+    )
+    header = (
+        f"{'case':<28}{'calls/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'x echo':>8}"
+        f"{'srv CPU µs/call':>17}{'cli CPU µs/call':>17}{'errors':>8}{'jobs done/s':>13}{'backlog':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in results["load"]:
-        print(f"{r['case']:<28}{r['calls_per_s']:>9.0f}{fmt(r['p50_ms'], '.2f'):>9}"
-              f"{fmt(r['p99_ms'], '.2f'):>9}{fmt(r['ratio_to_echo'], '.2f'):>8}"
-              f"{fmt(r['server_cpu_us_per_call'], '.0f'):>17}"
-              f"{fmt(r['client_cpu_us_per_call'], '.0f'):>17}{r['errors']:>8}"
-              f"{fmt(r['jobs_finished_per_s'], '.0f'):>13}"
-              f"{fmt(r['backlog_at_end'], 'd'):>9}")
+        print(
+            f"{r['case']:<28}{r['calls_per_s']:>9.0f}{fmt(r['p50_ms'], '.2f'):>9}"
+            f"{fmt(r['p99_ms'], '.2f'):>9}{fmt(r['ratio_to_echo'], '.2f'):>8}"
+            f"{fmt(r['server_cpu_us_per_call'], '.0f'):>17}"
+            f"{fmt(r['client_cpu_us_per_call'], '.0f'):>17}{r['errors']:>8}"
+            f"{fmt(r['jobs_finished_per_s'], '.0f'):>13}"
+            f"{fmt(r['backlog_at_end'], 'd'):>9}"
+        )
         if r["error_codes"]:
             print(f"{'':<28}errors: {r['error_codes']}")
-    print(f"x echo = calls/s / {results['echo_calls_per_s']:.0f}, the mean of (a) and (a'), which differ by "
-          f"{100 * (results['echo_drift'] or 0):.0f}% (drift of the machine's speed during the run).")
-    print(f"(b) and (c): every submitted job is a demo.echo job that the same server process also dispatches "
-          f"and runs (--max-running {settings['max_running']}).\n'jobs done/s' = jobs that reached a "
-          "terminal state during the window; 'backlog' = jobs QUEUED at its end (both from GetQueueStats).")
+    print(
+        f"x echo = calls/s / {results['echo_calls_per_s']:.0f}, the mean of (a) and (a'), which differ by "
+        f"{100 * (results['echo_drift'] or 0):.0f}% (drift of the machine's speed during the run)."
+    )
+    print(
+        f"(b) and (c): every submitted job is a demo.echo job that the same server process also dispatches "
+        f"and runs (--max-running {settings['max_running']}).\n'jobs done/s' = jobs that reached a "
+        "terminal state during the window; 'backlog' = jobs QUEUED at its end (both from GetQueueStats)."
+    )
     if any(r["case"].startswith("(b0)") for r in results["load"]):
-        print("(b0): demo.sleep jobs with --type-limits demo.sleep=1, so they stay QUEUED: "
-              "the submit path alone.")
+        print(
+            "(b0): demo.sleep jobs with --type-limits demo.sleep=1, so they stay QUEUED: "
+            "the submit path alone."
+        )
 
-    print(f"\nSubmit-to-start latency on an idle server: {settings['latency_jobs']} demo.sleep jobs "
-          "(seconds 0), one at a time, each followed with WatchJob")
-    header = (f"{'case':<24}{'client p50':>11}{'p90':>8}{'p99':>8}{'server p50':>12}{'p99':>8}"
-              f"{'saw RUNNING':>13}")
+    print(
+        f"\nSubmit-to-start latency on an idle server: {settings['latency_jobs']} demo.sleep jobs "
+        "(seconds 0), one at a time, each followed with WatchJob"
+    )
+    header = (
+        f"{'case':<24}{'client p50':>11}{'p90':>8}{'p99':>8}{'server p50':>12}{'p99':>8}{'saw RUNNING':>13}"
+    )
     print(header)
     print("-" * len(header))
     for r in results["latency"]:
-        print(f"{r['case']:<24}{r['client_p50_ms']:>11.2f}{r['client_p90_ms']:>8.2f}{r['client_p99_ms']:>8.2f}"
-              f"{r['server_p50_ms']:>12.2f}{r['server_p99_ms']:>8.2f}{r['first_seen_running']:>9}/{r['jobs']}")
-    print("client = SubmitJob sent -> first WatchJob message showing the job started (ms): RUNNING, or "
-          "already SUCCEEDED when the\nrun ended before the watch began ('saw RUNNING' counts the former); "
-          "server = job.start_time - job.create_time (ms).")
+        print(
+            f"{r['case']:<24}{r['client_p50_ms']:>11.2f}{r['client_p90_ms']:>8.2f}{r['client_p99_ms']:>8.2f}"
+            f"{r['server_p50_ms']:>12.2f}{r['server_p99_ms']:>8.2f}{r['first_seen_running']:>9}/{r['jobs']}"
+        )
+    print(
+        "client = SubmitJob sent -> first WatchJob message showing the job started (ms): RUNNING, or "
+        "already SUCCEEDED when the\nrun ended before the watch began ('saw RUNNING' counts the former); "
+        "server = job.start_time - job.create_time (ms)."
+    )
 
 
 def without_nan(value: Any) -> Any:
@@ -498,8 +568,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--warmup", type=float, default=1.0, help="warm-up seconds per load case (default 1)")
     add("--max-running", type=int, default=8, help="Jobwire --max-running (default 8)")
     add("--latency-jobs", type=int, default=200, help="jobs in the latency case (default 200)")
-    add("--submit-only", action="store_true",
-        help="add case (b0): SubmitJob on memory with jobs that stay queued (submit path without dispatch)")
+    add(
+        "--submit-only",
+        action="store_true",
+        help="add case (b0): SubmitJob on memory with jobs that stay queued (submit path without dispatch)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)  # the echo child process
     args = parser.parse_args(argv)

@@ -60,8 +60,12 @@ class Grpcurl:
         self.binary = binary
         self.target = target
 
-    def run(self, *args: str, data: dict[str, Any] | None = None, timeout: float = CALL_TIMEOUT,
-            ) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        *args: str,
+        data: dict[str, Any] | None = None,
+        timeout: float = CALL_TIMEOUT,
+    ) -> subprocess.CompletedProcess[str]:
         """``grpcurl -plaintext [-d DATA] ARGS...`` (target inserted before the method, if any)."""
         command = [self.binary, "-plaintext", "-connect-timeout", "10", "-max-time", str(timeout - 5)]
         if data is not None:
@@ -222,8 +226,12 @@ def test_queue_stats(grpcurl: Grpcurl) -> None:
     stats = grpcurl.unary("GetQueueStats", None, "-emit-defaults")
     counts = {entry["state"]: int(entry["count"]) for entry in stats["state_counts"]}
     assert set(counts) == {
-        "JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED",
-        "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_CANCELLING",
+        "JOB_STATE_QUEUED",
+        "JOB_STATE_RUNNING",
+        "JOB_STATE_SUCCEEDED",
+        "JOB_STATE_FAILED",
+        "JOB_STATE_CANCELLED",
+        "JOB_STATE_CANCELLING",
     }
     assert counts["JOB_STATE_SUCCEEDED"] == 1
     assert stats["max_running"] == 8

@@ -26,8 +26,11 @@ async def sleep(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
 
 
 @handler("demo.echo")
-def echo(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    """Return the params unchanged: the smallest possible job, for smoke tests and benchmarks."""
+async def echo(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Return the params unchanged: the smallest possible job, for smoke tests and benchmarks.
+
+    ``async`` because it never blocks: a plain function would pay a thread-pool hop for nothing.
+    """
     return params
 
 

@@ -190,7 +190,9 @@ class Job(_message.Message):
     """
     queue_position: _builtins.int
     """While QUEUED: the job's 1-based position in the server's run order
-    (1 = next to run when a slot frees up). 0 in every other state.
+    (1 = next to run when a slot frees up), as filled in by GetJob, ListJobs
+    and WatchJob. 0 in every other state, and in SubmitJobResponse (working
+    it out costs a pass over the queue, which SubmitJob does not pay).
     """
     request_id: _builtins.str
     """The request_id given at submission, empty if none."""

@@ -116,7 +116,11 @@ class EventHub:
 
     def publish(self, job: Job, kind: EventKind, now: float) -> JobEvent:
         """Record a change of ``job`` (already carrying its new sequence) and hand it to every watcher."""
-        event = JobEvent(job.sequence, kind, job.copy())
+        return self.publish_snapshot(job.copy(), kind, now)
+
+    def publish_snapshot(self, job: Job, kind: EventKind, now: float) -> JobEvent:
+        """Like ``publish``, for a snapshot that nobody will change again (saves a copy)."""
+        event = JobEvent(job.sequence, kind, job)
         log = self._log(job.id)
         log.events.append(event)
         if job.state.is_terminal:

@@ -61,9 +61,11 @@ class LocalJobContext(JobContext):
         self._progress = progress
         self._loop = loop
         self._on_progress = on_progress
-        self._cancel_flag = threading.Event()  # for plain handlers, waited on in their thread
-        self._cancel_event = asyncio.Event()  # for async handlers, waited on in the loop
+        self._cancelled = False
         self._cancel_reason = ""
+        # Made on first use (most handlers never sleep): a threading.Event costs a Condition and a Lock.
+        self._cancel_flag: threading.Event | None = None  # plain handlers wait on it in their thread
+        self._cancel_event: asyncio.Event | None = None  # async handlers wait on it in the loop
         self._lock = threading.Lock()
 
     def report_progress(
@@ -83,7 +85,7 @@ class LocalJobContext(JobContext):
 
     @property
     def cancelled(self) -> bool:
-        return self._cancel_flag.is_set()
+        return self._cancelled
 
     @property
     def cancel_reason(self) -> str:
@@ -91,26 +93,40 @@ class LocalJobContext(JobContext):
 
     def cancel(self, reason: str) -> None:
         """Ask the handler to stop (called on the event loop)."""
-        if not self._cancel_flag.is_set():
+        with self._lock:
+            if self._cancelled:
+                return
             self._cancel_reason = reason
-            self._cancel_flag.set()
-            self._cancel_event.set()
+            self._cancelled = True
+            flag, event = self._cancel_flag, self._cancel_event
+        if flag is not None:
+            flag.set()
+        if event is not None:
+            event.set()
 
     def sleep(self, seconds: float) -> None:
-        if self._cancel_flag.wait(max(0.0, seconds)):
+        with self._lock:
+            if self._cancel_flag is None:
+                self._cancel_flag = threading.Event()
+                if self._cancelled:
+                    self._cancel_flag.set()
+            flag = self._cancel_flag
+        if flag.wait(max(0.0, seconds)):
             raise JobCancelled(self._cancel_reason)
 
     async def asleep(self, seconds: float) -> None:
-        if self._cancel_event.is_set():
+        if self._cancelled:
             raise JobCancelled(self._cancel_reason)
         if seconds <= 0:
             await asyncio.sleep(0)
         else:
+            if self._cancel_event is None:
+                self._cancel_event = asyncio.Event()  # only the loop's thread gets here
             try:
                 await asyncio.wait_for(self._cancel_event.wait(), seconds)
             except TimeoutError:
                 return
-        if self._cancel_event.is_set():
+        if self._cancelled:
             raise JobCancelled(self._cancel_reason)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 import os
 import threading
@@ -112,10 +113,11 @@ class Job:
 
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD.encode())
 
 
 class JobIdGenerator:
-    """Monotonic ULIDs in lowercase Crockford base32: 48 bits of milliseconds, 80 random bits.
+    """ULID-like ids in lowercase Crockford base32: 48 bits of milliseconds, 80 random bits.
 
     Within one process ids strictly increase, so "newest first" is "id descending" and a page cursor
     (the last id seen) stays valid while new jobs arrive.
@@ -138,9 +140,7 @@ class JobIdGenerator:
             else:
                 random_part = int.from_bytes(os.urandom(10), "big") >> 1  # headroom for increments
             self._last_ms, self._last_random = ms, random_part
-        value = (ms << 80) | random_part
-        chars = []
-        for _ in range(26):
-            chars.append(_CROCKFORD[value & 31])
-            value >>= 5
-        return "".join(reversed(chars))
+        # base32 of the 16 bytes, left-aligned: byte order and the alphabet's ASCII order agree, so
+        # the strings sort like the numbers.
+        encoded = base64.b32encode(((ms << 80) | random_part).to_bytes(16, "big"))[:26]
+        return encoded.translate(_TO_CROCKFORD).decode()

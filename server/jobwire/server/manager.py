@@ -401,13 +401,14 @@ class JobManager:
                 "job %s: store refused %s -> %s (changed elsewhere)", job.id, job.state.name, target.name
             )
             return False
-        live_progress = job.progress if "progress" not in changes else updated.progress
+        if "progress" not in changes:
+            updated.progress = job.progress  # reports may have come in while we waited for the store
+        updated.sequence = job.sequence + 1  # ... and moved the sequence on
         for name in Job.__slots__:
-            if name not in ("progress", "sequence", "queue_position"):
+            if name != "queue_position":
                 setattr(job, name, getattr(updated, name))
-        job.progress = live_progress
-        job.sequence += 1  # progress may have moved it while we waited for the store
-        self.events.publish(job, EventKind.STATE_CHANGED, now)
+        # `updated` is now a private snapshot of the live job: the event can own it without a copy.
+        self.events.publish_snapshot(updated, EventKind.STATE_CHANGED, now)
         return True
 
     def _requeue_changes(self, job: Job, why: str) -> dict[str, Any]:
@@ -462,9 +463,15 @@ class JobManager:
 
     async def _run_attempt(self, attempt: _Attempt) -> None:
         job = attempt.job
+        slot_held = True
         try:
             if await self._begin(attempt):
                 outcome = await self._execute(attempt)
+                # The handler is done, so its slot is free: the next job need not wait for this one's
+                # final write to commit (with group commit that wait is a whole batch).
+                self.scheduler.release(job.type)
+                slot_held = False
+                self._dispatch()
                 await self._finish(attempt, outcome)
         except Exception:
             log.exception("job %s: attempt failed inside Jobwire", job.id)
@@ -472,7 +479,8 @@ class JobManager:
             if attempt.force_timer is not None:
                 attempt.force_timer.cancel()
             self._attempts.pop(job.id, None)
-            self.scheduler.release(job.type)
+            if slot_held:
+                self.scheduler.release(job.type)
             if job.state.is_terminal:
                 self._forget(job)
             self._dispatch()

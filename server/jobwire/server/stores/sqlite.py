@@ -590,11 +590,35 @@ class SqliteStore(JobStore):
     def _write(
         self, conn: sqlite3.Connection, batch: list[_Op[Any]], progress: dict[str, _ProgressNote]
     ) -> None:
-        """Run the batch in one transaction; a SAVEPOINT per op confines a failure to that op's caller."""
+        """Run the batch in one transaction.
+
+        Optimistically without savepoints (the common case: every op succeeds); if one fails, the
+        transaction is rolled back and replayed with a SAVEPOINT per op, so a failure reaches only
+        that op's caller.
+        """
+        if not self._write_batch(conn, batch, progress, isolate=False):
+            self._write_batch(conn, batch, progress, isolate=True)
+
+    def _write_batch(
+        self,
+        conn: sqlite3.Connection,
+        batch: list[_Op[Any]],
+        progress: dict[str, _ProgressNote],
+        *,
+        isolate: bool,
+    ) -> bool:
+        """One attempt at committing the batch; False (rolled back) if an op failed and not ``isolate``."""
         outcomes: list[_Outcome] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
+                if not isolate:
+                    try:
+                        outcomes.append((op, op.apply(conn), None))
+                    except Exception:
+                        conn.execute("ROLLBACK")
+                        return False
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     result = op.apply(conn)
@@ -620,6 +644,7 @@ class SqliteStore(JobStore):
         else:
             self.commits += 1
         _settle(outcomes)
+        return True
 
     @staticmethod
     def _flush_progress(conn: sqlite3.Connection, progress: dict[str, _ProgressNote]) -> None:
