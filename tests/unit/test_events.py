@@ -84,12 +84,3 @@ def test_sweep_drops_finished_unwatched_logs() -> None:
     assert hub.sweep(now=5) == 0
     assert hub.sweep(now=10) == 1
     assert hub.replay(job.id, 1, up_to=2) is None
-
-
-def test_job_ids_sort_by_creation_and_are_url_safe() -> None:
-    from jobwire.server.job import JobIdGenerator
-
-    generator = JobIdGenerator()
-    ids = [generator.new_id() for _ in range(10_000)]
-    assert ids == sorted(ids) and len(set(ids)) == len(ids)
-    assert all(len(i) == 26 and i.isalnum() and i.islower() for i in ids)
