@@ -56,11 +56,15 @@ class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
       RUNNING    -> SUCCEEDED | FAILED | CANCELLING | QUEUED
       CANCELLING -> CANCELLED
 
-    RUNNING -> QUEUED happens only when an attempt is abandoned (the server
-    drained or crashed while the job ran); the job then runs again with
-    `attempt` + 1. A CANCELLING job always ends CANCELLED, whatever its handler
-    does after being told to stop. SUCCEEDED, FAILED and CANCELLED are
-    terminal.
+      FAILED     -> QUEUED       (RetryJob)
+      CANCELLED  -> QUEUED       (RetryJob)
+
+    RUNNING -> QUEUED happens when an attempt ends without an outcome (its
+    lease expired, its worker handed it back, the server drained or crashed)
+    or failed with attempts left; the job then runs again as `attempt` + 1,
+    after a back-off if the attempt failed. A CANCELLING job always ends
+    CANCELLED, whatever its handler does after being told to stop. SUCCEEDED,
+    FAILED and CANCELLED are terminal except for RetryJob.
     """
 
 JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
@@ -81,6 +85,58 @@ stop, and the job becomes CANCELLED when it does, or when the server's
 cancel grace period runs out.
 """
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
+
+class _WaitReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WaitReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WaitReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WAIT_REASON_UNSPECIFIED: _WaitReason.ValueType  # 0
+    """Not waiting (the job is not QUEUED)."""
+    WAIT_REASON_QUEUED: _WaitReason.ValueType  # 1
+    """Waiting its turn: jobs ahead of it in the run order take every free
+    slot (see Job.queue_position).
+    """
+    WAIT_REASON_SCHEDULED: _WaitReason.ValueType  # 2
+    """Submitted with a schedule_time that has not come yet."""
+    WAIT_REASON_RETRY_BACKOFF: _WaitReason.ValueType  # 3
+    """Waiting for its next attempt after a failure (see Job.schedule_time)."""
+    WAIT_REASON_NO_WORKER: _WaitReason.ValueType  # 4
+    """No connected worker, and no in-process handler, takes its type. It
+    runs once one connects.
+    """
+    WAIT_REASON_TYPE_LIMIT: _WaitReason.ValueType  # 5
+    """Its type's concurrency limit is reached."""
+    WAIT_REASON_NO_CAPACITY: _WaitReason.ValueType  # 6
+    """Every worker that takes its type is busy (no free capacity)."""
+    WAIT_REASON_DRAINING: _WaitReason.ValueType  # 7
+    """The server is draining and starts no new work."""
+
+class WaitReason(_WaitReason, metaclass=_WaitReasonEnumTypeWrapper):
+    """Why a queued job is not running yet."""
+
+WAIT_REASON_UNSPECIFIED: WaitReason.ValueType  # 0
+"""Not waiting (the job is not QUEUED)."""
+WAIT_REASON_QUEUED: WaitReason.ValueType  # 1
+"""Waiting its turn: jobs ahead of it in the run order take every free
+slot (see Job.queue_position).
+"""
+WAIT_REASON_SCHEDULED: WaitReason.ValueType  # 2
+"""Submitted with a schedule_time that has not come yet."""
+WAIT_REASON_RETRY_BACKOFF: WaitReason.ValueType  # 3
+"""Waiting for its next attempt after a failure (see Job.schedule_time)."""
+WAIT_REASON_NO_WORKER: WaitReason.ValueType  # 4
+"""No connected worker, and no in-process handler, takes its type. It
+runs once one connects.
+"""
+WAIT_REASON_TYPE_LIMIT: WaitReason.ValueType  # 5
+"""Its type's concurrency limit is reached."""
+WAIT_REASON_NO_CAPACITY: WaitReason.ValueType  # 6
+"""Every worker that takes its type is busy (no free capacity)."""
+WAIT_REASON_DRAINING: WaitReason.ValueType  # 7
+"""The server is draining and starts no new work."""
+Global___WaitReason: _TypeAlias = WaitReason  # noqa: Y015
 
 @_typing.final
 class Progress(_message.Message):
@@ -171,6 +227,14 @@ class Job(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     CANCEL_REASON_FIELD_NUMBER: _builtins.int
+    RETRY_POLICY_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TIME_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    WAIT_REASON_FIELD_NUMBER: _builtins.int
+    WAIT_MESSAGE_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier: 26 characters of lowercase Crockford base32
     (URL-safe), roughly sortable by creation time. Never reused.
@@ -185,8 +249,8 @@ class Job(_message.Message):
     """
     attempt: _builtins.int
     """Which attempt this is: 1 for the first run, incremented each time the
-    job is queued again after an abandoned attempt. 0 while the job has
-    never started.
+    job is queued again for another attempt. 0 while the job has never
+    started.
     """
     queue_position: _builtins.int
     """While QUEUED: the job's 1-based position in the server's run order
@@ -198,6 +262,21 @@ class Job(_message.Message):
     """The request_id given at submission, empty if none."""
     cancel_reason: _builtins.str
     """The reason given to CancelJob, if the job was cancelled. Empty otherwise."""
+    wait_reason: Global___WaitReason.ValueType
+    """While QUEUED: why the job is not running yet. Unspecified otherwise."""
+    wait_message: _builtins.str
+    """While QUEUED: a human-readable explanation of wait_reason, e.g. "no
+    connected worker takes type reports.render". Empty otherwise.
+    """
+    worker_id: _builtins.str
+    """Who runs the current attempt: a worker's self-chosen id, or "local" for
+    the server's in-process handlers. Empty while the job has never started.
+    """
+    lease_epoch: _builtins.int
+    """The fencing epoch of the current attempt's lease: it grows every time
+    the job is handed to a worker, and a write that carries an older epoch
+    is refused. 0 while the job has never started.
+    """
     @_builtins.property
     def params(self) -> _struct_pb2.Struct:
         """Parameters given at submission, passed unchanged to the handler."""
@@ -256,6 +335,32 @@ class Job(_message.Message):
         server's retention period). Unset until the job is terminal.
         """
 
+    @_builtins.property
+    def retry_policy(self) -> Global___RetryPolicy:
+        """The retry settings in force for this job: the SubmitJobRequest's,
+        completed from its type's defaults and then the server's.
+        """
+
+    @_builtins.property
+    def schedule_time(self) -> _timestamp_pb2.Timestamp:
+        """The earliest time the job may start. Set while QUEUED when the job was
+        submitted with a schedule_time that has not come yet, or when it waits
+        for its next attempt after a failure (back-off). Unset otherwise.
+        """
+
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
+        """Every finished attempt, oldest first, with how it ended. The current
+        attempt appears here once it ends.
+        """
+
+    @_builtins.property
+    def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """While RUNNING or CANCELLING: when the current attempt's lease expires
+        unless its worker renews it (a heartbeat or a progress report). If it
+        expires, the attempt is abandoned and the job retried or failed.
+        """
+
     def __init__(
         self,
         *,
@@ -278,11 +383,116 @@ class Job(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         cancel_reason: _builtins.str = ...,
+        retry_policy: Global___RetryPolicy | None = ...,
+        schedule_time: _timestamp_pb2.Timestamp | None = ...,
+        attempts: _abc.Iterable[Global___Attempt] | None = ...,
+        wait_reason: Global___WaitReason.ValueType = ...,
+        wait_message: _builtins.str = ...,
+        worker_id: _builtins.str = ...,
+        lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        lease_epoch: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "params", b"params", "progress", b"progress", "result", b"result", "start_time", b"start_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "lease_expire_time", b"lease_expire_time", "params", b"params", "progress", b"progress", "result", b"result", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "start_time", b"start_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_reason", b"cancel_reason", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "id", b"id", "labels", b"labels", "params", b"params", "priority", b"priority", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "start_time", b"start_time", "state", b"state", "timeout", b"timeout", "type", b"type", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "cancel_reason", b"cancel_reason", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "id", b"id", "labels", b"labels", "lease_epoch", b"lease_epoch", "lease_expire_time", b"lease_expire_time", "params", b"params", "priority", b"priority", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "start_time", b"start_time", "state", b"state", "timeout", b"timeout", "type", b"type", "update_time", b"update_time", "wait_message", b"wait_message", "wait_reason", b"wait_reason", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class RetryPolicy(_message.Message):
+    """How often and how fast a job is retried after a failed attempt.
+
+    An attempt fails when its handler raises or reports an error that is not
+    marked non-retryable, when it runs past its time-out, or when its lease
+    expires (the worker died, hung or lost its network). The next attempt waits
+    min(max_backoff, initial_backoff * backoff_multiplier^(n-1)) after the n-th
+    failure, scaled by a random factor between 0.5 and 1 (jitter). A
+    cancelled job is never retried.
+
+    In a SubmitJobRequest every field is optional: a field left at zero takes
+    the job type's default, and then the server's
+    (`--default-max-attempts`, 1 s, 5 min, 2.0).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    INITIAL_BACKOFF_FIELD_NUMBER: _builtins.int
+    MAX_BACKOFF_FIELD_NUMBER: _builtins.int
+    BACKOFF_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    max_attempts: _builtins.int
+    """How many attempts the job may have in all, from 1 (no retries) to 100."""
+    backoff_multiplier: _builtins.float
+    """Growth of the back-off per failed attempt, from 1.0 to 10.0."""
+    @_builtins.property
+    def initial_backoff(self) -> _duration_pb2.Duration:
+        """Back-off before the second attempt, from 1 ms to 1 day."""
+
+    @_builtins.property
+    def max_backoff(self) -> _duration_pb2.Duration:
+        """Back-off is never longer than this, from 1 ms to 7 days."""
+
+    def __init__(
+        self,
+        *,
+        max_attempts: _builtins.int = ...,
+        initial_backoff: _duration_pb2.Duration | None = ...,
+        max_backoff: _duration_pb2.Duration | None = ...,
+        backoff_multiplier: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_backoff", b"initial_backoff", "max_backoff", b"max_backoff"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_multiplier", b"backoff_multiplier", "initial_backoff", b"initial_backoff", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015
+
+@_typing.final
+class Attempt(_message.Message):
+    """One finished attempt of a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """The attempt's number, from 1."""
+    worker_id: _builtins.str
+    """Who ran it, as in Job.worker_id."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When it ended."""
+
+    @_builtins.property
+    def outcome(self) -> _status_pb2.Status:
+        """How it ended: code OK when it succeeded; otherwise the failure, as in
+        Job.error (ABORTED with reason LEASE_EXPIRED when its lease ran out,
+        ABORTED with reason ATTEMPT_RELEASED when the worker handed it back).
+        """
+
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        outcome: _status_pb2.Status | None = ...,
+        worker_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "outcome", b"outcome", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "end_time", b"end_time", "outcome", b"outcome", "start_time", b"start_time", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attempt: _TypeAlias = Attempt  # noqa: Y015

@@ -83,6 +83,8 @@ class SubmitJobRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    RETRY_POLICY_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TIME_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     """Required. The job type: the name of a handler the server knows, 1 to 128
     characters of letters, digits and "._-:/". An unknown type is
@@ -126,6 +128,19 @@ class SubmitJobRequest(_message.Message):
         server's default (`--default-timeout`).
         """
 
+    @_builtins.property
+    def retry_policy(self) -> _job_pb2.RetryPolicy:
+        """Optional retry settings; fields left at zero take the job type's
+        defaults, then the server's. See RetryPolicy.
+        """
+
+    @_builtins.property
+    def schedule_time(self) -> _timestamp_pb2.Timestamp:
+        """Optional earliest time to run the job, at most 365 days ahead. Until then
+        the job is QUEUED with wait_reason WAIT_REASON_SCHEDULED and does not
+        enter the run order. A time in the past means "now".
+        """
+
     def __init__(
         self,
         *,
@@ -135,10 +150,12 @@ class SubmitJobRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        retry_policy: _job_pb2.RetryPolicy | None = ...,
+        schedule_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "params", b"params", "priority", b"priority", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "params", b"params", "priority", b"priority", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "labels", b"labels", "params", b"params", "priority", b"priority", "request_id", b"request_id", "timeout", b"timeout", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "labels", b"labels", "params", b"params", "priority", b"priority", "request_id", b"request_id", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "timeout", b"timeout", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
     _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
@@ -501,6 +518,7 @@ class TypeStats(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     MAX_RUNNING_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     """The job type."""
     queued: _builtins.int
@@ -511,6 +529,10 @@ class TypeStats(_message.Message):
     """The type's concurrency limit; 0 means only the global limit applies."""
     total: _builtins.int
     """Stored jobs of this type in any state."""
+    workers: _builtins.int
+    """Connected worker sessions that take this type (the server's in-process
+    handlers count as one).
+    """
     def __init__(
         self,
         *,
@@ -519,10 +541,11 @@ class TypeStats(_message.Message):
         running: _builtins.int = ...,
         max_running: _builtins.int = ...,
         total: _builtins.int = ...,
+        workers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_running", b"max_running", "queued", b"queued", "running", b"running", "total", b"total", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_running", b"max_running", "queued", b"queued", "running", b"running", "total", b"total", "type", b"type", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -573,6 +596,8 @@ class GetQueueStatsResponse(_message.Message):
     MEAN_RUN_TIME_FIELD_NUMBER: _builtins.int
     READ_TIME_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    CONNECTED_WORKERS_FIELD_NUMBER: _builtins.int
+    DELAYED_FIELD_NUMBER: _builtins.int
     running: _builtins.int
     """Jobs running now across all types."""
     max_running: _builtins.int
@@ -588,6 +613,12 @@ class GetQueueStatsResponse(_message.Message):
     draining: _builtins.bool
     """True while the server is draining (after SIGTERM): it accepts no new
     jobs and starts none.
+    """
+    connected_workers: _builtins.int
+    """Worker sessions connected now (WorkerService.Connect)."""
+    delayed: _builtins.int
+    """Queued jobs waiting for a schedule_time or a retry back-off (counted in
+    the QUEUED state count too).
     """
     @_builtins.property
     def state_counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateCount]:
@@ -637,11 +668,59 @@ class GetQueueStatsResponse(_message.Message):
         mean_run_time: _duration_pb2.Duration | None = ...,
         read_time: _timestamp_pb2.Timestamp | None = ...,
         draining: _builtins.bool = ...,
+        connected_workers: _builtins.int = ...,
+        delayed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["mean_queue_wait", b"mean_queue_wait", "mean_run_time", b"mean_run_time", "read_time", b"read_time", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "finished_in_window", b"finished_in_window", "max_queued", b"max_queued", "max_running", b"max_running", "mean_queue_wait", b"mean_queue_wait", "mean_run_time", b"mean_run_time", "priority_counts", b"priority_counts", "read_time", b"read_time", "running", b"running", "state_counts", b"state_counts", "success_rate", b"success_rate", "type_stats", b"type_stats", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_workers", b"connected_workers", "delayed", b"delayed", "draining", b"draining", "finished_in_window", b"finished_in_window", "max_queued", b"max_queued", "max_running", b"max_running", "mean_queue_wait", b"mean_queue_wait", "mean_run_time", b"mean_run_time", "priority_counts", b"priority_counts", "read_time", b"read_time", "running", b"running", "state_counts", b"state_counts", "success_rate", b"success_rate", "type_stats", b"type_stats", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetQueueStatsResponse: _TypeAlias = GetQueueStatsResponse  # noqa: Y015
+
+@_typing.final
+class RetryJobRequest(_message.Message):
+    """Request for RetryJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Required. The job's id."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryJobRequest: _TypeAlias = RetryJobRequest  # noqa: Y015
+
+@_typing.final
+class RetryJobResponse(_message.Message):
+    """Response for RetryJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _job_pb2.Job:
+        """The job after the request: QUEUED, or unchanged if it was not finished."""
+
+    def __init__(
+        self,
+        *,
+        job: _job_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryJobResponse: _TypeAlias = RetryJobResponse  # noqa: Y015

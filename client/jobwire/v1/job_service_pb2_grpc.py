@@ -71,6 +71,11 @@ class JobServiceStub:
                 request_serializer=jobwire_dot_v1_dot_job__service__pb2.GetQueueStatsRequest.SerializeToString,
                 response_deserializer=jobwire_dot_v1_dot_job__service__pb2.GetQueueStatsResponse.FromString,
                 _registered_method=True)
+        self.RetryJob = channel.unary_unary(
+                '/jobwire.v1.JobService/RetryJob',
+                request_serializer=jobwire_dot_v1_dot_job__service__pb2.RetryJobRequest.SerializeToString,
+                response_deserializer=jobwire_dot_v1_dot_job__service__pb2.RetryJobResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -150,6 +155,17 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryJob(self, request, context):
+        """Puts a FAILED or CANCELLED job back in the queue for a new attempt, with
+        a fresh budget of retry_policy.max_attempts attempts. Retrying a QUEUED,
+        RUNNING or CANCELLING job returns it unchanged.
+        Errors: NOT_FOUND, FAILED_PRECONDITION (the job SUCCEEDED),
+        RESOURCE_EXHAUSTED (queue full), UNAVAILABLE (draining).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +198,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetQueueStats,
                     request_deserializer=jobwire_dot_v1_dot_job__service__pb2.GetQueueStatsRequest.FromString,
                     response_serializer=jobwire_dot_v1_dot_job__service__pb2.GetQueueStatsResponse.SerializeToString,
+            ),
+            'RetryJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryJob,
+                    request_deserializer=jobwire_dot_v1_dot_job__service__pb2.RetryJobRequest.FromString,
+                    response_serializer=jobwire_dot_v1_dot_job__service__pb2.RetryJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +374,33 @@ class JobService:
             '/jobwire.v1.JobService/GetQueueStats',
             jobwire_dot_v1_dot_job__service__pb2.GetQueueStatsRequest.SerializeToString,
             jobwire_dot_v1_dot_job__service__pb2.GetQueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobwire.v1.JobService/RetryJob',
+            jobwire_dot_v1_dot_job__service__pb2.RetryJobRequest.SerializeToString,
+            jobwire_dot_v1_dot_job__service__pb2.RetryJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

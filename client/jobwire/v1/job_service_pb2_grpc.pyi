@@ -82,6 +82,13 @@ class JobServiceStub:
     """
     GetQueueStats: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetQueueStatsRequest, _job_service_pb2.GetQueueStatsResponse]
     """Returns counts and timings of the queue, for dashboards and autoscalers."""
+    RetryJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.RetryJobRequest, _job_service_pb2.RetryJobResponse]
+    """Puts a FAILED or CANCELLED job back in the queue for a new attempt, with
+    a fresh budget of retry_policy.max_attempts attempts. Retrying a QUEUED,
+    RUNNING or CANCELLING job returns it unchanged.
+    Errors: NOT_FOUND, FAILED_PRECONDITION (the job SUCCEEDED),
+    RESOURCE_EXHAUSTED (queue full), UNAVAILABLE (draining).
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -137,6 +144,13 @@ class JobServiceAsyncStub(JobServiceStub):
     """
     GetQueueStats: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetQueueStatsRequest, _job_service_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
     """Returns counts and timings of the queue, for dashboards and autoscalers."""
+    RetryJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.RetryJobRequest, _job_service_pb2.RetryJobResponse]  # type: ignore[assignment]
+    """Puts a FAILED or CANCELLED job back in the queue for a new attempt, with
+    a fresh budget of retry_policy.max_attempts attempts. Retrying a QUEUED,
+    RUNNING or CANCELLING job returns it unchanged.
+    Errors: NOT_FOUND, FAILED_PRECONDITION (the job SUCCEEDED),
+    RESOURCE_EXHAUSTED (queue full), UNAVAILABLE (draining).
+    """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     """JobService accepts long-running work and reports on it.
@@ -225,5 +239,18 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.GetQueueStatsResponse, _abc.Awaitable[_job_service_pb2.GetQueueStatsResponse]]:
         """Returns counts and timings of the queue, for dashboards and autoscalers."""
+
+    @_abc_1.abstractmethod
+    def RetryJob(
+        self,
+        request: _job_service_pb2.RetryJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.RetryJobResponse, _abc.Awaitable[_job_service_pb2.RetryJobResponse]]:
+        """Puts a FAILED or CANCELLED job back in the queue for a new attempt, with
+        a fresh budget of retry_policy.max_attempts attempts. Retrying a QUEUED,
+        RUNNING or CANCELLING job returns it unchanged.
+        Errors: NOT_FOUND, FAILED_PRECONDITION (the job SUCCEEDED),
+        RESOURCE_EXHAUSTED (queue full), UNAVAILABLE (draining).
+        """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
