@@ -20,8 +20,19 @@ from jobwire.handlers.api import (
     JobCancelled,
     JobContext,
     NonRetryableError,
+    Progress,
+    RetryDefaults,
     handler,
     load_handlers,
 )
 
-__all__ = ["HandlerSpec", "JobCancelled", "JobContext", "NonRetryableError", "handler", "load_handlers"]
+__all__ = [
+    "HandlerSpec",
+    "JobCancelled",
+    "JobContext",
+    "NonRetryableError",
+    "Progress",
+    "RetryDefaults",
+    "handler",
+    "load_handlers",
+]

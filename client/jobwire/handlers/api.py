@@ -17,12 +17,32 @@ JOB_TYPE_PATTERN = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 _SPEC_ATTRIBUTE = "__jobwire_handler__"
 
 
+@dataclass(slots=True)
+class Progress:
+    """How far a running job has got (the proto's ``Progress``)."""
+
+    percent: float = 0.0
+    message: str = ""
+    current_step: int = 0
+    total_steps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryDefaults:
+    """A job type's default retry settings; None leaves a field to the server's default."""
+
+    max_attempts: int | None = None
+    initial_backoff: float | None = None  # seconds
+    max_backoff: float | None = None  # seconds
+    backoff_multiplier: float | None = None
+
+
 class JobCancelled(Exception):
     """The job was cancelled; raised inside a handler by the context's cancellation checks."""
 
 
 class NonRetryableError(Exception):
-    """Raise from a handler to fail the job without further attempts (used once retries exist)."""
+    """Raise from a handler to fail the job at once, without further attempts (e.g. invalid params)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,19 +54,41 @@ class HandlerSpec:
     is_async: bool
     max_running: int | None = None  # per-type concurrency limit; None = only the global limit
     timeout: float | None = None  # default run time-out of one attempt, seconds; None = server default
+    retry: RetryDefaults = RetryDefaults()
 
 
-def handler(name: str, *, max_running: int | None = None, timeout: float | None = None) -> Callable[[F], F]:
-    """Mark a function as the handler of job type ``name``; ``load_handlers`` finds it in its module."""
+def handler(
+    name: str,
+    *,
+    max_running: int | None = None,
+    timeout: float | None = None,
+    max_attempts: int | None = None,
+    initial_backoff: float | None = None,
+    max_backoff: float | None = None,
+    backoff_multiplier: float | None = None,
+) -> Callable[[F], F]:
+    """Mark a function as the handler of job type ``name``; ``load_handlers`` finds it in its module.
+
+    ``max_running`` limits running jobs of this type server-wide; ``timeout`` (seconds) bounds one
+    attempt; the retry settings are the type's defaults (a SubmitJob may override them).
+    """
     if not JOB_TYPE_PATTERN.match(name):
         raise ValueError(f"invalid job type name {name!r}: 1-128 characters of letters, digits and ._:/-")
     if max_running is not None and max_running < 1:
         raise ValueError("max_running must be at least 1")
     if timeout is not None and timeout <= 0:
         raise ValueError("timeout must be positive")
+    if max_attempts is not None and not 1 <= max_attempts <= 100:
+        raise ValueError("max_attempts must be from 1 to 100")
+    for label, value in (("initial_backoff", initial_backoff), ("max_backoff", max_backoff)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{label} must be positive")
+    if backoff_multiplier is not None and not 1.0 <= backoff_multiplier <= 10.0:
+        raise ValueError("backoff_multiplier must be from 1 to 10")
+    retry = RetryDefaults(max_attempts, initial_backoff, max_backoff, backoff_multiplier)
 
     def mark(func: F) -> F:
-        spec = HandlerSpec(name, func, inspect.iscoroutinefunction(func), max_running, timeout)
+        spec = HandlerSpec(name, func, inspect.iscoroutinefunction(func), max_running, timeout, retry)
         setattr(func, _SPEC_ATTRIBUTE, spec)
         return func
 
@@ -75,6 +117,9 @@ class JobContext(abc.ABC):
     job_id: str
     job_type: str
     attempt: int
+    # The fencing epoch of this attempt's lease: it only grows, so a side effect tagged with it can be
+    # refused when a later attempt has already written (e.g. UPDATE ... WHERE epoch < :epoch).
+    lease_epoch: int
 
     @abc.abstractmethod
     def report_progress(

@@ -1,154 +1,37 @@
-"""Runs handlers inside the server process: async handlers on the event loop, plain ones in threads.
+"""The server's in-process execution: a context whose progress goes straight to the JobManager.
 
-The executor only runs a function with a context; what a result, an exception or a time-out means for
-the job is decided by the JobManager. A remote-worker executor can take its place behind the same
-``run`` call.
+What a result, an exception or a time-out means for the job is decided by the JobManager; running the
+function is ``jobwire.handlers.runner.HandlerRunner``'s job, the same runner remote workers use.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
-from jobwire.handlers.api import HandlerSpec, JobCancelled, JobContext
-from jobwire.server.job import Progress
+from jobwire.handlers.api import Progress
+from jobwire.handlers.runner import CancellableContext
 
 ProgressCallback = Callable[[str, Progress], None]
 
-
-def merge_progress(
-    previous: Progress | None,
-    percent: float | None,
-    message: str | None,
-    current_step: int | None,
-    total_steps: int | None,
-) -> Progress:
-    """New progress from a report: unset fields keep their value; percent derives from steps if absent."""
-    base = previous or Progress()
-    new_current = base.current_step if current_step is None else int(current_step)
-    new_total = base.total_steps if total_steps is None else int(total_steps)
-    if percent is None:
-        if (current_step is not None or total_steps is not None) and new_total > 0:
-            percent = 100.0 * new_current / new_total
-        else:
-            percent = base.percent
-    return Progress(
-        percent=min(100.0, max(0.0, float(percent))),
-        message=base.message if message is None else str(message)[:1024],
-        current_step=new_current,
-        total_steps=new_total,
-    )
+LOCAL_WORKER_ID = "local"
 
 
-class LocalJobContext(JobContext):
-    """The context of a handler running in this process; safe to call from the handler's thread."""
+class LocalJobContext(CancellableContext):
+    """The context of a handler running inside the server process."""
 
     def __init__(
         self,
         job_id: str,
         job_type: str,
         attempt: int,
+        lease_epoch: int,
         progress: Progress | None,
         loop: asyncio.AbstractEventLoop,
         on_progress: ProgressCallback,
     ) -> None:
-        self.job_id = job_id
-        self.job_type = job_type
-        self.attempt = attempt
-        self._progress = progress
-        self._loop = loop
+        super().__init__(job_id, job_type, attempt, lease_epoch, progress, loop)
         self._on_progress = on_progress
-        self._cancelled = False
-        self._cancel_reason = ""
-        # Made on first use (most handlers never sleep): a threading.Event costs a Condition and a Lock.
-        self._cancel_flag: threading.Event | None = None  # plain handlers wait on it in their thread
-        self._cancel_event: asyncio.Event | None = None  # async handlers wait on it in the loop
-        self._lock = threading.Lock()
 
-    def report_progress(
-        self,
-        percent: float | None = None,
-        message: str | None = None,
-        current_step: int | None = None,
-        total_steps: int | None = None,
-    ) -> None:
-        with self._lock:
-            self._progress = merge_progress(self._progress, percent, message, current_step, total_steps)
-            progress = self._progress
-        if _in_loop_thread(self._loop):
-            self._on_progress(self.job_id, progress)
-        else:
-            self._loop.call_soon_threadsafe(self._on_progress, self.job_id, progress)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    @property
-    def cancel_reason(self) -> str:
-        return self._cancel_reason
-
-    def cancel(self, reason: str) -> None:
-        """Ask the handler to stop (called on the event loop)."""
-        with self._lock:
-            if self._cancelled:
-                return
-            self._cancel_reason = reason
-            self._cancelled = True
-            flag, event = self._cancel_flag, self._cancel_event
-        if flag is not None:
-            flag.set()
-        if event is not None:
-            event.set()
-
-    def sleep(self, seconds: float) -> None:
-        with self._lock:
-            if self._cancel_flag is None:
-                self._cancel_flag = threading.Event()
-                if self._cancelled:
-                    self._cancel_flag.set()
-            flag = self._cancel_flag
-        if flag.wait(max(0.0, seconds)):
-            raise JobCancelled(self._cancel_reason)
-
-    async def asleep(self, seconds: float) -> None:
-        if self._cancelled:
-            raise JobCancelled(self._cancel_reason)
-        if seconds <= 0:
-            await asyncio.sleep(0)
-        else:
-            if self._cancel_event is None:
-                self._cancel_event = asyncio.Event()  # only the loop's thread gets here
-            try:
-                await asyncio.wait_for(self._cancel_event.wait(), seconds)
-            except TimeoutError:
-                return
-        if self._cancelled:
-            raise JobCancelled(self._cancel_reason)
-
-
-def _in_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False
-
-
-class LocalExecutor:
-    """Runs handler functions; plain ones in a bounded thread pool so they never block the loop."""
-
-    def __init__(self, threads: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jobwire-handler")
-
-    async def run(self, spec: HandlerSpec, params: dict[str, Any], ctx: JobContext) -> Any:
-        if spec.is_async:
-            return await spec.func(params, ctx)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, spec.func, params, ctx)
-
-    def shutdown(self) -> None:
-        """Stop taking work; threads still running a handler that ignores cancellation are left to end."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def _emit(self, progress: Progress) -> None:
+        self._on_progress(self.job_id, progress)

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobwire.handlers.api import Progress
 from jobwire.server.state_machine import JobState
 
 PRIORITY_MIN = 0
@@ -20,6 +21,7 @@ PRIORITY_DEFAULT = 5
 class ErrorCode(enum.IntEnum):
     """The google.rpc.Code values a job's error can carry (a domain copy, so the domain needs no gRPC)."""
 
+    OK = 0
     CANCELLED = 1
     UNKNOWN = 2
     DEADLINE_EXCEEDED = 4
@@ -28,28 +30,61 @@ class ErrorCode(enum.IntEnum):
 
 
 @dataclass(slots=True)
-class Progress:
-    """How far a running job has got."""
-
-    percent: float = 0.0
-    message: str = ""
-    current_step: int = 0
-    total_steps: int = 0
-
-
-@dataclass(slots=True)
 class JobError:
-    """Why a job failed or was cancelled: a canonical code, a message and a machine-readable reason."""
+    """Why a job failed or was cancelled: a canonical code, a message and a machine-readable reason.
 
-    code: ErrorCode
+    ``code`` is a google.rpc.Code number: usually an ErrorCode, but a remote worker may report any.
+    """
+
+    code: int
     message: str
     reason: str
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """A job's resolved retry settings (see the proto's RetryPolicy for the rule)."""
+
+    max_attempts: int = 1
+    initial_backoff: float = 1.0  # seconds
+    max_backoff: float = 300.0  # seconds
+    backoff_multiplier: float = 2.0
+
+    def backoff(self, failures: int, jitter: float) -> float:
+        """Seconds to wait after the ``failures``-th failure; ``jitter`` in [0, 1) scales it to 50-100%."""
+        exponent = max(0, failures - 1)
+        base = min(self.max_backoff, self.initial_backoff * self.backoff_multiplier**exponent)
+        return base * (0.5 + 0.5 * jitter)
+
+
+class WaitReason(enum.IntEnum):
+    """Why a queued job is not running; values equal the proto's ``WaitReason``."""
+
+    NONE = 0
+    QUEUED = 1
+    SCHEDULED = 2
+    RETRY_BACKOFF = 3
+    NO_WORKER = 4
+    TYPE_LIMIT = 5
+    NO_CAPACITY = 6
+    DRAINING = 7
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One finished attempt: who ran it, when, and how it ended (``outcome`` None = succeeded)."""
+
+    attempt: int
+    start_time: float
+    end_time: float
+    outcome: JobError | None
+    worker_id: str
+
+
 @dataclass(slots=True)
 class Job:
-    """A unit of work. Mutated only by the JobManager, always through ``JobManager._transition``."""
+    """A unit of work. Mutated only by the JobManager, always through ``JobManager._apply``."""
 
     id: str
     type: str
@@ -75,11 +110,28 @@ class Job:
     cancel_reason: str = ""
     # Per-job change counter seen by watchers; incremented by every state or progress change.
     sequence: int = 1
-    # Computed on read from the scheduler (1 = next to run); never stored.
+    retry_policy: RetryPolicy = RetryPolicy()
+    # Earliest start: a requested schedule_time, or the end of a retry back-off. None = now.
+    schedule_time: float | None = None
+    attempts: tuple[AttemptRecord, ...] = ()
+    # Who runs the current attempt ("local" = this server's in-process handlers).
+    worker_id: str = ""
+    lease_expire_time: float | None = None
+    # Fencing: grows with every lease granted on this job; a write with an older epoch is refused.
+    lease_epoch: int = 0
+    # Attempts before the last RetryJob; the retry budget counts attempts since then.
+    attempt_base: int = 0
+    # Computed on read (never stored): the run-order position and why a queued job waits.
     queue_position: int = 0
+    wait_reason: WaitReason = WaitReason.NONE
+    wait_message: str = ""
 
     def copy(self) -> Job:
-        """A snapshot that later changes to this job do not reach (params and result are never mutated)."""
+        """A snapshot that later changes to this job do not reach.
+
+        Params, result, labels, errors, policies and attempt records are never mutated in place (they
+        are replaced), so they are shared; progress is mutable and copied.
+        """
         return Job(
             id=self.id,
             type=self.type,
@@ -109,6 +161,13 @@ class Job:
             timeout=self.timeout,
             cancel_reason=self.cancel_reason,
             sequence=self.sequence,
+            retry_policy=self.retry_policy,
+            schedule_time=self.schedule_time,
+            attempts=self.attempts,
+            worker_id=self.worker_id,
+            lease_expire_time=self.lease_expire_time,
+            lease_epoch=self.lease_epoch,
+            attempt_base=self.attempt_base,
         )
 
 

@@ -14,6 +14,7 @@ import builtins
 from dataclasses import dataclass, field
 
 from jobwire.server.job import Job
+from jobwire.server.job_types import JobType
 from jobwire.server.state_machine import JobState
 
 
@@ -109,3 +110,11 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def count(self) -> builtins.list[JobCount]:
         """Stored jobs grouped by state, type and priority."""
+
+    @abc.abstractmethod
+    async def save_job_types(self, job_types: builtins.list[JobType]) -> None:
+        """Durably insert or replace these job types (by name)."""
+
+    @abc.abstractmethod
+    async def load_job_types(self) -> builtins.list[JobType]:
+        """Every stored job type, by name."""
