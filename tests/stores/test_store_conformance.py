@@ -1,7 +1,7 @@
 """One conformance suite for every JobStore backend (the ``store`` fixture is parametrised in conftest).
 
-Backend-specific checks (SQLite group commit, flush timer, schema version) and the ``open_store``
-factory are at the end.
+Backend-specific checks (SQLite group commit, flush timer, schema version and migrations) and the
+``open_store`` factory are at the end.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from jobwire.server.job import ErrorCode, Job, JobError, Progress
+from jobwire.handlers.api import Progress, RetryDefaults
+from jobwire.server.job import AttemptRecord, ErrorCode, Job, JobError, RetryPolicy, WaitReason
+from jobwire.server.job_types import JobType
 from jobwire.server.state_machine import JobState
 from jobwire.server.stores.base import DuplicateRequestId, JobCount, JobFilter, JobQuery, JobStore
 from jobwire.server.stores.factory import open_store
@@ -38,7 +40,10 @@ async def ids(store: JobStore, query: JobQuery) -> list[str]:
 
 
 def full_job(make_job: MakeJob) -> Job:
-    """A job with every field set to something other than its default, unicode included."""
+    """A job with every stored field set to something other than its default, unicode included.
+
+    The store does not judge whether the fields make sense together (that is the manager's job).
+    """
     return make_job(
         type="übersetzung/翻訳",
         state=JobState.FAILED,
@@ -68,6 +73,22 @@ def full_job(make_job: MakeJob) -> Job:
         timeout=30.0,
         cancel_reason="",
         sequence=17,
+        retry_policy=RetryPolicy(
+            max_attempts=5, initial_backoff=0.5, max_backoff=60.0, backoff_multiplier=3.0
+        ),
+        schedule_time=T0 + 3600.5,
+        attempts=(
+            # 9 = FAILED_PRECONDITION: a code a remote worker may report that ErrorCode does not name.
+            AttemptRecord(
+                1, T0 + 2.0, T0 + 3.5, JobError(9, "état invalide", "BAD_STATE", {"k": "v"}), "wörker-1"
+            ),
+            AttemptRecord(2, T0 + 5.0, T0 + 6.0, None, "local"),
+            AttemptRecord(3, T0 + 7.0, T0 + 9.75, JobError(ErrorCode.UNAVAILABLE, "gone", "WORKER_LOST"), ""),
+        ),
+        worker_id="worker-7/🚀",
+        lease_expire_time=T0 + 40.25,
+        lease_epoch=12,
+        attempt_base=1,
     )
 
 
@@ -83,7 +104,11 @@ async def test_insert_get_round_trips_every_field(store: JobStore, reopen: Reope
         assert got == job
         assert got is not job
         assert type(got.state) is JobState
-        assert got.error is not None and type(got.error.code) is ErrorCode
+        # Codes are plain ints, whether or not ErrorCode names them.
+        assert got.error is not None and type(got.error.code) is int
+        assert [None if a.outcome is None else type(a.outcome.code) for a in got.attempts] == [int, None, int]
+        assert type(got.attempts) is tuple and all(type(a) is AttemptRecord for a in got.attempts)
+        assert type(got.retry_policy) is RetryPolicy and type(got.retry_policy.max_attempts) is int
         assert isinstance(got.params["ratio"], float) and isinstance(got.params["n"], int)
         source = await reopen(source) if source is store else None  # again from disk, if durable
 
@@ -103,7 +128,55 @@ async def test_round_trips_defaults_and_none(store: JobStore, make_job: MakeJob)
         None,
         None,
     )
+    assert (got_minimal.retry_policy, got_minimal.schedule_time, got_minimal.attempts) == (
+        RetryPolicy(),
+        None,
+        (),
+    )
+    assert (got_minimal.worker_id, got_minimal.lease_expire_time) == ("", None)
+    assert (got_minimal.lease_epoch, got_minimal.attempt_base) == (0, 0)
     assert got_timeout == with_timeout
+
+
+async def test_error_codes_round_trip_as_plain_ints(store: JobStore, make_job: MakeJob) -> None:
+    codes = [0, 3, 9, 16, ErrorCode.CANCELLED]
+    jobs = [make_job(state=JobState.FAILED, error=JobError(code, f"code {code}", "R")) for code in codes]
+    for job in jobs:
+        await store.insert(job)
+    for job, code in zip(jobs, codes, strict=True):
+        got = await store.get(job.id)
+        assert got is not None and got.error is not None
+        assert got.error.code == int(code) and type(got.error.code) is int
+
+
+async def test_computed_fields_are_never_stored(store: JobStore, reopen: Reopen, make_job: MakeJob) -> None:
+    computed = {"queue_position": 3, "wait_reason": WaitReason.NO_WORKER, "wait_message": "no worker ☹"}
+    job = make_job(**computed)
+    expected = full_job_like(job)
+    expected.queue_position, expected.wait_reason, expected.wait_message = 0, WaitReason.NONE, ""
+    other = make_job(**computed)
+    await store.insert(job)
+    await store.insert(other)
+    other.state, other.sequence, other.queue_position = JobState.RUNNING, 2, 7
+    other.wait_reason, other.wait_message = WaitReason.TYPE_LIMIT, "limit reached"
+    assert await store.update(other)
+    readers: list[Callable[[JobStore], Awaitable[list[Job]]]] = [
+        lambda s: s.list(JobQuery()),
+        lambda s: s.load_unfinished(),
+    ]
+    source: JobStore | None = store
+    while source is not None:
+        got = await source.get(job.id)
+        assert got == expected
+        for read in readers:
+            for listed in await read(source):
+                assert (listed.queue_position, listed.wait_reason, listed.wait_message) == (
+                    0,
+                    WaitReason.NONE,
+                    "",
+                )
+                assert type(listed.wait_reason) is WaitReason
+        source = await reopen(source) if source is store else None
 
 
 async def test_get_missing_returns_none(store: JobStore) -> None:
@@ -120,9 +193,20 @@ async def test_returned_jobs_are_copies(store: JobStore, make_job: MakeJob) -> N
     got.progress.percent = 99.0
     got.error.metadata["timeout"] = "changed"
     got.sequence = 999
+    outcome = got.attempts[0].outcome
+    assert outcome is not None
+    outcome.metadata["k"] = "changed"
+    outcome.message = "changed"
     [listed] = await store.list(JobQuery())
     listed.labels.clear()
+    listed_outcome = listed.attempts[0].outcome
+    assert listed_outcome is not None
+    listed_outcome.metadata.clear()
     assert await store.get(job.id) == full_job_like(job)
+
+
+def copy_error(error: JobError) -> JobError:
+    return JobError(error.code, error.message, error.reason, dict(error.metadata))
 
 
 def full_job_like(job: Job) -> Job:
@@ -130,7 +214,11 @@ def full_job_like(job: Job) -> Job:
     copy = job.copy()
     copy.labels = dict(job.labels)
     if job.error is not None:
-        copy.error = JobError(job.error.code, job.error.message, job.error.reason, dict(job.error.metadata))
+        copy.error = copy_error(job.error)
+    copy.attempts = tuple(
+        AttemptRecord(a.attempt, a.start_time, a.end_time, a.outcome and copy_error(a.outcome), a.worker_id)
+        for a in job.attempts
+    )
     return copy
 
 
@@ -145,6 +233,11 @@ async def test_mutating_the_job_after_a_write_does_not_reach_the_store(
     job.labels["team"] = "changed"
     job.progress.percent = 1.0
     job.error.metadata["clé"] = "changed"
+    outcome = job.attempts[0].outcome
+    assert outcome is not None
+    outcome.metadata["k"] = "changed"
+    job.attempts += (AttemptRecord(4, T0, T0, None, "late"),)
+    job.lease_epoch = 99
     assert await store.get(job.id) == expected
 
     job = full_job_like(expected)
@@ -227,6 +320,21 @@ async def test_update_replaces_the_stored_job(store: JobStore, make_job: MakeJob
     await store.insert(job)
     job.state, job.start_time, job.attempt, job.sequence = JobState.RUNNING, T0 + 1, 1, 2
     job.progress = Progress(10.0, "going")
+    job.worker_id, job.lease_expire_time, job.lease_epoch = "w-1", T0 + 31, 1
+    assert await store.update(job) is True
+    assert await store.get(job.id) == job
+
+    # A failed attempt, then back to the queue for a retry after a back-off.
+    failure = JobError(14, "worker went away", "WORKER_LOST", {"worker_id": "w-1"})
+    job.attempts = (AttemptRecord(1, T0 + 1, T0 + 5, failure, "w-1"),)
+    job.state, job.sequence, job.start_time, job.progress = JobState.QUEUED, 3, None, None
+    job.worker_id, job.lease_expire_time, job.schedule_time = "", None, T0 + 7
+    job.retry_policy = RetryPolicy(max_attempts=3)
+    assert await store.update(job, expected_state=JobState.RUNNING) is True
+    assert await store.get(job.id) == job
+
+    # RetryJob after the budget ran out resets the base; the history stays.
+    job.attempt_base, job.schedule_time, job.sequence, job.lease_epoch = 1, None, 4, 2
     assert await store.update(job) is True
     assert await store.get(job.id) == job
 
@@ -286,14 +394,16 @@ async def test_record_progress_coalesces_and_latest_wins(
 async def test_record_progress_touches_only_progress_sequence_and_update_time(
     store: JobStore, reopen: Reopen, make_job: MakeJob
 ) -> None:
-    job = make_job(state=JobState.RUNNING, attempt=1)
+    job = make_job(state=JobState.RUNNING, attempt=1, worker_id="w-1", lease_epoch=1)
     await store.insert(job)
     noted = full_job_like(job)
     noted.state, noted.attempt, noted.labels = JobState.SUCCEEDED, 5, {"not": "stored"}
+    noted.worker_id, noted.lease_epoch, noted.attempts = "w-2", 2, (AttemptRecord(1, T0, T0, None, "w-1"),)
     noted.progress, noted.sequence, noted.update_time = Progress(50.0, "half"), 2, T0 + 5
     store.record_progress(noted)
     stored = await flushed(store, reopen, job.id)
     assert (stored.state, stored.attempt, stored.labels) == (JobState.RUNNING, 1, {})
+    assert (stored.worker_id, stored.lease_epoch, stored.attempts) == ("w-1", 1, ())
     assert (stored.progress, stored.sequence, stored.update_time) == (Progress(50.0, "half"), 2, T0 + 5)
 
 
@@ -498,6 +608,94 @@ async def test_count_of_an_empty_store(store: JobStore) -> None:
     assert await store.count() == []
 
 
+# --- job types -------------------------------------------------------------------------------------
+
+
+_WORKER_RETRY = RetryDefaults(max_attempts=3, initial_backoff=0.5, max_backoff=30.0, backoff_multiplier=1.5)
+
+
+def worker_type(
+    name: str,
+    *,
+    timeout: float | None = 30.0,
+    max_running: int | None = 4,
+    retry: RetryDefaults = _WORKER_RETRY,
+    last_seen: float = T0 + 0.125,
+) -> JobType:
+    """A type as a worker declares it: every field set unless overridden."""
+    return JobType(name, timeout, max_running, retry, last_seen)
+
+
+async def test_job_types_empty(store: JobStore) -> None:
+    assert await store.load_job_types() == []
+    await store.save_job_types([])
+    assert await store.load_job_types() == []
+
+
+async def test_job_types_round_trip_ordered_by_name(store: JobStore, reopen: Reopen) -> None:
+    types = [
+        worker_type("video.transcode"),
+        worker_type("a/b:c-d_e"),  # the handler name pattern: letters, digits and ._:/-
+        JobType("email"),  # every optional field unset
+        worker_type("Zeta", retry=RetryDefaults(initial_backoff=2.0), timeout=None, max_running=None),
+        worker_type("report", retry=RetryDefaults(max_attempts=1), last_seen=0.0),
+    ]
+    await store.save_job_types(types)
+    expected = sorted(types, key=lambda t: t.name)
+    assert [t.name for t in expected] == ["Zeta", "a/b:c-d_e", "email", "report", "video.transcode"]
+    source: JobStore | None = store
+    while source is not None:
+        loaded = await source.load_job_types()
+        assert loaded == expected
+        assert all(type(t.retry) is RetryDefaults for t in loaded)
+        by_name = {t.name: t for t in loaded}
+        assert by_name["email"] == JobType("email", None, None, RetryDefaults(), 0.0)
+        assert type(by_name["report"].retry.max_attempts) is int
+        source = await reopen(source) if source is store else None  # again from disk, if durable
+
+
+async def test_job_types_upsert_by_name(store: JobStore, reopen: Reopen) -> None:
+    await store.save_job_types([worker_type("resize"), worker_type("email")])
+    newer = worker_type("resize", timeout=None, max_running=1, retry=RetryDefaults(), last_seen=T0 + 60)
+    await store.save_job_types([newer, worker_type("zip")])
+    expected = [worker_type("email"), newer, worker_type("zip")]
+    assert await store.load_job_types() == expected
+    # A name given twice in one call: the later one wins.
+    await store.save_job_types([worker_type("email", max_running=1), worker_type("email", max_running=9)])
+    expected[0] = worker_type("email", max_running=9)
+    assert await store.load_job_types() == expected
+    reopened = await reopen(store)
+    if reopened is not None:
+        assert await reopened.load_job_types() == expected
+
+
+async def test_job_types_do_not_touch_jobs(store: JobStore, make_job: MakeJob) -> None:
+    job = make_job(type="resize")
+    await store.insert(job)
+    await store.save_job_types([worker_type("resize")])
+    assert await store.count() == [JobCount(JobState.QUEUED, "resize", 5, 1)]
+    assert await store.purge_expired(T0 + 10**9) == 0
+    assert await store.load_job_types() == [worker_type("resize")]
+    assert await store.get(job.id) == job
+
+
+async def test_job_types_list_changed_while_save_is_pending(store: JobStore) -> None:
+    """The rows are captured when save_job_types is called, not when the writer gets round to it."""
+    types = [worker_type("a"), worker_type("b")]
+    pending = asyncio.ensure_future(store.save_job_types(types))
+    await asyncio.sleep(0)
+    types.append(worker_type("c"))
+    types[0] = worker_type("a", max_running=99)
+    await pending
+    assert await store.load_job_types() == [worker_type("a"), worker_type("b")]
+
+
+async def test_concurrent_job_type_saves_are_all_kept(store: JobStore) -> None:
+    names = [f"type.{i:03d}" for i in range(50)]
+    await asyncio.gather(*(store.save_job_types([worker_type(name)]) for name in names))
+    assert [t.name for t in await store.load_job_types()] == names
+
+
 # --- lifecycle and durability ----------------------------------------------------------------------
 
 
@@ -587,6 +785,213 @@ async def test_sqlite_schema_is_versioned_and_open_is_repeatable(tmp_path: Path,
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 3
         indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert {"jobs_request_id", "jobs_state_id", "jobs_expire_time"} <= indexes
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"jobs", "job_types"} <= tables
+    finally:
+        conn.close()
+
+
+# The version-1 schema exactly as it shipped (MIGRATIONS[0] must never change, but this test does not
+# trust that: it builds the old database from its own copy).
+_SCHEMA_V1 = (
+    """
+    CREATE TABLE jobs (
+        id                  TEXT PRIMARY KEY,
+        type                TEXT NOT NULL,
+        state               INTEGER NOT NULL,
+        priority            INTEGER NOT NULL,
+        params              TEXT NOT NULL,
+        labels              TEXT NOT NULL,
+        create_time         REAL NOT NULL,
+        update_time         REAL NOT NULL,
+        queue_time          REAL NOT NULL,
+        attempt             INTEGER NOT NULL,
+        progress            TEXT,
+        result              TEXT,
+        error               TEXT,
+        start_time          REAL,
+        end_time            REAL,
+        expire_time         REAL,
+        request_id          TEXT NOT NULL DEFAULT '',
+        request_fingerprint TEXT NOT NULL DEFAULT '',
+        timeout             REAL,
+        cancel_reason       TEXT NOT NULL DEFAULT '',
+        sequence            INTEGER NOT NULL
+    )
+    """,
+    "CREATE UNIQUE INDEX jobs_request_id ON jobs (request_id) WHERE request_id <> ''",
+    "CREATE INDEX jobs_state_id ON jobs (state, id)",
+    "CREATE INDEX jobs_expire_time ON jobs (expire_time) WHERE expire_time IS NOT NULL",
+)
+
+
+def _create_v1_database(path: Path, rows: list[dict[str, object]]) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        for statement in _SCHEMA_V1:
+            conn.execute(statement)
+        for row in rows:
+            columns = ", ".join(row)
+            conn.execute(
+                f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
+            )
+        conn.execute("PRAGMA user_version = 1")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+async def test_sqlite_migrates_a_version_1_database_in_place(tmp_path: Path, make_job: MakeJob) -> None:
+    path = tmp_path / "jobs.db"
+    finished, running = make_job(), make_job()
+    _create_v1_database(
+        path,
+        [
+            {
+                "id": finished.id,
+                "type": "resize",
+                "state": int(JobState.FAILED),
+                "priority": 7,
+                "params": '{"w":640}',
+                "labels": '{"team":"ml"}',
+                "create_time": T0,
+                "update_time": T0 + 9,
+                "queue_time": T0,
+                "attempt": 1,
+                "progress": '{"percent":50.0,"message":"half","current_step":1,"total_steps":2}',
+                "result": None,
+                "error": '{"code":4,"message":"timed out","reason":"JOB_TIMEOUT",'
+                '"metadata":{"timeout":"30s"}}',
+                "start_time": T0 + 1,
+                "end_time": T0 + 9,
+                "expire_time": T0 + 86_400,
+                "request_id": "req-old",
+                "request_fingerprint": "sha256:old",
+                "timeout": 30.0,
+                "cancel_reason": "",
+                "sequence": 4,
+            },
+            {
+                "id": running.id,
+                "type": "email",
+                "state": int(JobState.RUNNING),
+                "priority": 5,
+                "params": "{}",
+                "labels": "{}",
+                "create_time": T0,
+                "update_time": T0,
+                "queue_time": T0,
+                "attempt": 1,
+                "sequence": 2,
+            },
+        ],
+    )
+    expected_finished = Job(
+        id=finished.id,
+        type="resize",
+        state=JobState.FAILED,
+        priority=7,
+        params={"w": 640},
+        labels={"team": "ml"},
+        create_time=T0,
+        update_time=T0 + 9,
+        queue_time=T0,
+        attempt=1,
+        progress=Progress(50.0, "half", 1, 2),
+        error=JobError(ErrorCode.DEADLINE_EXCEEDED, "timed out", "JOB_TIMEOUT", {"timeout": "30s"}),
+        start_time=T0 + 1,
+        end_time=T0 + 9,
+        expire_time=T0 + 86_400,
+        request_id="req-old",
+        request_fingerprint="sha256:old",
+        timeout=30.0,
+        sequence=4,
+    )
+    expected_running = Job(
+        id=running.id,
+        type="email",
+        state=JobState.RUNNING,
+        priority=5,
+        params={},
+        labels={},
+        create_time=T0,
+        update_time=T0,
+        queue_time=T0,
+        attempt=1,
+        sequence=2,
+    )
+
+    store = SqliteStore(str(path))
+    await store.open()
+    try:
+        got = await store.get(finished.id)
+        assert got == expected_finished
+        assert got is not None
+        assert (got.retry_policy, got.schedule_time, got.attempts) == (RetryPolicy(), None, ())
+        assert (got.worker_id, got.lease_expire_time, got.lease_epoch, got.attempt_base) == ("", None, 0, 0)
+        assert await store.get_by_request_id("req-old") == expected_finished
+        assert await store.load_unfinished() == [expected_running]
+        assert await store.load_job_types() == []
+        # The migrated rows take the new fields, and the new table works.
+        expected_running.attempts = (AttemptRecord(1, T0, T0 + 2, JobError(9, "x", "Y"), "w"),)
+        expected_running.lease_epoch, expected_running.sequence = 3, 3
+        assert await store.update(expected_running, expected_state=JobState.RUNNING)
+        await store.save_job_types([worker_type("email")])
+    finally:
+        await store.close()
+
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    finally:
+        conn.close()
+    store = SqliteStore(str(path))  # opening again at the current version migrates nothing
+    await store.open()
+    try:
+        assert await store.get(running.id) == expected_running
+        assert await store.get(finished.id) == expected_finished
+        assert await store.load_job_types() == [worker_type("email")]
+    finally:
+        await store.close()
+
+
+async def test_sqlite_failed_migration_leaves_the_old_version(tmp_path: Path, make_job: MakeJob) -> None:
+    """Migrations run in one transaction: a failure midway leaves the database at version 1, intact."""
+    path = tmp_path / "jobs.db"
+    job = make_job()
+    _create_v1_database(
+        path,
+        [
+            {
+                "id": job.id,
+                "type": "t",
+                "state": int(JobState.QUEUED),
+                "priority": 5,
+                "params": "{}",
+                "labels": "{}",
+                "create_time": T0,
+                "update_time": T0,
+                "queue_time": T0,
+                "attempt": 0,
+                "sequence": 1,
+            }
+        ],
+    )
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE job_types (name TEXT)")  # in the way of migration 2's CREATE TABLE
+    conn.commit()
+    conn.close()
+    store = SqliteStore(str(path))
+    with pytest.raises(sqlite3.OperationalError, match="job_types"):
+        await store.open()
+    await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
+        assert "retry_policy" not in columns and len(columns) == 21
+        assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
     finally:
         conn.close()
 

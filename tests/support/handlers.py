@@ -17,7 +17,7 @@ def echo(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     return params
 
 
-@handler("test.fail")
+@handler("test.fail", max_attempts=1)
 def fail(params: dict[str, Any], ctx: JobContext) -> None:
     raise ValueError("boom")
 

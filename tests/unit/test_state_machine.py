@@ -18,6 +18,8 @@ LEGAL = {
     (JobState.RUNNING, JobState.CANCELLING),
     (JobState.RUNNING, JobState.QUEUED),
     (JobState.CANCELLING, JobState.CANCELLED),
+    (JobState.FAILED, JobState.QUEUED),
+    (JobState.CANCELLED, JobState.QUEUED),
 }
 
 
@@ -30,8 +32,9 @@ def test_transition_table(source: JobState, target: JobState) -> None:
             check_transition(source, target)
 
 
-def test_terminal_states_have_no_way_out() -> None:
-    assert {s for s, targets in TRANSITIONS.items() if not targets} == TERMINAL_STATES
+def test_terminal_states_leave_only_through_retry() -> None:
+    assert all(TRANSITIONS[s] <= {JobState.QUEUED} for s in TERMINAL_STATES)
+    assert TRANSITIONS[JobState.SUCCEEDED] == frozenset()
     assert all(s.is_terminal for s in TERMINAL_STATES)
 
 

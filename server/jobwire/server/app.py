@@ -16,16 +16,18 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from jobwire.handlers.api import HandlerSpec, load_handlers
 from jobwire.server.api.job_service import JobServiceServicer
 from jobwire.server.api.registration import add_servicer
+from jobwire.server.api.worker_service import WorkerServiceServicer
 from jobwire.server.clock import Clock
 from jobwire.server.config import ServerConfig
 from jobwire.server.manager import JobManager
 from jobwire.server.stores.factory import open_store
-from jobwire.v1 import job_service_pb2
+from jobwire.v1 import job_service_pb2, worker_service_pb2
 
 log = logging.getLogger("jobwire.server")
 
 JOB_SERVICE_DESCRIPTOR = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
 JOB_SERVICE = JOB_SERVICE_DESCRIPTOR.full_name
+WORKER_SERVICE_DESCRIPTOR = worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"]
 MAX_MESSAGE_BYTES = 4 << 20
 
 SERVER_OPTIONS: Sequence[tuple[str, int]] = (
@@ -72,8 +74,16 @@ class JobwireServer:
         await self.manager.start()
         server = grpc.aio.server(options=SERVER_OPTIONS)
         add_servicer(JobServiceServicer(self.manager), JOB_SERVICE_DESCRIPTOR, server)
+        add_servicer(WorkerServiceServicer(self.manager), WORKER_SERVICE_DESCRIPTOR, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        _add_reflection(server, [JOB_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
+        _add_reflection(
+            server,
+            [
+                JOB_SERVICE,
+                WORKER_SERVICE_DESCRIPTOR.full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            ],
+        )
         address = f"{self.config.host}:{self.config.port}"
         port = server.add_insecure_port(address)
         if port == 0:  # grpcio returns 0 instead of raising when the bind fails
@@ -82,7 +92,7 @@ class JobwireServer:
             raise OSError(f"could not listen on {address} (in use, or not a local address?)")
         await server.start()
         self._server, self.port = server, port
-        for service in ("", JOB_SERVICE):
+        for service in ("", JOB_SERVICE, WORKER_SERVICE_DESCRIPTOR.full_name):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "jobwire listening",

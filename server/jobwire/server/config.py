@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from jobwire.server.job import RetryPolicy
 from jobwire.server.manager import ManagerSettings
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*$")
@@ -90,6 +91,10 @@ class ServerConfig:
     retention: float = 7 * 86400.0
     sweep_interval: float = 60.0
     stats_window: float = 300.0
+    lease_duration: float = 30.0
+    default_max_attempts: int = 3
+    retry_initial_backoff: float = 1.0
+    retry_max_backoff: float = 300.0
     log_format: str = "json"
     log_level: str = "INFO"
 
@@ -104,6 +109,12 @@ class ServerConfig:
             retention=self.retention,
             sweep_interval=self.sweep_interval,
             stats_window=self.stats_window,
+            lease_duration=self.lease_duration,
+            retry_policy=RetryPolicy(
+                max_attempts=self.default_max_attempts,
+                initial_backoff=self.retry_initial_backoff,
+                max_backoff=self.retry_max_backoff,
+            ),
         )
 
     def handler_modules(self) -> list[str]:
@@ -118,6 +129,12 @@ class ServerConfig:
             raise ValueError("aging-interval, cancel-grace and drain-grace must not be negative")
         if self.retention <= 0 or self.sweep_interval <= 0 or self.stats_window <= 0:
             raise ValueError("retention, sweep-interval and stats-window must be positive")
+        if self.lease_duration < 0.1:
+            raise ValueError("lease-duration must be at least 100ms")
+        if not 1 <= self.default_max_attempts <= 100:
+            raise ValueError("default-max-attempts must be from 1 to 100")
+        if self.retry_initial_backoff <= 0 or self.retry_max_backoff < self.retry_initial_backoff:
+            raise ValueError("retry backoffs must be positive, the maximum at least the initial one")
         if self.log_format not in ("json", "text"):
             raise ValueError("log-format must be json or text")
 
@@ -140,6 +157,14 @@ OPTIONS: dict[str, Option] = {
     "retention": Option("--retention", parse_duration, "how long finished jobs are kept (default 7d)"),
     "sweep_interval": Option("--sweep-interval", parse_duration, "how often expired jobs are purged"),
     "stats_window": Option("--stats-window", parse_duration, "window of the GetQueueStats timings"),
+    "lease_duration": Option(
+        "--lease-duration", parse_duration, "how long a remote worker's lease lasts unrenewed (default 30s)"
+    ),
+    "default_max_attempts": Option(
+        "--default-max-attempts", _positive_int, "attempts a job may have unless its type or request says"
+    ),
+    "retry_initial_backoff": Option("--retry-initial-backoff", parse_duration, "default first retry delay"),
+    "retry_max_backoff": Option("--retry-max-backoff", parse_duration, "default longest retry delay"),
     "log_format": Option("--log-format", str, "json (default) or text"),
     "log_level": Option("--log-level", str, "DEBUG, INFO (default), WARNING, ERROR"),
 }

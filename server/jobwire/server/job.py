@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobwire.handlers.api import Progress
+from jobwire.handlers.api import Progress as Progress  # re-exported: part of the job model
 from jobwire.server.state_machine import JobState
 
 PRIORITY_MIN = 0
@@ -21,7 +21,6 @@ PRIORITY_DEFAULT = 5
 class ErrorCode(enum.IntEnum):
     """The google.rpc.Code values a job's error can carry (a domain copy, so the domain needs no gRPC)."""
 
-    OK = 0
     CANCELLED = 1
     UNKNOWN = 2
     DEADLINE_EXCEEDED = 4

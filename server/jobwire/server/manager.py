@@ -1,29 +1,35 @@
-"""The JobManager: the one owner of job state. Every API call and every handler outcome comes through here.
+"""The JobManager: the one owner of job state. Every API call and every attempt's outcome comes here.
 
 It holds unfinished jobs in memory (the live truth, progress included), makes every state change
-durable in the store before anyone is told of it, feeds the scheduler, runs attempts through the
-executor, and publishes changes to watchers.
+durable in the store before anyone is told of it, feeds the scheduler, hands jobs to executors (the
+in-process handlers, and remote workers under leases), decides retries, and publishes changes to
+watchers.
 
 Every state change goes through ``_apply``: under the job's lock it checks the transition against the
 state machine, writes the new job to the store (compare-and-set on the old state), and only then
 updates the live job and publishes the event. So watchers never see a state that is not durable, and
-the order of sequences is the order of publication.
+the order of sequences is the order of publication. Every attempt ends in ``_end_attempt``, which is
+where success, failure, retry with back-off, abandonment and cancellation are told apart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+import random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobwire.handlers.api import HandlerSpec, JobCancelled
+from jobwire.handlers.api import HandlerSpec, JobCancelled, NonRetryableError, RetryDefaults
+from jobwire.handlers.runner import HandlerRunner
 from jobwire.server.clock import Clock, SystemClock
 from jobwire.server.errors import (
     Draining,
     FieldViolation,
+    InvalidArgument,
     JobAlreadyFinished,
     JobNotFound,
     JobwireError,
@@ -33,13 +39,40 @@ from jobwire.server.errors import (
     WatchPositionLost,
 )
 from jobwire.server.events import EventHub, EventKind, JobEvent
-from jobwire.server.executor import LocalExecutor, LocalJobContext
-from jobwire.server.job import PRIORITY_DEFAULT, ErrorCode, Job, JobError, JobIdGenerator, Progress
+from jobwire.server.executor import LOCAL_WORKER_ID, LocalJobContext
+from jobwire.server.job import (
+    PRIORITY_DEFAULT,
+    AttemptRecord,
+    ErrorCode,
+    Job,
+    JobError,
+    JobIdGenerator,
+    Progress,
+    RetryPolicy,
+    WaitReason,
+)
+from jobwire.server.job_types import JobType, resolve_retry_policy
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.state_machine import JobState, check_transition
 from jobwire.server.stats import StatsWindow, WindowFigures
 from jobwire.server.stores.base import DuplicateRequestId, JobCount, JobQuery, JobStore
-from jobwire.server.validation import SubmitRequest, check, fingerprint, submit_violations
+from jobwire.server.timers import TimerKind, Timers
+from jobwire.server.validation import (
+    SubmitRequest,
+    check,
+    fingerprint,
+    job_type_violations,
+    submit_violations,
+)
+from jobwire.server.workers import (
+    Assignment,
+    CancelRequest,
+    LeaseRevoked,
+    LeaseToken,
+    WorkerRegistry,
+    WorkerSession,
+    WriteResult,
+)
 
 log = logging.getLogger("jobwire.manager")
 
@@ -48,7 +81,7 @@ log = logging.getLogger("jobwire.manager")
 class ManagerSettings:
     """Limits and timings of the manager; see ``config.ServerConfig`` for the user-facing names."""
 
-    max_running: int = 8
+    max_running: int = 8  # jobs running at once in this process (in-process handlers)
     max_queued: int = 100_000
     type_limits: dict[str, int] = field(default_factory=dict)
     aging_interval: float = 60.0
@@ -58,6 +91,8 @@ class ManagerSettings:
     sweep_interval: float = 60.0
     stats_window: float = 300.0
     handler_threads: int | None = None
+    lease_duration: float = 30.0
+    retry_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(max_attempts=3))
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +111,39 @@ class QueueStats:
     read_time: float
     draining: bool
     known_types: list[str]
+    workers_by_type: dict[str, int]
+    connected_workers: int
+    delayed: int
 
 
-class _Attempt:
-    """One run of a job's handler."""
+# -- how an attempt ended ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    result: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The attempt failed; ``retryable`` lets the retry policy decide whether another one follows."""
+
+    error: JobError
+    retryable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """The attempt ended without an outcome (handed back, drained, crashed): run it again at once."""
+
+    error: JobError
+
+
+Outcome = Succeeded | Failed | Abandoned
+
+
+class _LocalAttempt:
+    """One run of an in-process handler."""
 
     __slots__ = ("abandon", "ctx", "force_timer", "handler_task", "job", "spec", "task")
 
@@ -97,8 +161,18 @@ class _Attempt:
             self.handler_task.cancel()
 
 
+class _RemoteLease:
+    """The current lease of a job running on a remote worker, and the session that holds it (if any)."""
+
+    __slots__ = ("session", "token")
+
+    def __init__(self, token: LeaseToken, session: WorkerSession | None) -> None:
+        self.token = token
+        self.session = session
+
+
 class JobManager:
-    """Submit, get, list, cancel, watch and stats, in domain terms."""
+    """Submit, get, list, cancel, retry, watch and stats; worker sessions; in domain terms."""
 
     def __init__(
         self,
@@ -106,32 +180,37 @@ class JobManager:
         handlers: dict[str, HandlerSpec],
         settings: ManagerSettings | None = None,
         clock: Clock | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.handlers = dict(handlers)
         self.settings = settings or ManagerSettings()
         self.clock = clock or SystemClock()
-        limits = {name: spec.max_running for name, spec in self.handlers.items() if spec.max_running}
-        limits.update(self.settings.type_limits)
-        self.scheduler = Scheduler(
-            max_running=self.settings.max_running,
-            type_limits=limits,
-            aging_interval=self.settings.aging_interval,
-        )
+        self._rng = rng or random.Random()
+        self.job_types: dict[str, JobType] = {
+            name: JobType.from_handler(s) for name, s in self.handlers.items()
+        }
+        self.scheduler = Scheduler(aging_interval=self.settings.aging_interval)
+        for job_type in self.job_types.values():
+            self._apply_type_limit(job_type)
         self.events = EventHub(retain_after_finish=max(60.0, self.settings.sweep_interval))
         self.stats_window = StatsWindow(self.settings.stats_window)
-        self._executor = LocalExecutor(self.settings.handler_threads or self.settings.max_running + 4)
+        self.workers = WorkerRegistry()
+        self.timers = Timers()
+        self._runner = HandlerRunner(self.settings.handler_threads or self.settings.max_running + 4)
         self._ids = JobIdGenerator()
         self._jobs: dict[str, Job] = {}  # every unfinished job: the live state
         self._locks: dict[str, asyncio.Lock] = {}
-        self._attempts: dict[str, _Attempt] = {}
+        self._local: dict[str, _LocalAttempt] = {}  # in-process attempts whose handler is running
+        self._local_tasks: set[asyncio.Task[None]] = set()  # ... and those still writing their outcome
+        self._leases: dict[str, _RemoteLease] = {}
+        self._delayed: set[str] = set()  # queued jobs waiting for their schedule_time
         self._inserting = 0
         self._started = False
         self._draining = False
         self._dispatching = False
-        self._sweeper: asyncio.Task[None] | None = None
-        self._known_types_message = ""
-        self._refresh_known_types()
+        self._background: list[asyncio.Task[None]] = []
+        self._timer_wake = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -141,36 +220,65 @@ class JobManager:
             return
         self._started = True
         await self.store.open()
-        recovered = requeued = 0
-        for job in await self.store.load_unfinished():
-            self._jobs[job.id] = job
-            if job.state is JobState.RUNNING:
-                await self._apply(job, JobState.QUEUED, self._requeue_changes(job, "the server restarted"))
-                requeued += 1
-            elif job.state is JobState.CANCELLING:
-                await self._apply(job, JobState.CANCELLED, self._cancelled_changes(job))
-                continue
-            if job.type in self.handlers:
-                self.scheduler.push(job.id, job.type, job.priority, job.queue_time)
-            else:
-                log.warning(
-                    "job %s of unknown type %r stays queued until a handler declares it", job.id, job.type
-                )
-            recovered += 1
-        log.info("recovered %d unfinished jobs (%d were running and were queued again)", recovered, requeued)
+        for stored_type in await self.store.load_job_types():
+            if stored_type.name not in self.handlers:
+                self.job_types[stored_type.name] = stored_type
+                self._apply_type_limit(stored_type)
+        await self._recover()
         self._dispatching = True
         self._dispatch()
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="jobwire-sweeper")
+        self._background = [
+            asyncio.create_task(self._sweep_forever(), name="jobwire-sweeper"),
+            asyncio.create_task(self._timers_forever(), name="jobwire-timers"),
+        ]
+
+    async def _recover(self) -> None:
+        now = self.clock.now()
+        counts = {"queued": 0, "requeued": 0, "leased": 0}
+        for job in await self.store.load_unfinished():
+            self._jobs[job.id] = job
+            if job.state.is_active and job.worker_id not in ("", LOCAL_WORKER_ID):
+                # A remote attempt: its worker may still be running it, so the lease stands; every lease
+                # gets one full duration from now for its worker to reconnect and renew it.
+                job.lease_expire_time = now + self.settings.lease_duration
+                self._leases[job.id] = _RemoteLease(LeaseToken(job.id, job.attempt, job.lease_epoch), None)
+                self.scheduler.mark_running(job.type)
+                self.timers.add(job.lease_expire_time, TimerKind.LEASE_EXPIRY, job.id, job.lease_epoch)
+                counts["leased"] += 1
+                continue
+            if job.state.is_active:
+                # An in-process attempt died with the previous process.
+                error = JobError(
+                    ErrorCode.ABORTED, "the server stopped while the job ran", "SERVER_RESTARTED"
+                )
+                target, changes = self._decide(job, Abandoned(error), now)
+                await self._apply(job, target, changes)
+                if target.is_terminal:
+                    self._forget(job)
+                    continue
+                counts["requeued"] += 1
+            self._enqueue(job, now)
+            counts["queued"] += 1
+        log.info(
+            "recovered %(queued)d queued jobs (%(requeued)d had been running in-process) and "
+            "%(leased)d remote leases",
+            counts,
+            extra=counts,
+        )
 
     async def drain(self, grace: float) -> None:
-        """Stop taking and starting work; give running jobs ``grace`` seconds, then queue them again."""
+        """Stop taking and starting work; give local jobs ``grace`` seconds, then queue them again.
+
+        Remote workers keep their leases: their sessions end, and they renew the leases when they
+        reconnect (to this server after a restart, or to another replica).
+        """
         if self._draining:
             return
         self._draining = True
         self._dispatching = False
-        attempts = list(self._attempts.values())
-        log.info("draining: %d jobs running, grace %.1fs", len(attempts), grace)
-        tasks = [a.task for a in attempts if a.task is not None]
+        attempts = list(self._local.values())
+        log.info("draining: %d in-process jobs running, grace %.1fs", len(attempts), grace)
+        tasks = list(self._local_tasks)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
             for attempt in attempts:
@@ -180,42 +288,47 @@ class JobManager:
                     attempt.force_stop()
             if pending:
                 await asyncio.wait(pending, timeout=5.0)
+        for session in self.workers:
+            self.disconnect_worker(session)
         self.events.close_all()
 
     async def close(self) -> None:
         """Stop background work and close the store (after ``drain``). Idempotent."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-            self._sweeper = None
-        for attempt in list(self._attempts.values()):
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background = []
+        for attempt in list(self._local.values()):
             if attempt.force_timer is not None:
                 attempt.force_timer.cancel()
-        self._executor.shutdown()
+        self._runner.shutdown()
         await self.store.close()
 
     @property
     def draining(self) -> bool:
         return self._draining
 
-    # -- the API -------------------------------------------------------------------------------------
+    # -- the job API ---------------------------------------------------------------------------------
 
     async def submit(self, request: SubmitRequest) -> Job:
         """Store a new job durably and queue it; returns it in state QUEUED."""
         if self._draining:
             raise Draining()
-        violations = submit_violations(request)
-        check(violations)
-        if request.type not in self.handlers:
-            known = f"known types: {self._known_types_message}"
+        check(submit_violations(request))
+        job_type = self.job_types.get(request.type)
+        if job_type is None:
+            known = f"known types: {', '.join(sorted(self.job_types)) or '(none registered)'}"
             raise UnknownJobType(
                 f"unknown job type {request.type!r}; {known}",
-                [FieldViolation("type", f"no handler is registered for {request.type!r}; {known}")],
+                [FieldViolation("type", f"no handler or worker has declared {request.type!r}; {known}")],
             )
-        if len(self.scheduler) + self._inserting >= self.settings.max_queued:
+        if len(self.scheduler) + len(self._delayed) + self._inserting >= self.settings.max_queued:
             raise QueueFull(f"the queue is full ({self.settings.max_queued} jobs waiting); retry later")
         priority = PRIORITY_DEFAULT if request.priority is None else request.priority
         now = self.clock.now()
+        schedule_time = (
+            request.schedule_time if request.schedule_time and request.schedule_time > now else None
+        )
         job = Job(
             id=self._ids.new_id(),
             type=request.type,
@@ -225,10 +338,12 @@ class JobManager:
             labels=dict(request.labels or {}),
             create_time=now,
             update_time=now,
-            queue_time=now,
+            queue_time=schedule_time or now,
             request_id=request.request_id,
             request_fingerprint=fingerprint(request, priority) if request.request_id else "",
             timeout=request.timeout,
+            retry_policy=resolve_retry_policy(request.retry, job_type.retry, self.settings.retry_policy),
+            schedule_time=schedule_time,
         )
         self._inserting += 1
         try:
@@ -239,7 +354,7 @@ class JobManager:
             self._inserting -= 1
         acknowledged = job.copy()
         self._jobs[job.id] = job
-        self.scheduler.push(job.id, job.type, job.priority, job.queue_time)
+        self._enqueue(job, now)
         self._dispatch()
         return acknowledged
 
@@ -255,7 +370,7 @@ class JobManager:
         return await self.get(existing.id)
 
     async def get(self, job_id: str) -> Job:
-        """The job as it is now, with its queue position if queued."""
+        """The job as it is now, with why it waits and where it stands if queued."""
         live = self._jobs.get(job_id)
         if live is not None:
             job = live.copy()
@@ -265,7 +380,7 @@ class JobManager:
                 raise JobNotFound(f"job {job_id!r} not found")
             job = stored
         if job.state is JobState.QUEUED:
-            job.queue_position = self.scheduler.positions([job.id]).get(job.id, 0)
+            self._annotate([job])
         return job
 
     async def list_jobs(self, query: JobQuery) -> tuple[list[Job], bool]:
@@ -273,12 +388,38 @@ class JobManager:
         rows = await self.store.list(JobQuery(query.filter, query.limit + 1, query.before_id))
         more = len(rows) > query.limit
         jobs = [self._jobs[j.id].copy() if j.id in self._jobs else j for j in rows[: query.limit]]
-        queued = [j.id for j in jobs if j.state is JobState.QUEUED]
-        if queued:
-            positions = self.scheduler.positions(queued)
-            for job in jobs:
-                job.queue_position = positions.get(job.id, 0)
+        self._annotate([j for j in jobs if j.state is JobState.QUEUED])
         return jobs, more
+
+    def _annotate(self, queued: list[Job]) -> None:
+        """Fill in queue positions and wait reasons of queued jobs (computed, never stored)."""
+        if not queued:
+            return
+        positions = self.scheduler.positions(j.id for j in queued)
+        now = self.clock.now()
+        for job in queued:
+            job.queue_position = positions.get(job.id, 0)
+            job.wait_reason, job.wait_message = self._wait_reason(job, now)
+
+    def _wait_reason(self, job: Job, now: float) -> tuple[WaitReason, str]:
+        if self._draining:
+            return WaitReason.DRAINING, "the server is draining and starts no new work"
+        if job.id in self._delayed and job.schedule_time is not None:
+            when = f"{max(0.0, job.schedule_time - now):.1f}s"
+            if job.attempts:
+                return WaitReason.RETRY_BACKOFF, f"attempt {job.attempt} starts in {when} (retry back-off)"
+            return WaitReason.SCHEDULED, f"scheduled to start in {when}"
+        local = job.type in self.handlers
+        sessions = self.workers.serving(job.type)
+        if not local and not sessions:
+            return WaitReason.NO_WORKER, f"no connected worker takes type {job.type}"
+        if not self.scheduler.has_room(job.type):
+            limit = self.scheduler.type_limits.get(job.type)
+            return WaitReason.TYPE_LIMIT, f"type {job.type} is at its limit of {limit} running jobs"
+        local_full = not local or len(self._local) >= self.settings.max_running
+        if local_full and all(s.credits <= 0 for s in sessions):
+            return WaitReason.NO_CAPACITY, f"every executor of type {job.type} is busy"
+        return WaitReason.QUEUED, f"position {job.queue_position} in the run order"
 
     async def cancel(self, job_id: str, reason: str = "") -> Job:
         """Cancel a queued job at once, or ask a running one to stop."""
@@ -292,25 +433,81 @@ class JobManager:
             self._check_cancellable(job)
             if job.state is JobState.QUEUED:
                 self.scheduler.remove(job_id)
+                self._delayed.discard(job_id)
                 job.cancel_reason = reason
                 await self._apply(job, JobState.CANCELLED, self._cancelled_changes(job))
                 self._forget(job)
             elif job.state is JobState.RUNNING:
                 job.cancel_reason = reason
                 await self._apply(job, JobState.CANCELLING, {"cancel_reason": reason})
-                attempt = self._attempts.get(job_id)
-                if attempt is not None:
-                    attempt.ctx.cancel(reason or "cancelled")
-                    attempt.force_timer = asyncio.get_running_loop().call_later(
-                        self.settings.cancel_grace, attempt.force_stop
-                    )
+                self._ask_to_stop(job, reason or "cancelled")
         return await self.get(job_id)
+
+    def _ask_to_stop(self, job: Job, reason: str) -> None:
+        """Tell whoever runs the job to stop, and force the end after the cancel grace period."""
+        loop = asyncio.get_running_loop()
+        local = self._local.get(job.id)
+        if local is not None:
+            local.ctx.cancel(reason)
+            local.force_timer = loop.call_later(self.settings.cancel_grace, local.force_stop)
+            return
+        lease = self._leases.get(job.id)
+        if lease is not None:
+            if lease.session is not None:
+                lease.session.send(CancelRequest(lease.token, reason))
+            token = lease.token
+            loop.call_later(self.settings.cancel_grace, lambda: self._spawn(self._force_remote_cancel(token)))
+
+    async def _force_remote_cancel(self, token: LeaseToken) -> None:
+        job = self._current(token)
+        if job is not None and job.state is JobState.CANCELLING:
+            error = JobError(ErrorCode.CANCELLED, "the worker did not stop in time", "CANCEL_FORCED")
+            await self._end_remote(job, token, Failed(error, retryable=False), "cancelled; stop the job")
 
     @staticmethod
     def _check_cancellable(job: Job) -> Job:
         if job.state in (JobState.SUCCEEDED, JobState.FAILED):
             raise JobAlreadyFinished(f"job {job.id} cannot be cancelled: it is already {job.state.name}")
         return job
+
+    async def retry(self, job_id: str) -> Job:
+        """Queue a FAILED or CANCELLED job again with a fresh attempt budget."""
+        if self._draining:
+            raise Draining()
+        if job_id in self._jobs:  # not finished: nothing to do
+            return await self.get(job_id)
+        stored = await self.store.get(job_id)
+        if stored is None:
+            raise JobNotFound(f"job {job_id!r} not found")
+        if stored.state is JobState.SUCCEEDED:
+            raise JobAlreadyFinished(f"job {job_id} cannot be retried: it already SUCCEEDED")
+        if len(self.scheduler) + len(self._delayed) >= self.settings.max_queued:
+            raise QueueFull(f"the queue is full ({self.settings.max_queued} jobs waiting); retry later")
+        if job_id in self._jobs:  # another RetryJob got here first
+            return await self.get(job_id)
+        job = stored
+        self._jobs[job.id] = job
+        async with self._lock(job.id):
+            now = self.clock.now()
+            changes = {
+                "attempt": job.attempt + 1,
+                "attempt_base": job.attempt,
+                "error": None,
+                "result": None,
+                "end_time": None,
+                "expire_time": None,
+                "cancel_reason": "",
+                "progress": None,
+                "queue_time": now,
+                "schedule_time": None,
+                "worker_id": "",
+            }
+            if not await self._apply(job, JobState.QUEUED, changes):
+                self._jobs.pop(job.id, None)
+                return await self.get(job_id)
+        self._enqueue(job, now)
+        self._dispatch()
+        return await self.get(job_id)
 
     async def watch(self, job_id: str, after_sequence: int = 0) -> AsyncIterator[JobEvent]:
         """The job's snapshot (or the changes after ``after_sequence``), then each change until it ends.
@@ -356,7 +553,8 @@ class JobManager:
 
     async def stats(self) -> QueueStats:
         counts = await self.store.count()
-        known = sorted(set(self.handlers) | {c.type for c in counts})
+        known = sorted(set(self.job_types) | {c.type for c in counts})
+        workers_by_type = {t: len(self.workers.serving(t)) + (t in self.handlers) for t in known}
         return QueueStats(
             counts=counts,
             queued_by_type=self.scheduler.queued_by_type(),
@@ -370,7 +568,107 @@ class JobManager:
             read_time=self.clock.now(),
             draining=self._draining,
             known_types=known,
+            workers_by_type=workers_by_type,
+            connected_workers=len(self.workers),
+            delayed=len(self._delayed),
         )
+
+    # -- worker sessions -----------------------------------------------------------------------------
+
+    async def connect_worker(self, worker_id: str, job_types: list[JobType], credits: int) -> WorkerSession:
+        """Register a worker session; its types become known (and stored) and it is offered work."""
+        if self._draining:
+            raise Draining()
+        violations = job_type_violations(worker_id, job_types, credits)
+        if violations:
+            raise InvalidArgument(violations=violations)
+        now = self.clock.now()
+        declared = [JobType(t.name, t.timeout, t.max_running, t.retry, now) for t in job_types]
+        await self.store.save_job_types(declared)
+        for job_type in declared:
+            if job_type.name not in self.handlers:  # in-process handlers keep their own settings
+                self.job_types[job_type.name] = job_type
+                self._apply_type_limit(job_type)
+        session = WorkerSession(worker_id, frozenset(t.name for t in declared), credits)
+        self.workers.add(session)
+        log.info(
+            "worker connected",
+            extra={"session": session.session_id, "worker_id": worker_id, "types": sorted(session.job_types)},
+        )
+        self._dispatch()
+        return session
+
+    def disconnect_worker(self, session: WorkerSession) -> None:
+        """The session ended. Its leases stand until they expire or a new session renews them."""
+        self.workers.remove(session)
+        session.close()
+        for job_id in session.running:
+            lease = self._leases.get(job_id)
+            if lease is not None and lease.session is session:
+                lease.session = None
+        session.running.clear()
+        log.info("worker disconnected", extra={"session": session.session_id, "worker_id": session.worker_id})
+
+    def add_credits(self, session: WorkerSession, credits: int) -> None:
+        if credits < 1 or credits > 10_000:
+            raise InvalidArgument(
+                violations=[FieldViolation("add_credits.credits", "must be from 1 to 10000")]
+            )
+        session.credits = min(session.credits + credits, 1_000_000)
+        self._dispatch()
+
+    def worker_progress(self, session: WorkerSession, token: LeaseToken, progress: Progress) -> None:
+        job = self._current(token)
+        if job is None:
+            session.send(LeaseRevoked(token, self._stale_reason(token)))
+            return
+        self._renew(job, token, session)
+        self._on_progress(job.id, progress)
+
+    def worker_heartbeat(self, session: WorkerSession, tokens: list[LeaseToken]) -> None:
+        for token in tokens:
+            job = self._current(token)
+            if job is None:
+                session.send(LeaseRevoked(token, self._stale_reason(token)))
+                continue
+            self._renew(job, token, session)
+            if job.state is JobState.CANCELLING:  # e.g. the cancellation was sent to an older session
+                session.send(CancelRequest(token, job.cancel_reason or "cancelled"))
+
+    async def worker_finish(self, session: WorkerSession, token: LeaseToken, outcome: Outcome) -> None:
+        """A worker's CompleteJob, FailJob or ReleaseJob; answered with a WriteResult on the session."""
+        job = self._current(token)
+        if job is None:
+            session.send(WriteResult(token, False, self._stale_reason(token)))
+            return
+        accepted = await self._end_remote(job, token, outcome, None)
+        session.send(WriteResult(token, accepted, "" if accepted else self._stale_reason(token)))
+
+    def _current(self, token: LeaseToken) -> Job | None:
+        """The job if ``token`` is its current remote lease; None if the write must be refused."""
+        job = self._jobs.get(token.job_id)
+        lease = self._leases.get(token.job_id)
+        if job is None or lease is None or lease.token != token or not job.state.is_active:
+            return None
+        return job
+
+    def _stale_reason(self, token: LeaseToken) -> str:
+        job = self._jobs.get(token.job_id)
+        if job is None:
+            return f"job {token.job_id} is finished or unknown"
+        if job.lease_epoch != token.epoch:
+            return f"lease epoch {token.epoch} is stale: job {token.job_id} is at epoch {job.lease_epoch}"
+        return f"job {token.job_id} is {job.state.name}, not running under this lease"
+
+    def _renew(self, job: Job, token: LeaseToken, session: WorkerSession) -> None:
+        """Extend the lease (in memory: after a restart every lease gets a fresh duration anyway)."""
+        job.lease_expire_time = self.clock.now() + self.settings.lease_duration
+        lease = self._leases[job.id]
+        if lease.session is not session:
+            if lease.session is not None:
+                lease.session.running.discard(job.id)
+            lease.session = session
+            session.running.add(job.id)
 
     # -- state changes -------------------------------------------------------------------------------
 
@@ -405,20 +703,54 @@ class JobManager:
             updated.progress = job.progress  # reports may have come in while we waited for the store
         updated.sequence = job.sequence + 1  # ... and moved the sequence on
         for name in Job.__slots__:
-            if name != "queue_position":
+            if name not in ("queue_position", "wait_reason", "wait_message"):
                 setattr(job, name, getattr(updated, name))
         # `updated` is now a private snapshot of the live job: the event can own it without a copy.
         self.events.publish_snapshot(updated, EventKind.STATE_CHANGED, now)
         return True
 
-    def _requeue_changes(self, job: Job, why: str) -> dict[str, Any]:
-        """A running attempt was abandoned: the job runs again as the next attempt."""
-        log.info("job %s attempt %d abandoned (%s); queued again", job.id, job.attempt, why)
-        return {"attempt": job.attempt + 1, "progress": None}
-
     def _cancelled_changes(self, job: Job) -> dict[str, Any]:
         message = "cancelled" + (f": {job.cancel_reason}" if job.cancel_reason else "")
         return {"error": JobError(ErrorCode.CANCELLED, message, "JOB_CANCELLED")}
+
+    def _decide(self, job: Job, outcome: Outcome, now: float) -> tuple[JobState, dict[str, Any]]:
+        """What an attempt's outcome means for the job: the target state and the changes."""
+        if job.state is JobState.CANCELLING:
+            changes = self._cancelled_changes(job)
+            attempt_error: JobError | None = changes["error"]
+            target = JobState.CANCELLED
+        elif isinstance(outcome, Succeeded):
+            changes, attempt_error, target = {"result": outcome.result}, None, JobState.SUCCEEDED
+        elif isinstance(outcome, Abandoned):
+            attempt_error, target = outcome.error, JobState.QUEUED
+            changes = {"attempt": job.attempt + 1, "progress": None, "schedule_time": None}
+        else:
+            attempt_error = outcome.error
+            used = job.attempt - job.attempt_base
+            if outcome.retryable and used < job.retry_policy.max_attempts:
+                delay = job.retry_policy.backoff(used, self._rng.random())
+                target = JobState.QUEUED
+                changes = {
+                    "attempt": job.attempt + 1,
+                    "progress": None,
+                    "schedule_time": now + delay,
+                    "queue_time": now + delay,
+                }
+            else:
+                target, changes = JobState.FAILED, {"error": outcome.error}
+        record = AttemptRecord(job.attempt, job.start_time or now, now, attempt_error, job.worker_id)
+        changes["attempts"] = (*job.attempts, record)
+        changes["lease_expire_time"] = None
+        return target, changes
+
+    def _enqueue(self, job: Job, now: float) -> None:
+        """Put a QUEUED job where it waits: the run order, or the delayed set until its time comes."""
+        if job.schedule_time is not None and job.schedule_time > now:
+            self._delayed.add(job.id)
+            self.timers.add(job.schedule_time, TimerKind.SCHEDULED_START, job.id)
+            self._timer_wake.set()
+        else:
+            self.scheduler.push(job.id, job.type, job.priority, job.queue_time)
 
     def _forget(self, job: Job) -> None:
         """A job reached a terminal state: it now lives only in the store."""
@@ -426,7 +758,7 @@ class JobManager:
         self._locks.pop(job.id, None)
 
     def _on_progress(self, job_id: str, progress: Progress) -> None:
-        """A handler reported progress: publish at once, persist lazily (coalesced by the store)."""
+        """Progress was reported: publish at once, persist lazily (coalesced by the store)."""
         job = self._jobs.get(job_id)
         if job is None or not job.state.is_active:
             return
@@ -436,122 +768,222 @@ class JobManager:
         self.events.publish(job, EventKind.PROGRESS_UPDATED, job.update_time)
         self.store.record_progress(job)
 
-    # -- execution -----------------------------------------------------------------------------------
+    async def _end_attempt(self, job: Job, outcome: Outcome) -> JobState | None:
+        """End the current attempt (caller holds the job's lock); returns the new state, None if refused."""
+        now = self.clock.now()
+        run_time = now - (job.start_time or now)
+        target, changes = self._decide(job, outcome, now)
+        if not await self._apply(job, target, changes):
+            return None
+        self.scheduler.release(job.type)
+        if target is JobState.QUEUED:
+            self._enqueue(job, now)
+        else:
+            self.stats_window.record_finish(self.clock.monotonic(), target is JobState.SUCCEEDED, run_time)
+            self._forget(job)
+        self._dispatch()
+        return target
+
+    # -- dispatch ------------------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        """Start every job the limits allow. Called whenever a job is queued or a slot frees up."""
+        """Start every job the limits and capacities allow. Called whenever any of them may have changed."""
         if not self._dispatching:
             return
-        while (picked := self.scheduler.pop_ready()) is not None:
-            job_id, job_type = picked
-            job = self._jobs.get(job_id)
-            if job is None:
-                self.scheduler.release(job_type)
-                continue
-            spec = self.handlers[job_type]
-            ctx = LocalJobContext(
-                job.id,
-                job.type,
-                max(job.attempt, 1),
-                job.progress,
-                asyncio.get_running_loop(),
-                self._on_progress,
-            )
-            attempt = _Attempt(job, spec, ctx)
-            self._attempts[job_id] = attempt
-            attempt.task = asyncio.create_task(self._run_attempt(attempt), name=f"jobwire-job-{job_id}")
+        while len(self._local) < self.settings.max_running:
+            picked = self.scheduler.pop_ready(self.handlers)
+            if picked is None:
+                break
+            self._start_local(picked[0])
+        offered = True
+        while offered:  # one job per session per round, so work spreads across workers
+            offered = False
+            for session in self.workers.with_credits():
+                picked = self.scheduler.pop_ready(session.job_types)
+                if picked is not None:
+                    session.credits -= 1
+                    self.workers.rotate(session)
+                    self._spawn(self._run_remote(self._jobs[picked[0]], session))
+                    offered = True
 
-    async def _run_attempt(self, attempt: _Attempt) -> None:
+    def _spawn(self, coroutine: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coroutine)
+        task.add_done_callback(_log_task_failure)
+
+    async def _claim(self, job: Job, worker_id: str, remote: bool) -> bool:
+        """QUEUED -> RUNNING for a new attempt under a new lease epoch; False if it is no longer queued."""
+        async with self._lock(job.id):
+            if job.state is not JobState.QUEUED:  # cancelled between pop and start
+                return False
+            now = self.clock.now()
+            claimed = await self._apply(
+                job,
+                JobState.RUNNING,
+                {
+                    "attempt": max(job.attempt, 1),
+                    "start_time": now,
+                    "error": None,
+                    "result": None,
+                    "worker_id": worker_id,
+                    "lease_epoch": job.lease_epoch + 1,
+                    "lease_expire_time": now + self.settings.lease_duration if remote else None,
+                    "schedule_time": None,
+                },
+            )
+        if claimed:
+            self.stats_window.record_start(self.clock.monotonic(), now - job.queue_time)
+        return claimed
+
+    def _attempt_timeout(self, job: Job) -> float | None:
+        declared = self.job_types.get(job.type)
+        return job.timeout or (declared.timeout if declared else None) or self.settings.default_timeout
+
+    async def _run_remote(self, job: Job, session: WorkerSession) -> None:
+        if not await self._claim(job, session.worker_id, remote=True):
+            self.scheduler.release(job.type)
+            session.credits += 1
+            self._dispatch()
+            return
+        token = LeaseToken(job.id, job.attempt, job.lease_epoch)
+        self._leases[job.id] = _RemoteLease(token, session)
+        session.running.add(job.id)
+        assert job.lease_expire_time is not None
+        self.timers.add(job.lease_expire_time, TimerKind.LEASE_EXPIRY, job.id, token.epoch)
+        timeout = self._attempt_timeout(job)
+        if timeout is not None and job.start_time is not None:
+            self.timers.add(job.start_time + timeout, TimerKind.ATTEMPT_TIMEOUT, job.id, token.epoch)
+        self._timer_wake.set()
+        session.send(Assignment(job.copy(), token, job.lease_expire_time, timeout))
+
+    async def _end_remote(
+        self, job: Job, token: LeaseToken, outcome: Outcome, revoke_reason: str | None
+    ) -> bool:
+        """End a remote attempt if ``token`` is still its lease; tell the holder to stop if asked."""
+        async with self._lock(job.id):
+            if self._current(token) is not job:
+                return False
+            lease = self._leases.pop(job.id)
+            if lease.session is not None:
+                lease.session.running.discard(job.id)
+                if revoke_reason is not None:
+                    lease.session.send(LeaseRevoked(token, revoke_reason))
+            if await self._end_attempt(job, outcome) is None:
+                return False
+        return True
+
+    def _start_local(self, job_id: str) -> None:
+        job = self._jobs[job_id]
+        spec = self.handlers[job.type]
+        loop = asyncio.get_running_loop()
+        ctx = LocalJobContext(
+            job.id, job.type, max(job.attempt, 1), job.lease_epoch + 1, job.progress, loop, self._on_progress
+        )
+        attempt = _LocalAttempt(job, spec, ctx)
+        self._local[job_id] = attempt
+        attempt.task = asyncio.create_task(self._run_local(attempt), name=f"jobwire-job-{job_id}")
+        self._local_tasks.add(attempt.task)
+        attempt.task.add_done_callback(self._local_tasks.discard)
+
+    async def _run_local(self, attempt: _LocalAttempt) -> None:
         job = attempt.job
-        slot_held = True
+        ended = False
         try:
-            if await self._begin(attempt):
+            if await self._claim(job, LOCAL_WORKER_ID, remote=False):
                 outcome = await self._execute(attempt)
                 # The handler is done, so its slot is free: the next job need not wait for this one's
                 # final write to commit (with group commit that wait is a whole batch).
-                self.scheduler.release(job.type)
-                slot_held = False
+                self._local.pop(job.id, None)
                 self._dispatch()
-                await self._finish(attempt, outcome)
+                async with self._lock(job.id):
+                    ended = await self._end_attempt(job, outcome) is not None
         except Exception:
             log.exception("job %s: attempt failed inside Jobwire", job.id)
         finally:
             if attempt.force_timer is not None:
                 attempt.force_timer.cancel()
-            self._attempts.pop(job.id, None)
-            if slot_held:
+            self._local.pop(job.id, None)
+            if not ended:
                 self.scheduler.release(job.type)
             if job.state.is_terminal:
                 self._forget(job)
             self._dispatch()
 
-    async def _begin(self, attempt: _Attempt) -> bool:
-        job = attempt.job
-        async with self._lock(job.id):
-            if job.state is not JobState.QUEUED:  # cancelled between pop and start
-                return False
-            now = self.clock.now()
-            started = await self._apply(
-                job,
-                JobState.RUNNING,
-                {"attempt": max(job.attempt, 1), "start_time": now, "error": None, "result": None},
-            )
-        if started:
-            self.stats_window.record_start(self.clock.monotonic(), now - job.queue_time)
-        return started
-
-    async def _execute(self, attempt: _Attempt) -> Callable[[], tuple[JobState, dict[str, Any]]]:
-        """Run the handler; return a function that decides the outcome once the job's lock is held."""
+    async def _execute(self, attempt: _LocalAttempt) -> Outcome:
+        """Run the handler in-process and say how the attempt ended."""
         job, spec, ctx = attempt.job, attempt.spec, attempt.ctx
-        timeout = job.timeout or spec.timeout or self.settings.default_timeout
-        handler_task = asyncio.ensure_future(self._executor.run(spec, job.params, ctx))
+        timeout = self._attempt_timeout(job)
+        handler_task = asyncio.ensure_future(self._runner.run(spec, job.params, ctx))
         attempt.handler_task = handler_task
         done, _ = await asyncio.wait({handler_task}, timeout=timeout)
         if not done:
             ctx.cancel("timed out")
             handler_task.cancel()
-        # Retrieve the outcome now, whatever decide() later looks at, so no exception goes unobserved.
+        # Retrieve the exception now, whatever is decided, so that none goes unobserved.
         error = handler_task.exception() if done and not handler_task.cancelled() else None
+        if attempt.abandon and (not done or handler_task.cancelled() or isinstance(error, JobCancelled)):
+            return Abandoned(
+                JobError(ErrorCode.ABORTED, "the server drained while the job ran", "SERVER_DRAINED")
+            )
+        if not done:
+            message = f"the attempt ran longer than its time-out of {timeout:g}s"
+            return Failed(JobError(ErrorCode.DEADLINE_EXCEEDED, message, "ATTEMPT_TIMEOUT"))
+        if handler_task.cancelled():  # forced after the cancel grace period
+            return Failed(JobError(ErrorCode.CANCELLED, "the handler was stopped", "HANDLER_STOPPED"), False)
+        if isinstance(error, JobCancelled):
+            message = f"the handler cancelled itself: {error}"
+            return Failed(JobError(ErrorCode.CANCELLED, message, "HANDLER_CANCELLED"), retryable=False)
+        if isinstance(error, NonRetryableError):
+            return Failed(_handler_error(error), retryable=False)
+        if error is not None:
+            return Failed(_handler_error(error))
+        return handler_result(handler_task.result())
 
-        def decide() -> tuple[JobState, dict[str, Any]]:
-            if attempt.abandon and job.state is JobState.RUNNING:
-                return JobState.QUEUED, self._requeue_changes(job, "the server is draining")
-            if job.state is JobState.CANCELLING:
-                return JobState.CANCELLED, self._cancelled_changes(job)
-            if not done:
-                message = f"the job ran longer than its time-out of {timeout:g}s"
-                return JobState.FAILED, {
-                    "error": JobError(ErrorCode.DEADLINE_EXCEEDED, message, "JOB_TIMEOUT")
-                }
-            if handler_task.cancelled():
-                return JobState.FAILED, {
-                    "error": JobError(ErrorCode.ABORTED, "the handler was stopped", "HANDLER_STOPPED")
-                }
-            if isinstance(error, JobCancelled):
-                return JobState.FAILED, {
-                    "error": JobError(
-                        ErrorCode.CANCELLED, f"the handler cancelled itself: {error}", "HANDLER_CANCELLED"
-                    )
-                }
-            if error is not None:
-                return JobState.FAILED, {"error": _handler_error(error)}
-            return _success(handler_task.result())
+    # -- time ----------------------------------------------------------------------------------------
 
-        return decide
+    async def _timers_forever(self) -> None:
+        """Wake when the next timer is due (or a new one is added), and act on what is due."""
+        while True:
+            due = self.timers.next_due()
+            self._timer_wake.clear()
+            delay = None if due is None else max(0.0, due - self.clock.now())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_wake.wait(), delay)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("timer processing failed; will retry")
 
-    async def _finish(self, attempt: _Attempt, decide: Callable[[], tuple[JobState, dict[str, Any]]]) -> None:
-        job = attempt.job
-        async with self._lock(job.id):
-            target, changes = decide()
-            run_time = self.clock.now() - (job.start_time or self.clock.now())
-            if await self._apply(job, target, changes):
-                if target is JobState.QUEUED:
-                    # queue_time is kept, so the job keeps its place: it had already waited its turn.
+    async def tick(self) -> None:
+        """Act on every timer due by the clock's now: start delayed jobs, expire leases, time out attempts.
+
+        Runs by itself as time passes; tests with a fake clock call it after moving the clock.
+        """
+        now = self.clock.now()
+        for timer in self.timers.pop_due(now):
+            job = self._jobs.get(timer.job_id)
+            if job is None:
+                continue
+            if timer.kind is TimerKind.SCHEDULED_START:
+                if job.id in self._delayed and job.state is JobState.QUEUED:
+                    self._delayed.discard(job.id)
                     self.scheduler.push(job.id, job.type, job.priority, job.queue_time)
-                else:
-                    self.stats_window.record_finish(
-                        self.clock.monotonic(), target is JobState.SUCCEEDED, run_time
-                    )
+                continue
+            lease = self._leases.get(job.id)
+            if lease is None or lease.token.epoch != timer.epoch:
+                continue
+            if timer.kind is TimerKind.LEASE_EXPIRY:
+                expires = job.lease_expire_time or now
+                if expires > now:  # renewed since: look again then
+                    self.timers.add(expires, TimerKind.LEASE_EXPIRY, job.id, timer.epoch)
+                    continue
+                error = JobError(ErrorCode.ABORTED, "the worker's lease expired", "LEASE_EXPIRED")
+                log.warning("job %s attempt %d: lease expired", job.id, job.attempt)
+                await self._end_remote(job, lease.token, Failed(error), "the lease expired")
+            elif timer.kind is TimerKind.ATTEMPT_TIMEOUT:
+                message = "the attempt ran longer than its time-out"
+                error = JobError(ErrorCode.DEADLINE_EXCEEDED, message, "ATTEMPT_TIMEOUT")
+                await self._end_remote(job, lease.token, Failed(error), "the attempt timed out")
+        self._dispatch()
 
     # -- background ----------------------------------------------------------------------------------
 
@@ -571,22 +1003,40 @@ class JobManager:
             log.info("purged %d finished jobs past their retention", purged)
         return purged
 
-    def _refresh_known_types(self) -> None:
-        self._known_types_message = ", ".join(sorted(self.handlers)) or "(none registered)"
+    def _apply_type_limit(self, job_type: JobType) -> None:
+        limit = self.settings.type_limits.get(job_type.name, job_type.max_running)
+        self.scheduler.set_type_limit(job_type.name, limit)
 
 
-def _success(value: Any) -> tuple[JobState, dict[str, Any]]:
+def handler_result(value: Any) -> Outcome:
     """A handler's return value as a job result: JSON-compatible, and an object."""
     try:
         result = json.loads(json.dumps(value if value is not None else {}))
     except (TypeError, ValueError) as error:
         message = f"the handler returned a value that is not JSON-compatible: {error}"
-        return JobState.FAILED, {"error": JobError(ErrorCode.UNKNOWN, message, "RESULT_NOT_JSON")}
+        return Failed(JobError(ErrorCode.UNKNOWN, message, "RESULT_NOT_JSON"), retryable=False)
     if not isinstance(result, dict):
         result = {"value": result}
-    return JobState.SUCCEEDED, {"result": result}
+    return Succeeded(result)
 
 
 def _handler_error(error: BaseException) -> JobError:
     message = f"{type(error).__name__}: {error}"[:4096]
     return JobError(ErrorCode.UNKNOWN, message, "HANDLER_ERROR", {"exception_type": type(error).__name__})
+
+
+def _log_task_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background job task failed", exc_info=task.exception())
+
+
+__all__ = [
+    "Abandoned",
+    "Failed",
+    "JobManager",
+    "ManagerSettings",
+    "Outcome",
+    "QueueStats",
+    "RetryDefaults",
+    "Succeeded",
+]

@@ -39,11 +39,11 @@ class Scheduler:
     def __init__(
         self,
         *,
-        max_running: int,
+        max_running: int | None = None,
         type_limits: dict[str, int] | None = None,
         aging_interval: float = 60.0,
     ) -> None:
-        if max_running < 1:
+        if max_running is not None and max_running < 1:
             raise ValueError("max_running must be at least 1")
         if aging_interval < 0:
             raise ValueError("aging_interval must be >= 0")
@@ -112,14 +112,26 @@ class Scheduler:
 
     def has_room(self, job_type: str) -> bool:
         limit = self.type_limits.get(job_type)
-        return self.running < self.max_running and (limit is None or self._running_by_type[job_type] < limit)
+        return (self.max_running is None or self.running < self.max_running) and (
+            limit is None or self._running_by_type[job_type] < limit
+        )
 
-    def pop_ready(self) -> tuple[str, str] | None:
-        """Take the next job that may start now and count it as running: (job_id, job_type), or None."""
-        if self.running >= self.max_running:
+    def set_type_limit(self, job_type: str, limit: int | None) -> None:
+        if limit is None:
+            self.type_limits.pop(job_type, None)
+        else:
+            self.type_limits[job_type] = limit
+
+    def pop_ready(self, types: Iterable[str] | None = None) -> tuple[str, str] | None:
+        """Take the next job that may start now and count it as running: (job_id, job_type), or None.
+
+        With ``types``, only jobs of those types are considered (what one executor can run).
+        """
+        if self.max_running is not None and self.running >= self.max_running:
             return None
         best: _Entry | None = None
-        for job_type in list(self._heaps):
+        candidates = list(self._heaps) if types is None else [t for t in types if t in self._heaps]
+        for job_type in candidates:
             if not self.has_room(job_type):
                 continue
             head = self._head(job_type)

@@ -1,8 +1,10 @@
 """The job state machine, written down once. Every state change in Jobwire goes through ``check_transition``.
 
     QUEUED     -> RUNNING | CANCELLED
-    RUNNING    -> SUCCEEDED | FAILED | CANCELLING | QUEUED   (QUEUED: attempt abandoned, runs again)
+    RUNNING    -> SUCCEEDED | FAILED | CANCELLING | QUEUED   (QUEUED: another attempt follows)
     CANCELLING -> CANCELLED
+    FAILED     -> QUEUED    (RetryJob)
+    CANCELLED  -> QUEUED    (RetryJob)
 
 CANCELLING always ends CANCELLED: whatever the handler does after it was told to stop (return, raise,
 ignore the request until the grace period runs out), the user asked for the job to stop.
@@ -42,8 +44,8 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLING, JobState.QUEUED}),
     JobState.CANCELLING: frozenset({JobState.CANCELLED}),
     JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.CANCELLED: frozenset(),
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED}),
 }
 
 

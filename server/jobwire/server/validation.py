@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from jobwire.handlers.api import JOB_TYPE_PATTERN
+from jobwire.handlers.api import JOB_TYPE_PATTERN, RetryDefaults
 from jobwire.server.errors import FieldViolation, InvalidArgument
 from jobwire.server.job import PRIORITY_MAX, PRIORITY_MIN
+from jobwire.server.job_types import JobType
 
 LABEL_KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 MAX_LABELS = 64
@@ -19,6 +21,7 @@ MAX_REQUEST_ID = 128
 MAX_REASON = 1024
 MIN_TIMEOUT = 0.001
 MAX_TIMEOUT = 7 * 24 * 3600.0
+MAX_SCHEDULE_AHEAD = 365 * 24 * 3600.0
 
 
 @dataclass(slots=True)
@@ -31,6 +34,8 @@ class SubmitRequest:
     labels: dict[str, str] | None = None
     request_id: str = ""
     timeout: float | None = None
+    retry: RetryDefaults | None = None
+    schedule_time: float | None = None  # seconds since the epoch
 
 
 def submit_violations(request: SubmitRequest) -> list[FieldViolation]:
@@ -51,6 +56,51 @@ def submit_violations(request: SubmitRequest) -> list[FieldViolation]:
         violations.append(FieldViolation("request_id", f"at most {MAX_REQUEST_ID} characters"))
     if request.timeout is not None and not MIN_TIMEOUT <= request.timeout <= MAX_TIMEOUT:
         violations.append(FieldViolation("timeout", "must be from 1 millisecond to 7 days"))
+    if request.retry is not None:
+        violations.extend(retry_violations(request.retry, "retry_policy"))
+    if request.schedule_time is not None and request.schedule_time > time.time() + MAX_SCHEDULE_AHEAD:
+        violations.append(FieldViolation("schedule_time", "at most 365 days ahead"))
+    return violations
+
+
+def retry_violations(retry: RetryDefaults, field: str) -> list[FieldViolation]:
+    """Bounds of each retry setting that is given (None fields take defaults and are not checked)."""
+    violations: list[FieldViolation] = []
+    if retry.max_attempts is not None and not 1 <= retry.max_attempts <= 100:
+        violations.append(FieldViolation(f"{field}.max_attempts", "must be from 1 to 100"))
+    if retry.initial_backoff is not None and not 0.001 <= retry.initial_backoff <= 86400:
+        violations.append(FieldViolation(f"{field}.initial_backoff", "must be from 1 millisecond to 1 day"))
+    if retry.max_backoff is not None and not 0.001 <= retry.max_backoff <= 7 * 86400:
+        violations.append(FieldViolation(f"{field}.max_backoff", "must be from 1 millisecond to 7 days"))
+    if retry.backoff_multiplier is not None and not 1.0 <= retry.backoff_multiplier <= 10.0:
+        violations.append(FieldViolation(f"{field}.backoff_multiplier", "must be from 1.0 to 10.0"))
+    return violations
+
+
+def job_type_violations(worker_id: str, job_types: list[JobType], credits: int) -> list[FieldViolation]:
+    """Problems of a worker's registration."""
+    violations: list[FieldViolation] = []
+    if len(worker_id) > 128:
+        violations.append(FieldViolation("register.worker_id", "at most 128 characters"))
+    if not 1 <= len(job_types) <= 1000:
+        violations.append(FieldViolation("register.job_types", "declare from 1 to 1000 job types"))
+    if not 0 <= credits <= 10_000:
+        violations.append(FieldViolation("register.credits", "must be from 0 to 10000"))
+    seen: set[str] = set()
+    for i, job_type in enumerate(job_types):
+        field = f"register.job_types[{i}]"
+        if not JOB_TYPE_PATTERN.match(job_type.name):
+            violations.append(
+                FieldViolation(f"{field}.type", "1-128 characters of letters, digits and ._:/-")
+            )
+        if job_type.name in seen:
+            violations.append(FieldViolation(f"{field}.type", f"{job_type.name!r} is declared twice"))
+        seen.add(job_type.name)
+        if job_type.timeout is not None and not MIN_TIMEOUT <= job_type.timeout <= MAX_TIMEOUT:
+            violations.append(FieldViolation(f"{field}.timeout", "must be from 1 millisecond to 7 days"))
+        if job_type.max_running is not None and job_type.max_running < 1:
+            violations.append(FieldViolation(f"{field}.max_running", "must not be negative"))
+        violations.extend(retry_violations(job_type.retry, f"{field}.retry_policy"))
     return violations
 
 
@@ -79,7 +129,15 @@ def check(violations: list[FieldViolation]) -> None:
 def fingerprint(request: SubmitRequest, priority: int) -> str:
     """A digest of everything that makes two submits 'the same request' (AIP-155)."""
     canonical = json.dumps(
-        [request.type, request.params, priority, request.labels or {}, request.timeout],
+        [
+            request.type,
+            request.params,
+            priority,
+            request.labels or {},
+            request.timeout,
+            request.retry,
+            request.schedule_time,
+        ],
         sort_keys=True,
         separators=(",", ":"),
         default=str,

@@ -11,8 +11,9 @@ from typing import Any
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from jobwire.handlers.api import RetryDefaults
 from jobwire.server.errors import FieldViolation, InvalidArgument
-from jobwire.server.job import Job, JobError, Progress
+from jobwire.server.job import AttemptRecord, Job, JobError, Progress
 from jobwire.server.state_machine import JobState
 from jobwire.server.stores.base import JobFilter
 from jobwire.v1 import job_pb2
@@ -83,7 +84,58 @@ def job_to_proto(job: Job) -> job_pb2.Job:
         set_timestamp(message.expire_time, job.expire_time)
     if job.timeout is not None:
         set_duration(message.timeout, job.timeout)
+    policy = job.retry_policy
+    message.retry_policy.max_attempts = policy.max_attempts
+    set_duration(message.retry_policy.initial_backoff, policy.initial_backoff)
+    set_duration(message.retry_policy.max_backoff, policy.max_backoff)
+    message.retry_policy.backoff_multiplier = policy.backoff_multiplier
+    if job.schedule_time is not None:
+        set_timestamp(message.schedule_time, job.schedule_time)
+    for record in job.attempts:
+        _set_attempt(message.attempts.add(), record)
+    if job.wait_reason:
+        message.wait_reason = int(job.wait_reason)  # type: ignore[assignment]
+        message.wait_message = job.wait_message
+    message.worker_id = job.worker_id
+    if job.lease_expire_time is not None:
+        set_timestamp(message.lease_expire_time, job.lease_expire_time)
+    message.lease_epoch = job.lease_epoch
     return message
+
+
+def _set_attempt(target: job_pb2.Attempt, record: AttemptRecord) -> None:
+    target.attempt = record.attempt
+    set_timestamp(target.start_time, record.start_time)
+    set_timestamp(target.end_time, record.end_time)
+    if record.outcome is None:
+        target.outcome.code = 0
+        target.outcome.message = "succeeded"
+    else:
+        target.outcome.CopyFrom(job_error_to_status(record.outcome))
+    target.worker_id = record.worker_id
+
+
+def retry_from_proto(policy: job_pb2.RetryPolicy) -> RetryDefaults:
+    """A RetryPolicy message as partial settings: zero fields are left to the defaults."""
+    return RetryDefaults(
+        max_attempts=policy.max_attempts or None,
+        initial_backoff=duration_seconds(policy.initial_backoff)
+        if policy.HasField("initial_backoff")
+        else None,
+        max_backoff=duration_seconds(policy.max_backoff) if policy.HasField("max_backoff") else None,
+        backoff_multiplier=policy.backoff_multiplier or None,
+    )
+
+
+def status_to_job_error(status: status_pb2.Status, default_reason: str) -> JobError:
+    """A worker-reported google.rpc.Status as a JobError (ErrorInfo reason kept when given)."""
+    reason, metadata = default_reason, {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason or default_reason, dict(info.metadata)
+    return JobError(status.code or 2, status.message[:4096], reason, metadata)
 
 
 def _set_progress(target: job_pb2.Progress, progress: Progress) -> None:

@@ -45,6 +45,12 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
                     timeout=convert.duration_seconds(request.timeout)
                     if request.HasField("timeout")
                     else None,
+                    retry=convert.retry_from_proto(request.retry_policy)
+                    if request.HasField("retry_policy")
+                    else None,
+                    schedule_time=convert.timestamp_seconds(request.schedule_time)
+                    if request.HasField("schedule_time")
+                    else None,
                 )
             )
         except JobwireError as error:
@@ -104,6 +110,15 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
         except JobwireError as error:
             await abort(context, error)
 
+    async def RetryJob(
+        self, request: job_service_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
+    ) -> job_service_pb2.RetryJobResponse:
+        try:
+            job = await self._manager.retry(_job_id(request.job_id))
+        except JobwireError as error:
+            await abort(context, error)
+        return job_service_pb2.RetryJobResponse(job=convert.job_to_proto(job))
+
     async def GetQueueStats(
         self, request: job_service_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
     ) -> job_service_pb2.GetQueueStatsResponse:
@@ -115,6 +130,8 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
             finished_in_window=stats.window.finished,
             success_rate=stats.window.success_rate,
             draining=stats.draining,
+            connected_workers=stats.connected_workers,
+            delayed=stats.delayed,
         )
         by_state = dict.fromkeys(JobState, 0)
         by_type: dict[str, int] = {}
@@ -130,6 +147,7 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
                 running=stats.running_by_type.get(job_type, 0),
                 max_running=stats.type_limits.get(job_type, 0),
                 total=by_type.get(job_type, 0),
+                workers=stats.workers_by_type.get(job_type, 0),
             )
         for priority, queued in sorted(stats.queued_by_priority.items(), reverse=True):
             response.priority_counts.add(priority=priority, queued=queued)

@@ -6,7 +6,7 @@ The generated ``add_*Servicer_to_server`` lets grpcio decode requests, and grpci
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -33,14 +33,40 @@ def _decoding(method: Handler, descriptor: MethodDescriptor) -> Handler:
     return handle
 
 
+def _decoding_stream(method: Handler, descriptor: MethodDescriptor) -> Handler:
+    """For client streaming: the servicer gets an async iterator of decoded messages."""
+    request_class = message_factory.GetMessageClass(descriptor.input_type)
+    type_name = descriptor.input_type.full_name
+
+    async def handle(raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+        async def decoded() -> AsyncIterator[Any]:
+            async for raw in raw_requests:
+                try:
+                    yield request_class.FromString(raw)
+                except DecodeError as error:
+                    await abort(context, invalid("request", f"not a valid {type_name} message: {error}"))
+
+        return await method(decoded(), context)
+
+    return handle
+
+
 def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
-    """Register every RPC of ``service`` implemented by ``servicer`` (unary and server-streaming)."""
+    """Register every RPC of ``service`` implemented by ``servicer`` (any streaming kind)."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for descriptor in service.methods:
         method = getattr(servicer, descriptor.name)
         serialize = message_factory.GetMessageClass(descriptor.output_type).SerializeToString
         if descriptor.client_streaming:
-            raise NotImplementedError(f"{descriptor.full_name}: client streaming is not supported here")
+            make = (
+                grpc.stream_stream_rpc_method_handler
+                if descriptor.server_streaming
+                else grpc.stream_unary_rpc_method_handler
+            )
+            handlers[descriptor.name] = make(
+                _decoding_stream(method, descriptor), response_serializer=serialize
+            )
+            continue
         make = (
             grpc.unary_stream_rpc_method_handler
             if descriptor.server_streaming

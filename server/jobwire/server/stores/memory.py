@@ -11,7 +11,8 @@ import bisect
 import builtins
 from collections import Counter
 
-from jobwire.server.job import Job, JobError
+from jobwire.server.job import AttemptRecord, Job, JobError
+from jobwire.server.job_types import JobType
 from jobwire.server.state_machine import TERMINAL_STATES, JobState
 from jobwire.server.stores.base import DuplicateRequestId, JobCount, JobFilter, JobQuery, JobStore
 
@@ -30,17 +31,33 @@ def matches_filter(job: Job, job_filter: JobFilter) -> bool:
     return job_filter.create_time_end is None or job.create_time < job_filter.create_time_end
 
 
+def _copy_error(error: JobError) -> JobError:
+    # The code is stored as a plain int, as the durable backends load it (any google.rpc.Code number).
+    return JobError(int(error.code), error.message, error.reason, dict(error.metadata))
+
+
 def _snapshot(job: Job) -> Job:
     """A copy sharing nothing mutable with ``job`` except params/result, which are never mutated in place.
 
-    ``Job.copy()`` shares ``labels`` and ``error`` (a mutable dataclass with a metadata dict); a store
-    must not, or a caller editing a returned job's labels would edit the stored one.
+    ``Job.copy()`` shares ``labels``, ``error`` (a mutable dataclass with a metadata dict) and the
+    attempt records (frozen, but each outcome is such a JobError); a store must not, or a caller editing
+    a returned job's labels would edit the stored one. ``Job.copy()`` also leaves the computed fields
+    (queue_position, wait_reason, wait_message) at their defaults, so they are never stored.
     """
     snapshot = job.copy()
     snapshot.labels = dict(job.labels)
     if job.error is not None:
-        snapshot.error = JobError(
-            job.error.code, job.error.message, job.error.reason, dict(job.error.metadata)
+        snapshot.error = _copy_error(job.error)
+    if any(attempt.outcome is not None for attempt in job.attempts):
+        snapshot.attempts = tuple(
+            AttemptRecord(
+                a.attempt,
+                a.start_time,
+                a.end_time,
+                None if a.outcome is None else _copy_error(a.outcome),
+                a.worker_id,
+            )
+            for a in job.attempts
         )
     return snapshot
 
@@ -53,6 +70,7 @@ class MemoryStore(JobStore):
         # Ascending; ULIDs are generated in increasing order, so inserting is almost always an append.
         self._ids: list[str] = []
         self._by_request_id: dict[str, str] = {}
+        self._job_types: dict[str, JobType] = {}  # JobType and its RetryDefaults are frozen: no copies
 
     async def open(self) -> None:
         """Nothing to prepare."""
@@ -142,6 +160,13 @@ class MemoryStore(JobStore):
                 del self._by_request_id[job.request_id]
         self._ids = [job_id for job_id in self._ids if job_id in self._jobs]
         return len(expired)
+
+    async def save_job_types(self, job_types: builtins.list[JobType]) -> None:
+        for job_type in job_types:
+            self._job_types[job_type.name] = job_type
+
+    async def load_job_types(self) -> builtins.list[JobType]:
+        return [self._job_types[name] for name in sorted(self._job_types)]
 
     async def count(self) -> builtins.list[JobCount]:
         counts = Counter((job.state, job.type, job.priority) for job in self._jobs.values())

@@ -25,7 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from jobwire.server.job import ErrorCode, Job, JobError, Progress
+from jobwire.handlers.api import Progress, RetryDefaults
+from jobwire.server.job import AttemptRecord, Job, JobError, RetryPolicy
+from jobwire.server.job_types import JobType
 from jobwire.server.state_machine import TERMINAL_STATES, JobState
 from jobwire.server.stores.base import DuplicateRequestId, JobCount, JobQuery, JobStore
 
@@ -71,6 +73,31 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX jobs_state_id ON jobs (state, id)",
         "CREATE INDEX jobs_expire_time ON jobs (expire_time) WHERE expire_time IS NOT NULL",
     ),
+    # 2: retries, schedules, attempt history and leases; job types declared by workers.
+    (
+        # The default is RetryPolicy() as it was when retries arrived (one attempt, i.e. no retry): the
+        # policy of every job created before then, pinned here so a later change of the dataclass
+        # defaults cannot silently make old jobs retryable.
+        "ALTER TABLE jobs ADD COLUMN retry_policy TEXT NOT NULL DEFAULT "
+        """'{"max_attempts":1,"initial_backoff":1.0,"max_backoff":300.0,"backoff_multiplier":2.0}'""",
+        "ALTER TABLE jobs ADD COLUMN schedule_time REAL",
+        # JSON list of {attempt, start_time, end_time, outcome (null or as the error column), worker_id}
+        "ALTER TABLE jobs ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE jobs ADD COLUMN worker_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE jobs ADD COLUMN lease_expire_time REAL",
+        "ALTER TABLE jobs ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN attempt_base INTEGER NOT NULL DEFAULT 0",
+        """
+        CREATE TABLE job_types (
+            name        TEXT PRIMARY KEY,
+            timeout     REAL,
+            max_running INTEGER,
+            retry       TEXT NOT NULL,      -- JSON {max_attempts, initial_backoff, max_backoff,
+                                            --       backoff_multiplier}, each null or a number
+            last_seen   REAL NOT NULL
+        )
+        """,
+    ),
 )
 
 _COLUMNS = (
@@ -95,6 +122,13 @@ _COLUMNS = (
     "timeout",
     "cancel_reason",
     "sequence",
+    "retry_policy",
+    "schedule_time",
+    "attempts",
+    "worker_id",
+    "lease_expire_time",
+    "lease_epoch",
+    "attempt_base",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 _INSERT = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
@@ -110,6 +144,12 @@ _PURGE = f"DELETE FROM jobs WHERE expire_time <= ? AND +state IN ({_TERMINAL})"
 _UNFINISHED_STATES = ", ".join(str(int(s)) for s in sorted(set(JobState) - TERMINAL_STATES))
 _UNFINISHED = f"{_SELECT} WHERE state IN ({_UNFINISHED_STATES}) ORDER BY id"  # IN, not NOT IN: uses the index
 _COUNT = "SELECT state, type, priority, COUNT(*) FROM jobs GROUP BY state, type, priority ORDER BY 1, 2, 3"
+_SAVE_JOB_TYPE = (
+    "INSERT INTO job_types (name, timeout, max_running, retry, last_seen) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET timeout = excluded.timeout, max_running = excluded.max_running, "
+    "retry = excluded.retry, last_seen = excluded.last_seen"
+)
+_LOAD_JOB_TYPES = "SELECT name, timeout, max_running, retry, last_seen FROM job_types ORDER BY name"
 
 Row = tuple[Any, ...]
 
@@ -131,20 +171,83 @@ def _progress_json(progress: Progress | None) -> str | None:
     )
 
 
-def job_to_row(job: Job) -> Row:
-    """Serialize in the caller's thread, so later changes to ``job`` cannot race with the writer."""
-    error = (
-        None
-        if job.error is None
-        else _dumps(
-            {
-                "code": int(job.error.code),
-                "message": job.error.message,
-                "reason": job.error.reason,
-                "metadata": job.error.metadata,
-            }
-        )
+def _error_obj(error: JobError) -> dict[str, Any]:
+    # The code is any google.rpc.Code number, stored and loaded as a plain int.
+    return {
+        "code": int(error.code),
+        "message": error.message,
+        "reason": error.reason,
+        "metadata": error.metadata,
+    }
+
+
+def _error_from(e: dict[str, Any]) -> JobError:
+    return JobError(int(e["code"]), e["message"], e["reason"], dict(e["metadata"]))
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _retry_policy_json(policy: RetryPolicy) -> str:
+    return _dumps(
+        {
+            "max_attempts": policy.max_attempts,
+            "initial_backoff": policy.initial_backoff,
+            "max_backoff": policy.max_backoff,
+            "backoff_multiplier": policy.backoff_multiplier,
+        }
     )
+
+
+def _retry_policy_from(text: str) -> RetryPolicy:
+    r = json.loads(text)
+    return RetryPolicy(
+        int(r["max_attempts"]),
+        float(r["initial_backoff"]),
+        float(r["max_backoff"]),
+        float(r["backoff_multiplier"]),
+    )
+
+
+def _attempts_json(attempts: Sequence[AttemptRecord]) -> str:
+    return _dumps(
+        [
+            {
+                "attempt": a.attempt,
+                "start_time": a.start_time,
+                "end_time": a.end_time,
+                "outcome": None if a.outcome is None else _error_obj(a.outcome),
+                "worker_id": a.worker_id,
+            }
+            for a in attempts
+        ]
+    )
+
+
+def _attempts_from(text: str) -> tuple[AttemptRecord, ...]:
+    return tuple(
+        AttemptRecord(
+            int(a["attempt"]),
+            float(a["start_time"]),
+            float(a["end_time"]),
+            None if a["outcome"] is None else _error_from(a["outcome"]),
+            a["worker_id"],
+        )
+        for a in json.loads(text)
+    )
+
+
+def job_to_row(job: Job) -> Row:
+    """Serialize in the caller's thread, so later changes to ``job`` cannot race with the writer.
+
+    The computed fields (queue_position, wait_reason, wait_message) are not stored.
+    """
+    error = None if job.error is None else _dumps(_error_obj(job.error))
     return (
         job.id,
         job.type,
@@ -167,6 +270,13 @@ def job_to_row(job: Job) -> Row:
         job.timeout,
         job.cancel_reason,
         job.sequence,
+        _retry_policy_json(job.retry_policy),
+        job.schedule_time,
+        _attempts_json(job.attempts),
+        job.worker_id,
+        job.lease_expire_time,
+        job.lease_epoch,
+        job.attempt_base,
     )
 
 
@@ -194,15 +304,19 @@ def row_to_job(row: Sequence[Any]) -> Job:
         timeout,
         cancel_reason,
         sequence,
+        retry_policy,
+        schedule_time,
+        attempts,
+        worker_id,
+        lease_expire_time,
+        lease_epoch,
+        attempt_base,
     ) = row
     job_progress = None
     if progress is not None:
         p = json.loads(progress)
         job_progress = Progress(p["percent"], p["message"], p["current_step"], p["total_steps"])
-    job_error = None
-    if error is not None:
-        e = json.loads(error)
-        job_error = JobError(ErrorCode(e["code"]), e["message"], e["reason"], e["metadata"])
+    job_error = None if error is None else _error_from(json.loads(error))
     return Job(
         id=job_id,
         type=job_type,
@@ -225,6 +339,48 @@ def row_to_job(row: Sequence[Any]) -> Job:
         timeout=timeout,
         cancel_reason=cancel_reason,
         sequence=sequence,
+        retry_policy=_retry_policy_from(retry_policy),
+        schedule_time=schedule_time,
+        attempts=_attempts_from(attempts),
+        worker_id=worker_id,
+        lease_expire_time=lease_expire_time,
+        lease_epoch=lease_epoch,
+        attempt_base=attempt_base,
+    )
+
+
+def job_type_to_row(job_type: JobType) -> Row:
+    retry = job_type.retry
+    return (
+        job_type.name,
+        job_type.timeout,
+        job_type.max_running,
+        _dumps(
+            {
+                "max_attempts": retry.max_attempts,
+                "initial_backoff": retry.initial_backoff,
+                "max_backoff": retry.max_backoff,
+                "backoff_multiplier": retry.backoff_multiplier,
+            }
+        ),
+        job_type.last_seen,
+    )
+
+
+def row_to_job_type(row: Sequence[Any]) -> JobType:
+    name, timeout, max_running, retry, last_seen = row
+    r = json.loads(retry)
+    return JobType(
+        name=name,
+        timeout=timeout,
+        max_running=max_running,
+        retry=RetryDefaults(
+            _optional_int(r["max_attempts"]),
+            _optional_float(r["initial_backoff"]),
+            _optional_float(r["max_backoff"]),
+            _optional_float(r["backoff_multiplier"]),
+        ),
+        last_seen=last_seen,
     )
 
 
@@ -257,6 +413,10 @@ def _apply_update(row: Row, expected_state: JobState | None, conn: sqlite3.Conne
 
 def _apply_purge(now: float, conn: sqlite3.Connection) -> int:
     return conn.execute(_PURGE, (now,)).rowcount
+
+
+def _apply_save_job_types(rows: list[Row], conn: sqlite3.Connection) -> None:
+    conn.executemany(_SAVE_JOB_TYPE, rows)  # in order, so a name given twice keeps its last row
 
 
 # --- reads, run by the reader thread ---------------------------------------------------------------
@@ -309,6 +469,10 @@ def _read_list(query: JobQuery, conn: sqlite3.Connection) -> list[Job]:
 
 def _read_unfinished(conn: sqlite3.Connection) -> list[Job]:
     return [row_to_job(row) for row in conn.execute(_UNFINISHED).fetchall()]
+
+
+def _read_job_types(conn: sqlite3.Connection) -> list[JobType]:
+    return [row_to_job_type(row) for row in conn.execute(_LOAD_JOB_TYPES).fetchall()]
 
 
 def _read_count(conn: sqlite3.Connection) -> list[JobCount]:
@@ -535,6 +699,10 @@ class SqliteStore(JobStore):
     async def purge_expired(self, now: float) -> int:
         return await self._submit(functools.partial(_apply_purge, now))
 
+    async def save_job_types(self, job_types: builtins.list[JobType]) -> None:
+        rows = [job_type_to_row(job_type) for job_type in job_types]  # in the caller's thread, like jobs
+        await self._submit(functools.partial(_apply_save_job_types, rows))
+
     # --- the writer thread ---------------------------------------------------------------------------
 
     def _writer_main(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
@@ -687,3 +855,6 @@ class SqliteStore(JobStore):
 
     async def count(self) -> builtins.list[JobCount]:
         return await self._read(_read_count)
+
+    async def load_job_types(self) -> builtins.list[JobType]:
+        return await self._read(_read_job_types)
