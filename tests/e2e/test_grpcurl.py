@@ -135,8 +135,9 @@ def test_list_shows_services_through_reflection(grpcurl: Grpcurl) -> None:
     assert methods.returncode == 0, methods.stderr
     assert set(methods.stdout.split()) == {  # grpcurl 1.8.6 lists methods as Service.Method
         f"{SERVICE}.{name}"
-        for name in ("SubmitJob", "GetJob", "ListJobs", "CancelJob", "WatchJob", "GetQueueStats")
+        for name in ("SubmitJob", "GetJob", "ListJobs", "CancelJob", "WatchJob", "GetQueueStats", "RetryJob")
     }
+    assert "jobwire.v1.WorkerService" in services
 
 
 def test_describe_service_and_message(grpcurl: Grpcurl) -> None:

@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any
 
-from jobwire.handlers import JobContext, handler
+from jobwire.handlers import JobContext, NonRetryableError, handler
 
 # Set by tests to let `test.gate` jobs finish; a threading.Event works across the server's threads.
 GATE = threading.Event()
@@ -77,3 +77,16 @@ async def progress(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
         ctx.report_progress(current_step=i + 1, total_steps=count)
     await ctx.asleep(0)
     return {"count": count}
+
+
+@handler("test.flaky")
+async def flaky(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Fails every attempt before ``succeed_on`` (default 2), then returns the attempt that succeeded."""
+    if ctx.attempt < int(params.get("succeed_on", 2)):
+        raise RuntimeError(f"attempt {ctx.attempt} fails")
+    return {"succeeded_on": ctx.attempt, "epoch": ctx.lease_epoch}
+
+
+@handler("test.nonretryable", max_attempts=5)
+def nonretryable(params: dict[str, Any], ctx: JobContext) -> None:
+    raise NonRetryableError("bad input, retrying cannot help")
