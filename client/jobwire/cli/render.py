@@ -176,6 +176,33 @@ def job_summary_table(job: job_pb2.Job) -> Table:
     table.add_row("priority", str(job.priority))
     if job.state == job_pb2.JOB_STATE_QUEUED and job.queue_position:
         table.add_row("queue position", str(job.queue_position))
+    if job.HasField("schedule_time"):
+        table.add_row("runs after", fmt_time(job.schedule_time))
+    return table
+
+
+def fmt_wait(job: job_pb2.Job) -> str:
+    """Why a queued job waits, e.g. "no worker: no connected worker takes type x"."""
+    if not job.wait_reason:
+        return "-"
+    name = job_pb2.WaitReason.Name(job.wait_reason).removeprefix("WAIT_REASON_").lower().replace("_", " ")
+    return f"{name}: {job.wait_message}" if job.wait_message else name
+
+
+def attempts_table(job: job_pb2.Job) -> Table:
+    """Every finished attempt: when, where, and how it ended."""
+    table = Table(title="attempts", box=box.SIMPLE_HEAD, title_justify="left")
+    for column in ("#", "WORKER", "STARTED", "ENDED", "OUTCOME"):
+        table.add_column(column)
+    for attempt in job.attempts:
+        outcome = "succeeded" if attempt.outcome.code == 0 else attempt.outcome.message
+        table.add_row(
+            str(attempt.attempt),
+            attempt.worker_id or "-",
+            fmt_time(attempt.start_time),
+            fmt_time(attempt.end_time),
+            Text(outcome, style="green" if attempt.outcome.code == 0 else "red"),
+        )
     return table
 
 
@@ -186,10 +213,17 @@ def job_detail_table(job: job_pb2.Job) -> Table:
     table.add_row("type", job.type)
     table.add_row("state", styled_state(job.state))
     table.add_row("priority", str(job.priority))
-    table.add_row("attempt", str(job.attempt))
+    table.add_row("attempt", f"{job.attempt} of {job.retry_policy.max_attempts or '-'}")
     table.add_row("progress", fmt_progress(job))
     if job.state == job_pb2.JOB_STATE_QUEUED:
         table.add_row("queue position", str(job.queue_position or "-"))
+        table.add_row("waiting", fmt_wait(job))
+    if job.HasField("schedule_time"):
+        table.add_row("runs after", fmt_time(job.schedule_time))
+    if job.worker_id:
+        table.add_row("worker", f"{job.worker_id} (lease epoch {job.lease_epoch})")
+    if job.HasField("lease_expire_time"):
+        table.add_row("lease expires", fmt_time(job.lease_expire_time))
     table.add_row("created", fmt_time(job.create_time, job.HasField("create_time")))
     table.add_row("started", fmt_time(job.start_time, job.HasField("start_time")))
     table.add_row("ended", fmt_time(job.end_time, job.HasField("end_time")))
@@ -241,6 +275,8 @@ def stats_view(stats: job_service_pb2.GetQueueStatsResponse) -> Group:
     overview.add_row("running", f"{stats.running} / {stats.max_running or '-'}")
     overview.add_row("max queued", str(stats.max_queued or "-"))
     overview.add_row("draining", "yes" if stats.draining else "no")
+    overview.add_row("connected workers", str(stats.connected_workers))
+    overview.add_row("delayed (scheduled or back-off)", str(stats.delayed))
     window = fmt_duration(stats.window, stats.HasField("window"))
     overview.add_row(f"finished (last {window})", str(stats.finished_in_window))
     overview.add_row("success rate", f"{stats.success_rate * 100:.1f}%" if stats.finished_in_window else "-")
@@ -260,8 +296,11 @@ def stats_view(stats: job_service_pb2.GetQueueStatsResponse) -> Group:
     types.add_column("RUNNING", justify="right")
     types.add_column("MAX RUNNING", justify="right")
     types.add_column("TOTAL", justify="right")
+    types.add_column("WORKERS", justify="right")
     for ts in stats.type_stats:
-        types.add_row(ts.type, str(ts.queued), str(ts.running), str(ts.max_running or "-"), str(ts.total))
+        types.add_row(
+            ts.type, str(ts.queued), str(ts.running), str(ts.max_running or "-"), str(ts.total), str(ts.workers)
+        )
 
     priorities = Table(title="queued by priority", box=box.SIMPLE_HEAD, title_justify="left")
     priorities.add_column("PRIORITY", justify="right")

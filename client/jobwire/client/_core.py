@@ -89,6 +89,8 @@ def build_submit_request(
     labels: Mapping[str, str] | None = None,
     request_id: str | None = None,
     timeout: Timeout | None = None,
+    max_attempts: int | None = None,
+    schedule_time: datetime.datetime | None = None,
 ) -> job_service_pb2.SubmitJobRequest:
     """The SubmitJobRequest for ``submit``; always carries a request_id (generated when None)."""
     request = job_service_pb2.SubmitJobRequest(
@@ -104,6 +106,10 @@ def build_submit_request(
     duration = to_duration(timeout)
     if duration is not None:
         request.timeout.CopyFrom(duration)
+    if max_attempts is not None:
+        request.retry_policy.max_attempts = max_attempts
+    if schedule_time is not None:
+        request.schedule_time.CopyFrom(to_timestamp(schedule_time))
     return request
 
 

@@ -91,10 +91,23 @@ class AsyncJobwireClient:
         labels: Mapping[str, str] | None = None,
         request_id: str | None = None,
         timeout: _core.Timeout | None = None,  # noqa: ASYNC109 -- the job's run-time limit, not ours
+        max_attempts: int | None = None,
+        schedule_time: datetime.datetime | None = None,
     ) -> job_pb2.Job:
-        """Submit a job and return it (QUEUED). Retried on UNAVAILABLE under one request_id."""
+        """Submit a job and return it (QUEUED). Retried on UNAVAILABLE under one request_id.
+
+        ``timeout`` bounds one attempt; ``max_attempts`` overrides the type's retry budget;
+        ``schedule_time`` (an aware datetime) delays the start.
+        """
         request = _core.build_submit_request(
-            type, params, priority=priority, labels=labels, request_id=request_id, timeout=timeout
+            type,
+            params,
+            priority=priority,
+            labels=labels,
+            request_id=request_id,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            schedule_time=schedule_time,
         )
         response: job_service_pb2.SubmitJobResponse = await self._call(
             self._stub.SubmitJob, request, _core.SUBMIT_RETRY
@@ -166,6 +179,13 @@ class AsyncJobwireClient:
         """Cancel a job; returns it CANCELLED, or CANCELLING while its handler stops."""
         response: job_service_pb2.CancelJobResponse = await self._call(
             self._stub.CancelJob, job_service_pb2.CancelJobRequest(job_id=job_id, reason=reason)
+        )
+        return response.job
+
+    async def retry(self, job_id: str) -> job_pb2.Job:
+        """Queue a FAILED or CANCELLED job again, with a fresh budget of attempts."""
+        response: job_service_pb2.RetryJobResponse = await self._call(
+            self._stub.RetryJob, job_service_pb2.RetryJobRequest(job_id=job_id)
         )
         return response.job
 
