@@ -404,7 +404,7 @@ class JobManager:
     def _wait_reason(self, job: Job, now: float) -> tuple[WaitReason, str]:
         if self._draining:
             return WaitReason.DRAINING, "the server is draining and starts no new work"
-        if job.id in self._delayed and job.schedule_time is not None:
+        if job.schedule_time is not None and job.schedule_time > now:
             when = f"{max(0.0, job.schedule_time - now):.1f}s"
             if job.attempts:
                 return WaitReason.RETRY_BACKOFF, f"attempt {job.attempt} starts in {when} (retry back-off)"
@@ -705,6 +705,8 @@ class JobManager:
         for name in Job.__slots__:
             if name not in ("queue_position", "wait_reason", "wait_message"):
                 setattr(job, name, getattr(updated, name))
+        if target is JobState.QUEUED:  # watchers learn at once why it waits (e.g. a retry back-off)
+            updated.wait_reason, updated.wait_message = self._wait_reason(updated, now)
         # `updated` is now a private snapshot of the live job: the event can own it without a copy.
         self.events.publish_snapshot(updated, EventKind.STATE_CHANGED, now)
         return True
