@@ -1,8 +1,9 @@
 """The ``jobwire`` command: argument parsing and command dispatch over the sync SDK.
 
 Parsing of values lives in ``parsing``, presentation in ``render``; this module wires them to
-:class:`jobwire.client.JobwireClient`. Exit codes: 0 success; 1 a watched job FAILED or was
-CANCELLED; 2 bad usage or an error from the server; 130 interrupted.
+:class:`jobwire.client.JobwireClient`, and ``worker`` to :class:`jobwire.worker.Worker`. Exit codes: 0
+success (for ``worker``: stopped gracefully); 1 a watched job FAILED or was CANCELLED (for ``worker``:
+the server refused it); 2 bad usage or an error from the server; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -123,7 +126,122 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
     p = sub.add_parser("stats", parents=[common], help="show queue statistics")
     p.set_defaults(handler=cmd_stats)
+
+    _add_worker_parser(sub, env)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _add_worker_parser(sub: Any, env: Mapping[str, str]) -> None:
+    """``jobwire worker``: run @handler functions for a server, over WorkerService."""
+    p = sub.add_parser(
+        "worker",
+        help="run job handlers for a server (a remote worker)",
+        description="Connect to a Jobwire server and run the @handler functions of the given modules "
+        "for it, until SIGTERM or SIGINT (which drain: running jobs get --drain-grace seconds to "
+        "finish, then are handed back).",
+    )
+    # Only --server and --token: the top-level parser already resolves $JOBWIRE_SERVER/$JOBWIRE_TOKEN.
+    p.add_argument("--server", metavar="HOST:PORT", default=argparse.SUPPRESS, help="server address")
+    p.add_argument("--token", default=argparse.SUPPRESS, help="bearer token")
+    p.add_argument(
+        "--handlers",
+        metavar="MOD1,MOD2",
+        default=env.get("JOBWIRE_HANDLERS") or None,
+        help="comma-separated modules with @handler functions (default: $JOBWIRE_HANDLERS)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        metavar="N",
+        default=env.get("JOBWIRE_CONCURRENCY") or "4",
+        help="jobs run at once (default: $JOBWIRE_CONCURRENCY, else 4)",
+    )
+    p.add_argument(
+        "--worker-id",
+        metavar="ID",
+        default=env.get("JOBWIRE_WORKER_ID") or None,
+        help="name shown in job histories (default: $JOBWIRE_WORKER_ID, else HOST/pid-PID)",
+    )
+    p.add_argument(
+        "--drain-grace",
+        type=_non_negative_float,
+        metavar="SECONDS",
+        default="30",
+        help="on SIGTERM/SIGINT, how long running jobs may take to finish before being handed back "
+        "(default 30)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        default=env.get("JOBWIRE_LOG_FORMAT") or "json",
+        help="log lines on stderr (default: $JOBWIRE_LOG_FORMAT, else json)",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        default=env.get("JOBWIRE_LOG_LEVEL") or "INFO",
+        help="default: $JOBWIRE_LOG_LEVEL, else INFO",
+    )
+
+
+def _run_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``jobwire worker``: load the handlers and run a Worker until it is stopped by a signal."""
+    from jobwire.worker import Worker, load_handlers  # imported only when the command runs
+    from jobwire.worker.logs import configure_logging
+
+    modules = [m.strip() for m in (args.handlers or "").split(",") if m.strip()]
+    if not modules:
+        parser.error("worker: --handlers (or $JOBWIRE_HANDLERS) is required")
+    # Like `python -m`, find handler modules in the current directory from the console script too.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        handlers = load_handlers(modules)
+    except (ImportError, ValueError) as exc:
+        parser.error(f"worker: cannot load handlers from {', '.join(modules)}: {exc}")
+    if not handlers:
+        parser.error(f"worker: no @handler functions found in {', '.join(modules)}")
+    configure_logging(args.log_format, args.log_level)
+    worker = Worker(
+        args.server,
+        handlers,
+        concurrency=args.concurrency,
+        worker_id=args.worker_id,
+        token=args.token,
+        drain_grace=args.drain_grace,
+    )
+    code = worker.run_forever()
+    stuck = [t for t in threading.enumerate() if t.name.startswith("jobwire-handler") and t.is_alive()]
+    if stuck:
+        # Plain handlers that ignore cancellation cannot be interrupted; do not hang the exit on them.
+        logging.getLogger("jobwire.worker").warning(
+            "exiting with %d handler thread(s) still running", len(stuck)
+        )
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -255,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(parser, extras)
     if extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if args.command == "worker":
+        return _run_worker(parser, args)
     handler: Command = args.handler
     try:
         with JobwireClient(args.server, token=args.token) as client:

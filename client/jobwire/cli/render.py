@@ -299,7 +299,12 @@ def stats_view(stats: job_service_pb2.GetQueueStatsResponse) -> Group:
     types.add_column("WORKERS", justify="right")
     for ts in stats.type_stats:
         types.add_row(
-            ts.type, str(ts.queued), str(ts.running), str(ts.max_running or "-"), str(ts.total), str(ts.workers)
+            ts.type,
+            str(ts.queued),
+            str(ts.running),
+            str(ts.max_running or "-"),
+            str(ts.total),
+            str(ts.workers),
         )
 
     priorities = Table(title="queued by priority", box=box.SIMPLE_HEAD, title_justify="left")

@@ -445,7 +445,7 @@ class WorkerSession:
             self.outbox.push(message)
 
 
-def remaining_seconds(duration: duration_pb2.Duration) -> float | None:
+def duration_seconds(duration: duration_pb2.Duration) -> float | None:
     """A Duration in seconds, None when zero (unset)."""
     seconds = duration.ToNanoseconds() / 1e9
     return seconds if seconds > 0 and math.isfinite(seconds) else None

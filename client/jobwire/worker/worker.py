@@ -31,9 +31,9 @@ from jobwire.worker.session import (
     WorkerSession,
     complete_request,
     describe,
+    duration_seconds,
     exception_request,
     progress_from_proto,
-    remaining_seconds,
 )
 
 if TYPE_CHECKING:
@@ -206,6 +206,7 @@ class Worker:
                 connections.result()  # a fatal error: raise it (after the clean-up below)
         finally:
             self._closing = True
+            self._done.set()  # a later stop() has nothing left to do
             done_wait.cancel()
             connections.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -399,9 +400,9 @@ class Worker:
 
     async def _heartbeat_loop(self, registered: worker_service_pb2.WorkerRegistered) -> None:
         """Renew every running job's lease each heartbeat_interval."""
-        interval = remaining_seconds(registered.heartbeat_interval)
+        interval = duration_seconds(registered.heartbeat_interval)
         if interval is None:
-            lease = remaining_seconds(registered.lease_duration)
+            lease = duration_seconds(registered.lease_duration)
             interval = lease / 3 if lease else DEFAULT_HEARTBEAT
         interval = max(0.05, interval)
         while True:
@@ -455,6 +456,7 @@ class Worker:
         lease = Lease.from_proto(assignment.lease)
         job = assignment.job
         fields = {"job_id": lease.job_id, "job_type": job.type, "attempt": lease.attempt}
+        fields["epoch"] = lease.epoch
         if lease in self._session.active:
             log.warning("duplicate assignment ignored", extra=fields)
             return
@@ -467,7 +469,7 @@ class Worker:
         ctx = RemoteJobContext(lease, job.type, progress_from_proto(job), loop, self._session.progress)
         active = self._session.start(lease, job.type, ctx.cancel)
         params: dict[str, Any] = json_format.MessageToDict(job.params) if job.HasField("params") else {}
-        timeout = remaining_seconds(assignment.timeout) if assignment.HasField("timeout") else None
+        timeout = duration_seconds(assignment.timeout) if assignment.HasField("timeout") else None
         log.info("job started", extra=fields)
         self._tasks[lease] = loop.create_task(
             self._run_job(self.handlers[job.type], params, ctx, active, timeout), name=f"job-{lease}"
