@@ -434,3 +434,27 @@ def test_python_dash_m_entry_point(jobwire_target: str) -> None:
     assert done.returncode == 0, done.stderr
     last = json.loads(done.stdout.splitlines()[-1])
     assert last["job"]["result"] == {"x": 1}
+
+
+def test_cli_retry_max_attempts_schedule_and_why_a_job_waits(
+    jobwire_target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--server", jobwire_target]
+    # --max-attempts 1: the first failure is final; `retry` gives a fresh attempt, which succeeds.
+    assert main([*base, "submit", "test.flaky", "succeed_on=2", "--max-attempts", "1", "--watch"]) == 1
+    job_id = capsys.readouterr().out.splitlines()[0]
+    assert main([*base, "retry", job_id, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] in ("JOB_STATE_QUEUED", "JOB_STATE_RUNNING")
+    assert main([*base, "watch", job_id]) == 0
+    capsys.readouterr()
+    assert main([*base, "get", job_id]) == 0
+    shown = capsys.readouterr().out
+    assert "attempts" in shown and "RuntimeError: attempt 1 fails" in shown and "succeeded" in shown
+
+    # --at: the job waits, and `get` says why.
+    assert main([*base, "submit", "test.echo", "--at", "+3600", "--json"]) == 0
+    scheduled = json.loads(capsys.readouterr().out)
+    assert main([*base, "get", scheduled["id"]]) == 0
+    assert "scheduled: scheduled to start in" in capsys.readouterr().out
+    assert main([*base, "get", scheduled["id"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["wait_reason"] == "WAIT_REASON_SCHEDULED"

@@ -9,6 +9,7 @@ the server refused it); 2 bad usage or an error from the server; 130 interrupted
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import itertools
 import logging
@@ -95,6 +96,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument("--label", action="append", type=label_arg, metavar="KEY=VALUE", help="repeatable")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="maximum run time of one attempt")
     p.add_argument("--request-id", metavar="ID", help="idempotency key (default: a fresh UUID4)")
+    p.add_argument("--max-attempts", type=int, metavar="N", help="attempts in all (default: the type's)")
+    p.add_argument(
+        "--at",
+        type=_when_arg,
+        metavar="WHEN",
+        help="start no earlier than WHEN: an ISO 8601 time, or +SECONDS from now",
+    )
     p.add_argument("--watch", action="store_true", help="watch the job until it finishes")
     p.set_defaults(handler=cmd_submit)
 
@@ -120,6 +128,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument("--reason", default="", metavar="TEXT", help="recorded on the job")
     p.set_defaults(handler=cmd_cancel)
 
+    p = sub.add_parser("retry", parents=[common], help="queue a failed or cancelled job again")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.set_defaults(handler=cmd_retry)
+
     p = sub.add_parser("watch", parents=[common], help="follow a job until it finishes")
     p.add_argument("job_id", metavar="JOB_ID")
     p.set_defaults(handler=cmd_watch)
@@ -129,6 +141,17 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
     _add_worker_parser(sub, env)
     return parser
+
+
+def _when_arg(text: str) -> datetime.datetime:
+    """``+90`` (seconds from now) or an ISO 8601 time (UTC when it names no zone)."""
+    try:
+        if text.startswith("+"):
+            return datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=float(text[1:]))
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a time: {text!r} (use ISO 8601 or +SECONDS)") from error
+    return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
 
 
 def _positive_int(text: str) -> int:
@@ -278,6 +301,8 @@ def cmd_submit(client: JobwireClient, args: argparse.Namespace) -> int:
         labels=labels_dict(args.label),
         request_id=args.request_id,
         timeout=args.timeout,
+        max_attempts=args.max_attempts,
+        schedule_time=args.at,
     )
     if args.watch:
         if not args.json:
@@ -296,7 +321,19 @@ def cmd_get(client: JobwireClient, args: argparse.Namespace) -> int:
     if args.json:
         render.print_json(render.to_dict(job))
     else:
-        render.make_console().print(render.job_detail_table(job))
+        console = render.make_console()
+        console.print(render.job_detail_table(job))
+        if job.attempts:
+            console.print(render.attempts_table(job))
+    return EXIT_OK
+
+
+def cmd_retry(client: JobwireClient, args: argparse.Namespace) -> int:
+    job = client.retry(args.job_id)
+    if args.json:
+        render.print_json(render.to_dict(job))
+    else:
+        render.make_console().print(render.job_summary_table(job))
     return EXIT_OK
 
 
