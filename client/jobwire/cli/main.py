@@ -230,8 +230,8 @@ def _add_worker_parser(sub: Any, env: Mapping[str, str]) -> None:
 
 def _run_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``jobwire worker``: load the handlers and run a Worker until it is stopped by a signal."""
+    from jobwire.handlers.logs import configure_logging
     from jobwire.worker import Worker, load_handlers  # imported only when the command runs
-    from jobwire.worker.logs import configure_logging
 
     modules = [m.strip() for m in (args.handlers or "").split(",") if m.strip()]
     if not modules:

@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import sys
 
+from jobwire.handlers.logs import configure_logging
 from jobwire.server.config import add_arguments, load_config
-from jobwire.server.logs import configure_logging
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

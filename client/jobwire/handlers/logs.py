@@ -1,7 +1,5 @@
-"""Logging for the worker process: one JSON object per line (or plain text for people), on stderr.
-
-The worker is a client-side program and must not depend on the server package, so it has its own
-small formatter; the JSON shape matches the server's (time, level, logger, message, extra fields).
+"""Logging for processes that run handlers (the server and workers): one JSON object per line, or
+plain text for people, on stderr. Shared here because workers must not depend on the server package.
 """
 
 from __future__ import annotations
@@ -32,16 +30,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """A record as one readable line, with its ``extra={...}`` fields as key=value pairs."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD)
+        return f"{line} {extras}" if extras else line
+
+
 def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
     """Send every log record to stderr in ``fmt`` ("json" or "text")."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # DEBUG is for the worker's own conversation, not for the event loop's and grpc's internals.
+    # DEBUG is for Jobwire's own messages, not for the event loop's and grpc's internals.
     for noisy in ("asyncio", "grpc"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
