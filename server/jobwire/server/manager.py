@@ -702,9 +702,12 @@ class JobManager:
         if "progress" not in changes:
             updated.progress = job.progress  # reports may have come in while we waited for the store
         updated.sequence = job.sequence + 1  # ... and moved the sequence on
-        for name in Job.__slots__:
-            if name not in ("queue_position", "wait_reason", "wait_message"):
-                setattr(job, name, getattr(updated, name))
+        # Only what this change set differs between `updated` and the live job.
+        job.state, job.update_time, job.sequence = target, now, updated.sequence
+        if target.is_terminal:
+            job.end_time, job.expire_time = updated.end_time, updated.expire_time
+        for name, value in changes.items():
+            setattr(job, name, value)
         if target is JobState.QUEUED:  # watchers learn at once why it waits (e.g. a retry back-off)
             updated.wait_reason, updated.wait_message = self._wait_reason(updated, now)
         # `updated` is now a private snapshot of the live job: the event can own it without a copy.
