@@ -193,6 +193,7 @@ def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+@functools.lru_cache(maxsize=256)  # a few distinct policies serve millions of jobs
 def _retry_policy_json(policy: RetryPolicy) -> str:
     return _dumps(
         {
@@ -215,6 +216,8 @@ def _retry_policy_from(text: str) -> RetryPolicy:
 
 
 def _attempts_json(attempts: Sequence[AttemptRecord]) -> str:
+    if not attempts:
+        return "[]"
     return _dumps(
         [
             {
@@ -253,8 +256,8 @@ def job_to_row(job: Job) -> Row:
         job.type,
         int(job.state),
         job.priority,
-        _dumps(job.params),
-        _dumps(job.labels),
+        _dumps(job.params) if job.params else "{}",
+        _dumps(job.labels) if job.labels else "{}",
         job.create_time,
         job.update_time,
         job.queue_time,
