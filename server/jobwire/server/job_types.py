@@ -7,6 +7,7 @@ still be submitted: they wait (wait reason NO_WORKER) until a worker of that typ
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from jobwire.handlers.api import HandlerSpec, RetryDefaults
@@ -29,6 +30,7 @@ class JobType:
         return cls(spec.name, spec.timeout, spec.max_running, spec.retry)
 
 
+@functools.lru_cache(maxsize=4096)  # all arguments are frozen: a handful of combinations serve every submit
 def resolve_retry_policy(
     requested: RetryDefaults | None, declared: RetryDefaults, server: RetryPolicy
 ) -> RetryPolicy:

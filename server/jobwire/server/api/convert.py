@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 from typing import Any
 
-from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from jobwire.handlers.api import RetryDefaults
 from jobwire.server.errors import FieldViolation, InvalidArgument
-from jobwire.server.job import AttemptRecord, Job, JobError, Progress
+from jobwire.server.job import AttemptRecord, Job, JobError, Progress, RetryPolicy
 from jobwire.server.state_machine import JobState
 from jobwire.server.stores.base import JobFilter
 from jobwire.v1 import job_pb2
@@ -42,8 +43,23 @@ def duration_seconds(value: duration_pb2.Duration) -> float:
 
 
 def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
-    result: dict[str, Any] = json_format.MessageToDict(value)
-    return result
+    """A Struct as plain Python (several times faster than json_format.MessageToDict)."""
+    return {key: _plain(item) for key, item in value.fields.items()}
+
+
+def _plain(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        return value.number_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [_plain(item) for item in value.list_value.values]
+    return None
 
 
 def job_error_to_status(error: JobError) -> status_pb2.Status:
@@ -84,11 +100,7 @@ def job_to_proto(job: Job) -> job_pb2.Job:
         set_timestamp(message.expire_time, job.expire_time)
     if job.timeout is not None:
         set_duration(message.timeout, job.timeout)
-    policy = job.retry_policy
-    message.retry_policy.max_attempts = policy.max_attempts
-    set_duration(message.retry_policy.initial_backoff, policy.initial_backoff)
-    set_duration(message.retry_policy.max_backoff, policy.max_backoff)
-    message.retry_policy.backoff_multiplier = policy.backoff_multiplier
+    message.retry_policy.CopyFrom(_retry_policy_proto(job.retry_policy))
     if job.schedule_time is not None:
         set_timestamp(message.schedule_time, job.schedule_time)
     for record in job.attempts:
@@ -100,6 +112,16 @@ def job_to_proto(job: Job) -> job_pb2.Job:
     if job.lease_expire_time is not None:
         set_timestamp(message.lease_expire_time, job.lease_expire_time)
     message.lease_epoch = job.lease_epoch
+    return message
+
+
+@functools.lru_cache(maxsize=256)  # few distinct policies; callers only copy from the cached message
+def _retry_policy_proto(policy: RetryPolicy) -> job_pb2.RetryPolicy:
+    message = job_pb2.RetryPolicy(
+        max_attempts=policy.max_attempts, backoff_multiplier=policy.backoff_multiplier
+    )
+    set_duration(message.initial_backoff, policy.initial_backoff)
+    set_duration(message.max_backoff, policy.max_backoff)
     return message
 
 
