@@ -122,9 +122,6 @@ class JobwireServer:
         log.info("jobwire stopped")
         self._stopped.set()
 
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
-
 
 def _add_reflection(server: grpc.aio.Server, services: list[str]) -> None:
     """Serve reflection as v1alpha (grpcio-reflection) and as v1, which newer clients ask for first.

@@ -168,20 +168,9 @@ class EventHub:
             del self._logs[job_id]
         return len(expired)
 
-    def forget(self, job_id: str) -> None:
-        """Drop a job's log (its job was purged); its watchers are closed."""
-        log = self._logs.pop(job_id, None)
-        if log is not None:
-            for subscription in log.subscribers:
-                subscription.close()
-
     def close_all(self) -> None:
         """Close every subscription (the server is draining); new ones start closed."""
         self._closed = True
         for log in self._logs.values():
             for subscription in log.subscribers:
                 subscription.close()
-
-    @property
-    def watcher_count(self) -> int:
-        return sum(len(log.subscribers) for log in self._logs.values())

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobwire.handlers.api import HandlerSpec, JobCancelled, NonRetryableError, RetryDefaults
+from jobwire.handlers.api import HandlerSpec, JobCancelled, NonRetryableError
 from jobwire.handlers.runner import HandlerRunner
 from jobwire.server.clock import Clock, SystemClock
 from jobwire.server.errors import (
@@ -1042,6 +1042,5 @@ __all__ = [
     "ManagerSettings",
     "Outcome",
     "QueueStats",
-    "RetryDefaults",
     "Succeeded",
 ]

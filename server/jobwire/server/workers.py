@@ -113,9 +113,6 @@ class WorkerRegistry:
     def remove(self, session: WorkerSession) -> None:
         self._sessions.pop(session.session_id, None)
 
-    def get(self, session_id: str) -> WorkerSession | None:
-        return self._sessions.get(session_id)
-
     def __len__(self) -> int:
         return len(self._sessions)
 
@@ -132,6 +129,3 @@ class WorkerRegistry:
 
     def serving(self, job_type: str) -> list[WorkerSession]:
         return [s for s in self._sessions.values() if job_type in s.job_types and not s.closed]
-
-    def types(self) -> set[str]:
-        return {t for s in self._sessions.values() for t in s.job_types}
