@@ -26,6 +26,7 @@ from typing import Any
 from jobwire.handlers.api import HandlerSpec, JobCancelled, NonRetryableError
 from jobwire.handlers.runner import HandlerRunner
 from jobwire.server.clock import Clock, SystemClock
+from jobwire.server.completion import InFlight, completes
 from jobwire.server.errors import (
     Draining,
     FieldViolation,
@@ -211,6 +212,8 @@ class JobManager:
         self._dispatching = False
         self._background: list[asyncio.Task[None]] = []
         self._timer_wake = asyncio.Event()
+        # State changes asked for by callers, each running to its end even if its caller gives up.
+        self.in_flight = InFlight()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -294,6 +297,7 @@ class JobManager:
 
     async def close(self) -> None:
         """Stop background work and close the store (after ``drain``). Idempotent."""
+        await self.in_flight.wait(10.0)  # state changes callers started complete before the store closes
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -310,6 +314,7 @@ class JobManager:
 
     # -- the job API ---------------------------------------------------------------------------------
 
+    @completes
     async def submit(self, request: SubmitRequest) -> Job:
         """Store a new job durably and queue it; returns it in state QUEUED."""
         if self._draining:
@@ -421,6 +426,7 @@ class JobManager:
             return WaitReason.NO_CAPACITY, f"every executor of type {job.type} is busy"
         return WaitReason.QUEUED, f"position {job.queue_position} in the run order"
 
+    @completes
     async def cancel(self, job_id: str, reason: str = "") -> Job:
         """Cancel a queued job at once, or ask a running one to stop."""
         job = self._jobs.get(job_id)
@@ -470,6 +476,7 @@ class JobManager:
             raise JobAlreadyFinished(f"job {job.id} cannot be cancelled: it is already {job.state.name}")
         return job
 
+    @completes
     async def retry(self, job_id: str) -> Job:
         """Queue a FAILED or CANCELLED job again with a fresh attempt budget."""
         if self._draining:
@@ -582,13 +589,7 @@ class JobManager:
         violations = job_type_violations(worker_id, job_types, credits)
         if violations:
             raise InvalidArgument(violations=violations)
-        now = self.clock.now()
-        declared = [JobType(t.name, t.timeout, t.max_running, t.retry, now) for t in job_types]
-        await self.store.save_job_types(declared)
-        for job_type in declared:
-            if job_type.name not in self.handlers:  # in-process handlers keep their own settings
-                self.job_types[job_type.name] = job_type
-                self._apply_type_limit(job_type)
+        declared = await self._declare_types(job_types)
         session = WorkerSession(worker_id, frozenset(t.name for t in declared), credits)
         self.workers.add(session)
         log.info(
@@ -597,6 +598,18 @@ class JobManager:
         )
         self._dispatch()
         return session
+
+    @completes
+    async def _declare_types(self, job_types: list[JobType]) -> list[JobType]:
+        """Store the types a worker declares, then make them known here (both, even if it disconnects)."""
+        now = self.clock.now()
+        declared = [JobType(t.name, t.timeout, t.max_running, t.retry, now) for t in job_types]
+        await self.store.save_job_types(declared)
+        for job_type in declared:
+            if job_type.name not in self.handlers:  # in-process handlers keep their own settings
+                self.job_types[job_type.name] = job_type
+                self._apply_type_limit(job_type)
+        return declared
 
     def disconnect_worker(self, session: WorkerSession) -> None:
         """The session ended. Its leases stand until they expire or a new session renews them."""
