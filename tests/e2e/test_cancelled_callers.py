@@ -31,7 +31,8 @@ async def _storm(target: str, calls: int, seed: int) -> set[str]:
         stub = job_service_pb2_grpc.JobServiceStub(channel)
         # A few jobs acknowledged normally, so that cancels and retries have targets from the start.
         for i in range(20):
-            seen.add((await stub.SubmitJob(S.SubmitJobRequest(type="test.echo", request_id=f"seed-{i}"))).job.id)
+            request = S.SubmitJobRequest(type="test.echo", request_id=f"seed-{i}")
+            seen.add((await stub.SubmitJob(request)).job.id)
 
         async def one(i: int) -> None:
             deadline = rng.uniform(0.001, 0.03)

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import _async as reflection_async
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from jobwire.handlers.api import HandlerSpec, load_handlers
+from jobwire.server.api.health import Health
 from jobwire.server.api.job_service import JobServiceServicer
 from jobwire.server.api.registration import add_servicer
 from jobwire.server.api.worker_service import WorkerServiceServicer
@@ -60,7 +60,7 @@ class JobwireServer:
         self.config = config
         specs = load_handlers(config.handler_modules()) if handlers is None else handlers
         self.manager = JobManager(open_store(config.store), specs, config.manager_settings(), clock)
-        self.health = HealthServicer()
+        self.health = Health()
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()

@@ -45,10 +45,10 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def wait(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for every operation in flight (and any they start) to end."""
+    async def wait(self, limit: float) -> None:
+        """Wait up to ``limit`` seconds for every operation in flight (and any they start) to end."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + limit
         while self._tasks:
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -31,13 +31,21 @@ class FieldViolation:
         return f"FieldViolation({self.field!r}, {self.description!r})"
 
 
+# How many violations a message names; the rest are counted. An error must stay small whatever the
+# request held: a client refuses response metadata past 16 KiB (see api/errors.py).
+MESSAGE_VIOLATIONS = 5
+
+
 class InvalidArgument(JobwireError):
     """The request is not valid."""
 
     def __init__(self, message: str | None = None, violations: list[FieldViolation] | None = None) -> None:
         self.violations = violations or []
         if message is None and self.violations:
-            message = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+            named = self.violations[:MESSAGE_VIOLATIONS]
+            message = "; ".join(f"{v.field}: {v.description}" for v in named)
+            if len(self.violations) > len(named):
+                message += f"; and {len(self.violations) - len(named)} more"
         super().__init__(message)
 
 

@@ -27,17 +27,49 @@ class ErrorCode(enum.IntEnum):
     UNAVAILABLE = 14
 
 
+# Caps on what one error holds. Errors come from handlers and remote workers, and every attempt keeps
+# its own in the job's history, so each part is bounded where the error is made.
+MAX_ERROR_MESSAGE = 4096
+MAX_ERROR_REASON = 64
+MAX_ERROR_METADATA = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 256
+# Attempts kept in a job's history (the most recent ones): RetryJob can add attempts without end.
+MAX_ATTEMPT_HISTORY = 100
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, an ellipsis marking the cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 @dataclass(slots=True)
 class JobError:
     """Why a job failed or was cancelled: a canonical code, a message and a machine-readable reason.
 
     ``code`` is a google.rpc.Code number: usually an ErrorCode, but a remote worker may report any.
+    Message, reason and metadata are cut to their caps on construction, whoever supplied them.
     """
 
     code: int
     message: str
     reason: str
     metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.message) > MAX_ERROR_MESSAGE:
+            self.message = clip(self.message, MAX_ERROR_MESSAGE)
+        if len(self.reason) > MAX_ERROR_REASON:
+            self.reason = clip(self.reason, MAX_ERROR_REASON)
+        metadata = self.metadata
+        if metadata and (
+            len(metadata) > MAX_ERROR_METADATA
+            or any(len(k) > MAX_METADATA_KEY or len(v) > MAX_METADATA_VALUE for k, v in metadata.items())
+        ):
+            self.metadata = {
+                clip(k, MAX_METADATA_KEY): clip(v, MAX_METADATA_VALUE)
+                for k, v in list(metadata.items())[:MAX_ERROR_METADATA]
+            }
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from jobwire.server.errors import (
 from jobwire.server.events import EventHub, EventKind, JobEvent
 from jobwire.server.executor import LOCAL_WORKER_ID, LocalJobContext
 from jobwire.server.job import (
+    MAX_ATTEMPT_HISTORY,
     PRIORITY_DEFAULT,
     AttemptRecord,
     ErrorCode,
@@ -322,7 +323,7 @@ class JobManager:
         check(submit_violations(request))
         job_type = self.job_types.get(request.type)
         if job_type is None:
-            known = f"known types: {', '.join(sorted(self.job_types)) or '(none registered)'}"
+            known = f"known types: {_name_some(sorted(self.job_types)) or '(none registered)'}"
             raise UnknownJobType(
                 f"unknown job type {request.type!r}; {known}",
                 [FieldViolation("type", f"no handler or worker has declared {request.type!r}; {known}")],
@@ -757,7 +758,7 @@ class JobManager:
             else:
                 target, changes = JobState.FAILED, {"error": outcome.error}
         record = AttemptRecord(job.attempt, job.start_time or now, now, attempt_error, job.worker_id)
-        changes["attempts"] = (*job.attempts, record)
+        changes["attempts"] = (*job.attempts[-(MAX_ATTEMPT_HISTORY - 1) :], record)
         changes["lease_expire_time"] = None
         return target, changes
 
@@ -1036,6 +1037,12 @@ def handler_result(value: Any) -> Outcome:
     if not isinstance(result, dict):
         result = {"value": result}
     return Succeeded(result)
+
+
+def _name_some(names: list[str], limit: int = 20) -> str:
+    """The first ``limit`` names and how many more: an error message must stay small."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _handler_error(error: BaseException) -> JobError:

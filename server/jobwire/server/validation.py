@@ -16,6 +16,7 @@ from jobwire.server.job_types import JobType
 
 LABEL_KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 MAX_LABELS = 64
+MAX_FILTER_TYPES = 100
 MAX_LABEL_VALUE = 256
 MAX_REQUEST_ID = 128
 MAX_REASON = 1024
@@ -107,17 +108,34 @@ def job_type_violations(worker_id: str, job_types: list[JobType], credits: int) 
 def label_violations(labels: dict[str, str], field: str) -> list[FieldViolation]:
     violations: list[FieldViolation] = []
     if len(labels) > MAX_LABELS:
-        violations.append(FieldViolation(field, f"at most {MAX_LABELS} labels"))
+        return [FieldViolation(field, f"at most {MAX_LABELS} labels, got {len(labels)}")]
     for key, value in labels.items():
         if not LABEL_KEY_PATTERN.match(key):
             violations.append(
                 FieldViolation(
-                    f"{field}[{key!r}]",
+                    f"{field}[{key[:64]!r}]",
                     "key must be 1-63 lowercase letters, digits, '_' or '-', starting with a letter",
                 )
             )
         if len(value) > MAX_LABEL_VALUE:
-            violations.append(FieldViolation(f"{field}[{key!r}]", f"value longer than {MAX_LABEL_VALUE}"))
+            violations.append(
+                FieldViolation(f"{field}[{key[:64]!r}]", f"value longer than {MAX_LABEL_VALUE}")
+            )
+    return violations
+
+
+def filter_violations(types: list[str], labels: dict[str, str]) -> list[FieldViolation]:
+    """Problems of ListJobs filters: as many and as long as what a job can carry, no more."""
+    violations: list[FieldViolation] = []
+    if len(types) > MAX_FILTER_TYPES:
+        violations.append(FieldViolation("types", f"at most {MAX_FILTER_TYPES} types"))
+    else:
+        for i, job_type in enumerate(types):
+            if not JOB_TYPE_PATTERN.match(job_type):
+                violations.append(
+                    FieldViolation(f"types[{i}]", "1-128 characters of letters, digits and ._:/-")
+                )
+    violations.extend(label_violations(labels, "labels"))
     return violations
 
 

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from jobwire.handlers.api import RetryDefaults
@@ -17,9 +18,11 @@ from jobwire.server.errors import FieldViolation, InvalidArgument
 from jobwire.server.job import AttemptRecord, Job, JobError, Progress, RetryPolicy
 from jobwire.server.state_machine import JobState
 from jobwire.server.stores.base import JobFilter
+from jobwire.server.validation import filter_violations
 from jobwire.v1 import job_pb2
 
 ERROR_DOMAIN = "jobwire.dev"
+MAX_PAGE_TOKEN = 512
 
 
 def set_timestamp(target: timestamp_pb2.Timestamp, seconds: float) -> None:
@@ -155,9 +158,13 @@ def status_to_job_error(status: status_pb2.Status, default_reason: str) -> JobEr
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
+            try:
+                detail.Unpack(info)
+            except DecodeError:  # a broken detail must not lose the failure it decorates
+                continue
             reason, metadata = info.reason or default_reason, dict(info.metadata)
-    return JobError(status.code or 2, status.message[:4096], reason, metadata)
+    code = status.code if 0 < status.code <= 16 else 2  # not a google.rpc.Code: UNKNOWN
+    return JobError(code, status.message, reason, metadata)
 
 
 def _set_progress(target: job_pb2.Progress, progress: Progress) -> None:
@@ -188,9 +195,7 @@ def job_filter_from_request(
     end = timestamp_seconds(create_time_end) if create_time_end is not None else None
     if start is not None and end is not None and end < start:
         violations.append(FieldViolation("create_time_end", "is before create_time_start"))
-    for i, job_type in enumerate(types):
-        if not job_type:
-            violations.append(FieldViolation(f"types[{i}]", "empty job type"))
+    violations.extend(filter_violations(types, labels))
     if violations:
         raise InvalidArgument(violations=violations)
     return JobFilter(
@@ -224,12 +229,14 @@ def encode_page_token(last_id: str, job_filter: JobFilter) -> str:
 def decode_page_token(token: str, job_filter: JobFilter) -> str:
     """The cursor in ``token``; INVALID_ARGUMENT if it is malformed or was made for other filters."""
     try:
+        if len(token) > MAX_PAGE_TOKEN:  # ours are ~100 characters; never parse an arbitrary blob
+            raise ValueError("too long")
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
         last_id, digest = data["after"], data["filter"]
         if not isinstance(last_id, str) or not isinstance(digest, str):
             raise ValueError("bad field types")
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as error:
         raise InvalidArgument(
             violations=[FieldViolation("page_token", "not a token returned by ListJobs")]
         ) from error

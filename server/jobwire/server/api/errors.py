@@ -27,19 +27,40 @@ _MAPPING: list[tuple[type[errors.JobwireError], grpc.StatusCode, str]] = [
 ]
 
 
+# Bounds on what one error carries. Python and C-core clients refuse response metadata past 16 KiB, so
+# an unbounded google.rpc.Status trailer would turn INVALID_ARGUMENT into RESOURCE_EXHAUSTED on the
+# client. At most 20 violations of at most ~400 bytes each, and a message of 1 KiB, keep it under 10 KiB.
+MAX_VIOLATIONS = 20
+MAX_FIELD = 128
+MAX_DESCRIPTION = 256
+MAX_MESSAGE = 1024
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def to_status(error: errors.JobwireError) -> tuple[grpc.StatusCode, status_pb2.Status]:
-    """The status code and rich status for a domain error."""
+    """The status code and rich status for a domain error, bounded in size whatever the error holds."""
     code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
     for cls, mapped_code, mapped_reason in _MAPPING:
         if isinstance(error, cls):
             code, reason = mapped_code, mapped_reason
             break
-    status = status_pb2.Status(code=code.value[0], message=error.message)
+    status = status_pb2.Status(code=code.value[0], message=_clip(error.message, MAX_MESSAGE))
     status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
     if isinstance(error, errors.InvalidArgument) and error.violations:
         bad_request = error_details_pb2.BadRequest()
-        for violation in error.violations:
-            bad_request.field_violations.add(field=violation.field, description=violation.description)
+        for violation in error.violations[:MAX_VIOLATIONS]:
+            bad_request.field_violations.add(
+                field=_clip(violation.field, MAX_FIELD),
+                description=_clip(violation.description, MAX_DESCRIPTION),
+            )
+        left_out = len(error.violations) - MAX_VIOLATIONS
+        if left_out > 0:
+            bad_request.field_violations.add(
+                field="request", description=f"{left_out} more field violations left out"
+            )
         status.details.add().Pack(bad_request)
     if isinstance(error, errors.QueueFull | errors.Draining):
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)))

@@ -34,7 +34,11 @@ def _decoding(method: Handler, descriptor: MethodDescriptor) -> Handler:
 
 
 def _decoding_stream(method: Handler, descriptor: MethodDescriptor) -> Handler:
-    """For client streaming: the servicer gets an async iterator of decoded messages."""
+    """For client streaming: the servicer gets an async iterator of decoded messages.
+
+    A message that does not decode raises InvalidArgument from the iterator: the servicer, which may be
+    reading it in a task of its own, ends the call with it (aborting here would race with the servicer).
+    """
     request_class = message_factory.GetMessageClass(descriptor.input_type)
     type_name = descriptor.input_type.full_name
 
@@ -42,9 +46,10 @@ def _decoding_stream(method: Handler, descriptor: MethodDescriptor) -> Handler:
         async def decoded() -> AsyncIterator[Any]:
             async for raw in raw_requests:
                 try:
-                    yield request_class.FromString(raw)
+                    message = request_class.FromString(raw)
                 except DecodeError as error:
-                    await abort(context, invalid("request", f"not a valid {type_name} message: {error}"))
+                    raise invalid("request", f"not a valid {type_name} message: {error}") from None
+                yield message
 
         return await method(decoded(), context)
 

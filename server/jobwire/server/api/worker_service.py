@@ -73,16 +73,19 @@ class WorkerServiceServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             if reader in done:
                 failure = reader.exception()
                 if isinstance(failure, JobwireError):
-                    await abort(context, failure)
-                if failure is not None:
-                    raise failure
+                    await abort(context, failure)  # the only abort on this path: a protocol violation
+                if failure is not None:  # the stream broke under the reader: nobody to answer
+                    log.info("worker stream ended: %r", failure, extra={"session": session.session_id})
+                    return
                 if writes:  # the worker closed its side: let its last outcomes land
                     await asyncio.wait(writes, timeout=10)
                 session.close()
                 await asyncio.wait({sender}, timeout=5)
                 return
-            # The sender ended: the session was closed by the server (it is draining).
-            await abort(context, Draining("the server is shutting down; reconnect and renew your leases"))
+            if sender.exception() is None and self._manager.draining:
+                # The server closed the session to drain: tell the worker to reconnect elsewhere.
+                await abort(context, Draining("the server is shutting down; reconnect and renew your leases"))
+            # Otherwise a write failed: the worker went away, and there is no one to tell.
         finally:
             for task in (reader, sender):
                 task.cancel()
