@@ -437,6 +437,19 @@ async def test_list_is_newest_first_and_limited(store: JobStore, make_job: MakeJ
     assert await store.list(JobQuery(limit=2)) == list(reversed(jobs))[:2]
 
 
+async def test_list_without_payload_leaves_params_and_result_out(store: JobStore, make_job: MakeJob) -> None:
+    job = make_job(
+        params={"big": "x" * 1000}, state=JobState.SUCCEEDED, result={"r": [1, 2]}, labels={"a": "b"}
+    )
+    await store.insert(job)
+    [basic] = await store.list(JobQuery(with_payload=False))
+    assert basic.params == {} and basic.result is None
+    basic.params, basic.result = job.params, job.result
+    assert basic == job  # everything else is there
+    [full] = await store.list(JobQuery())
+    assert full == job
+
+
 async def test_paging_sees_every_job_once_while_jobs_arrive(store: JobStore, make_job: MakeJob) -> None:
     originals = [make_job() for _ in range(23)]
     for job in originals:
@@ -1085,3 +1098,13 @@ def test_open_store_postgresql_not_yet(url: str) -> None:
 def test_open_store_rejects_other_urls(url: str) -> None:
     with pytest.raises(ValueError, match=r"memory:|sqlite:///"):
         open_store(url)
+
+
+async def test_job_types_can_be_forgotten(store: JobStore, reopen: Reopen) -> None:
+    await store.save_job_types([worker_type("a"), worker_type("b"), worker_type("c")])
+    await store.delete_job_types(["a", "c", "never-stored"])
+    assert await store.load_job_types() == [worker_type("b")]
+    await store.delete_job_types([])
+    reopened = await reopen(store)
+    if reopened is not None:
+        assert await reopened.load_job_types() == [worker_type("b")]

@@ -90,3 +90,9 @@ async def flaky(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
 @handler("test.nonretryable", max_attempts=5)
 def nonretryable(params: dict[str, Any], ctx: JobContext) -> None:
     raise NonRetryableError("bad input, retrying cannot help")
+
+
+@handler("test.big_result", max_attempts=3)
+async def big_result(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Returns a result of about ``bytes`` bytes."""
+    return {"blob": "x" * int(params.get("bytes", 5_000_000))}

@@ -122,6 +122,7 @@ def build_list_request(
     create_time_end: datetime.datetime | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     page_token: str = "",
+    with_payload: bool = False,
 ) -> job_service_pb2.ListJobsRequest:
     """The ListJobsRequest for one page; states may be numbers or names such as "queued".
 
@@ -141,6 +142,7 @@ def build_list_request(
         states=state_numbers,
         types=list(types or ()),
         labels=dict(labels or {}),
+        view=job_pb2.JOB_VIEW_FULL if with_payload else job_pb2.JOB_VIEW_BASIC,
     )
     if create_time_start is not None:
         request.create_time_start.CopyFrom(to_timestamp(create_time_start))

@@ -131,8 +131,12 @@ class AsyncJobwireClient:
         create_time_end: datetime.datetime | None = None,
         page_size: int = _core.DEFAULT_PAGE_SIZE,
         page_token: str = "",
+        with_payload: bool = False,
     ) -> tuple[list[job_pb2.Job], str]:
-        """One page of jobs, newest first, and the token of the next page ("" on the last)."""
+        """One page of jobs, newest first, and the token of the next page ("" on the last).
+
+        Jobs come without params and result unless ``with_payload`` (the server's full view).
+        """
         request = _core.build_list_request(
             states=states,
             types=types,
@@ -141,6 +145,7 @@ class AsyncJobwireClient:
             create_time_end=create_time_end,
             page_size=page_size,
             page_token=page_token,
+            with_payload=with_payload,
         )
         return await self._list_page(request)
 
@@ -157,6 +162,7 @@ class AsyncJobwireClient:
         create_time_start: datetime.datetime | None = None,
         create_time_end: datetime.datetime | None = None,
         page_size: int = _core.DEFAULT_PAGE_SIZE,
+        with_payload: bool = False,
     ) -> AsyncIterator[job_pb2.Job]:
         """Every matching job, newest first, fetching pages lazily as the caller iterates."""
         request = _core.build_list_request(
@@ -166,6 +172,7 @@ class AsyncJobwireClient:
             create_time_start=create_time_start,
             create_time_end=create_time_end,
             page_size=page_size,
+            with_payload=with_payload,
         )
         while True:
             jobs, token = await self._list_page(request)

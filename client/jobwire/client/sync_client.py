@@ -120,8 +120,12 @@ class JobwireClient:
         create_time_end: datetime.datetime | None = None,
         page_size: int = _core.DEFAULT_PAGE_SIZE,
         page_token: str = "",
+        with_payload: bool = False,
     ) -> tuple[list[job_pb2.Job], str]:
-        """One page of jobs, newest first, and the token of the next page ("" on the last)."""
+        """One page of jobs, newest first, and the token of the next page ("" on the last).
+
+        Jobs come without params and result unless ``with_payload`` (the server's full view).
+        """
         request = _core.build_list_request(
             states=states,
             types=types,
@@ -130,6 +134,7 @@ class JobwireClient:
             create_time_end=create_time_end,
             page_size=page_size,
             page_token=page_token,
+            with_payload=with_payload,
         )
         return self._list_page(request)
 
@@ -146,8 +151,12 @@ class JobwireClient:
         create_time_start: datetime.datetime | None = None,
         create_time_end: datetime.datetime | None = None,
         page_size: int = _core.DEFAULT_PAGE_SIZE,
+        with_payload: bool = False,
     ) -> Iterator[job_pb2.Job]:
-        """Every matching job, newest first, fetching pages lazily as the caller iterates."""
+        """Every matching job, newest first, fetching pages lazily as the caller iterates.
+
+        Jobs come without params and result unless ``with_payload`` (the server's full view).
+        """
         request = _core.build_list_request(
             states=states,
             types=types,
@@ -155,6 +164,7 @@ class JobwireClient:
             create_time_start=create_time_start,
             create_time_end=create_time_end,
             page_size=page_size,
+            with_payload=with_payload,
         )
         while True:
             jobs, token = self._list_page(request)

@@ -86,6 +86,38 @@ cancel grace period runs out.
 """
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _JobView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_VIEW_UNSPECIFIED: _JobView.ValueType  # 0
+    """The RPC's default: JOB_VIEW_FULL for GetJob and WatchJob, JOB_VIEW_BASIC
+    for ListJobs.
+    """
+    JOB_VIEW_BASIC: _JobView.ValueType  # 1
+    """Every field except `params` and `result`, which may hold up to 1 MiB
+    each: what a listing or a dashboard needs.
+    """
+    JOB_VIEW_FULL: _JobView.ValueType  # 2
+    """Every field."""
+
+class JobView(_JobView, metaclass=_JobViewEnumTypeWrapper):
+    """How much of a job a read returns (AIP-157)."""
+
+JOB_VIEW_UNSPECIFIED: JobView.ValueType  # 0
+"""The RPC's default: JOB_VIEW_FULL for GetJob and WatchJob, JOB_VIEW_BASIC
+for ListJobs.
+"""
+JOB_VIEW_BASIC: JobView.ValueType  # 1
+"""Every field except `params` and `result`, which may hold up to 1 MiB
+each: what a listing or a dashboard needs.
+"""
+JOB_VIEW_FULL: JobView.ValueType  # 2
+"""Every field."""
+Global___JobView: _TypeAlias = JobView  # noqa: Y015
+
 class _WaitReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -158,7 +190,7 @@ class Progress(_message.Message):
     characters (longer ones are truncated). Empty when not reported.
     """
     current_step: _builtins.int
-    """The step the handler is on, counted from 0. 0 when not reported."""
+    """How many steps are done, from 0 to total_steps. 0 when not reported."""
     total_steps: _builtins.int
     """How many steps the job has in all. 0 when unknown."""
     def __init__(
@@ -235,6 +267,7 @@ class Job(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     LEASE_EPOCH_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_IN_BUDGET_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier: 26 characters of lowercase Crockford base32
     (URL-safe), roughly sortable by creation time. Never reused.
@@ -277,9 +310,16 @@ class Job(_message.Message):
     the job is handed to a worker, and a write that carries an older epoch
     is refused. 0 while the job has never started.
     """
+    attempts_in_budget: _builtins.int
+    """How many attempts of the current retry budget have started: `attempt`
+    less the attempts made before the last RetryJob (RetryJob grants a fresh
+    budget of retry_policy.max_attempts). 0 while the job has never started.
+    """
     @_builtins.property
     def params(self) -> _struct_pb2.Struct:
-        """Parameters given at submission, passed unchanged to the handler."""
+        """Parameters given at submission, passed unchanged to the handler (at most
+        1 MiB once serialized). Left out by JOB_VIEW_BASIC.
+        """
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -295,7 +335,9 @@ class Job(_message.Message):
     def result(self) -> _struct_pb2.Struct:
         """What the handler returned, set once the job is SUCCEEDED. A handler
         that returns something other than a JSON object has it wrapped as
-        {"value": <returned value>}.
+        {"value": <returned value>}. At most 1 MiB once serialized: a larger
+        result is not stored, and the job FAILS with code RESOURCE_EXHAUSTED and
+        reason RESULT_TOO_LARGE. Left out by JOB_VIEW_BASIC.
         """
 
     @_builtins.property
@@ -304,7 +346,10 @@ class Job(_message.Message):
         `code` is a google.rpc.Code (CANCELLED, DEADLINE_EXCEEDED for a time-out,
         UNKNOWN for an exception raised by the handler, ABORTED when the attempt
         was abandoned), `message` is human-readable and `details` carries a
-        google.rpc.ErrorInfo with a machine-readable `reason`.
+        google.rpc.ErrorInfo with a machine-readable `reason`. Bounded whoever
+        reported it: the message is cut to 4,096 characters, the reason to 64,
+        and the ErrorInfo metadata to 16 entries (keys 64, values 256
+        characters).
         """
 
     @_builtins.property
@@ -350,8 +395,9 @@ class Job(_message.Message):
 
     @_builtins.property
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
-        """Every finished attempt, oldest first, with how it ended. The current
-        attempt appears here once it ends.
+        """The finished attempts, oldest first, with how each ended: the most
+        recent 100 when there were more (RetryJob can add attempts without end).
+        The current attempt appears here once it ends.
         """
 
     @_builtins.property
@@ -391,10 +437,11 @@ class Job(_message.Message):
         worker_id: _builtins.str = ...,
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
         lease_epoch: _builtins.int = ...,
+        attempts_in_budget: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "lease_expire_time", b"lease_expire_time", "params", b"params", "progress", b"progress", "result", b"result", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "start_time", b"start_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "cancel_reason", b"cancel_reason", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "id", b"id", "labels", b"labels", "lease_epoch", b"lease_epoch", "lease_expire_time", b"lease_expire_time", "params", b"params", "priority", b"priority", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "start_time", b"start_time", "state", b"state", "timeout", b"timeout", "type", b"type", "update_time", b"update_time", "wait_message", b"wait_message", "wait_reason", b"wait_reason", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "attempts_in_budget", b"attempts_in_budget", "cancel_reason", b"cancel_reason", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "id", b"id", "labels", b"labels", "lease_epoch", b"lease_epoch", "lease_expire_time", b"lease_expire_time", "params", b"params", "priority", b"priority", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "start_time", b"start_time", "state", b"state", "timeout", b"timeout", "type", b"type", "update_time", b"update_time", "wait_message", b"wait_message", "wait_reason", b"wait_reason", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -196,16 +196,20 @@ class GetJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Required. The job's id."""
+    view: _job_pb2.JobView.ValueType
+    """How much of the job to return. Default (unspecified): JOB_VIEW_FULL."""
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
+        view: _job_pb2.JobView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -270,6 +274,7 @@ class ListJobsRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_START_FIELD_NUMBER: _builtins.int
     CREATE_TIME_END_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of jobs to return: default 50 when 0, at most 1,000
     (larger values are treated as 1,000). Negative is INVALID_ARGUMENT.
@@ -280,17 +285,25 @@ class ListJobsRequest(_message.Message):
     it. Pages are stable while jobs are being added: new jobs never shift or
     repeat entries of later pages.
     """
+    view: _job_pb2.JobView.ValueType
+    """How much of each job to return. Default (unspecified): JOB_VIEW_BASIC,
+    without params and result (AIP-157). With JOB_VIEW_FULL a page may hold
+    fewer than page_size jobs: a page stops before it would pass the 4 MiB
+    message limit, and next_page_token continues after it.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_job_pb2.JobState.ValueType]:
         """Only jobs in one of these states. JOB_STATE_UNSPECIFIED is rejected."""
 
     @_builtins.property
     def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only jobs of one of these types."""
+        """Only jobs of one of these types; at most 100."""
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Only jobs that carry every one of these labels with exactly these values."""
+        """Only jobs that carry every one of these labels with exactly these values;
+        at most 64, with keys and values as in SubmitJobRequest.labels.
+        """
 
     @_builtins.property
     def create_time_start(self) -> _timestamp_pb2.Timestamp:
@@ -310,10 +323,11 @@ class ListJobsRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         create_time_start: _timestamp_pb2.Timestamp | None = ...,
         create_time_end: _timestamp_pb2.Timestamp | None = ...,
+        view: _job_pb2.JobView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time_end", b"create_time_end", "create_time_start", b"create_time_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_end", b"create_time_end", "create_time_start", b"create_time_start", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "types", b"types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_end", b"create_time_end", "create_time_start", b"create_time_start", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "types", b"types", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -331,7 +345,7 @@ class ListJobsResponse(_message.Message):
     """Token for the next page, or empty when this is the last page."""
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.Job]:
-        """The matching jobs, newest first."""
+        """The matching jobs, newest first, in the requested view."""
 
     def __init__(
         self,
@@ -407,6 +421,7 @@ class WatchJobRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Required. The job's id."""
     after_sequence: _builtins.int
@@ -415,15 +430,21 @@ class WatchJobRequest(_message.Message):
     after it. Negative, or greater than the job's current sequence, is
     OUT_OF_RANGE.
     """
+    view: _job_pb2.JobView.ValueType
+    """How much of the job each message carries. Default (unspecified):
+    JOB_VIEW_FULL. JOB_VIEW_BASIC leaves out params and result, which a
+    progress display does not need.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         after_sequence: _builtins.int = ...,
+        view: _job_pb2.JobView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "job_id", b"job_id", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

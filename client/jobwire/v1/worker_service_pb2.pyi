@@ -181,7 +181,12 @@ class RegisterWorker(_message.Message):
     """
     @_builtins.property
     def job_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobTypeDeclaration]:
-        """The job types this worker takes; at least one, at most 1,000."""
+        """The job types this worker takes; at least one, at most 200. The server
+        knows at most 1,000 types in all (in-process and declared): a
+        registration that would pass that limit fails with RESOURCE_EXHAUSTED.
+        A declared type is forgotten once no worker has declared it for the
+        server's retention period and no job of it is unfinished.
+        """
 
     def __init__(
         self,
@@ -290,7 +295,11 @@ class CompleteJob(_message.Message):
 
     @_builtins.property
     def result(self) -> _struct_pb2.Struct:
-        """What the handler returned, as a JSON object."""
+        """What the handler returned, as a JSON object, at most 1 MiB once
+        serialized. A larger result is not stored: the attempt fails for good
+        (RESOURCE_EXHAUSTED, reason RESULT_TOO_LARGE) and the WriteResult says
+        it was recorded.
+        """
 
     def __init__(
         self,
@@ -327,6 +336,8 @@ class FailJob(_message.Message):
     def error(self) -> _status_pb2.Status:
         """Why it failed: a google.rpc.Code (UNKNOWN for an exception, CANCELLED
         when the handler stopped because of CancelRequested) and a message.
+        Stored within the caps of Job.error (longer parts are cut); a detail
+        that does not decode is ignored.
         """
 
     def __init__(
@@ -353,7 +364,7 @@ class ReleaseJob(_message.Message):
     LEASE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
-    """Why, for logs and the attempt history."""
+    """Why, for logs and the attempt history (cut to 1,024 characters)."""
     @_builtins.property
     def lease(self) -> Global___LeaseToken:
         """The attempt's lease."""

@@ -65,6 +65,10 @@ class JobAlreadyFinished(JobwireError):
     """The job has already finished and cannot be changed."""
 
 
+class TooManyJobTypes(JobwireError):
+    """The server knows as many job types as it may: no new one can be declared."""
+
+
 class QueueFull(JobwireError):
     """The queue is full: too many jobs are waiting."""
 

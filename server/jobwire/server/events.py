@@ -36,8 +36,9 @@ class JobEvent:
     sequence: int
     kind: EventKind
     job: Job
-    # Filled once by the transport layer (the encoded message), shared by every watcher of the event.
-    encoded: Any = field(default=None, compare=False)
+    # Filled once per view by the transport layer (the encoded message), shared by every watcher.
+    encoded_full: Any = field(default=None, compare=False)
+    encoded_basic: Any = field(default=None, compare=False)
 
 
 class Subscription:

@@ -23,9 +23,15 @@ class ErrorCode(enum.IntEnum):
     CANCELLED = 1
     UNKNOWN = 2
     DEADLINE_EXCEEDED = 4
+    RESOURCE_EXHAUSTED = 8
     ABORTED = 10
     UNAVAILABLE = 14
 
+
+# Caps on the payload of a job: params as submitted, and the result a handler returns. Measured once
+# serialized (as a protobuf Struct where one arrives, as JSON for an in-process handler's result).
+MAX_PARAMS_BYTES = 1 << 20
+MAX_RESULT_BYTES = 1 << 20
 
 # Caps on what one error holds. Errors come from handlers and remote workers, and every attempt keeps
 # its own in the job's history, so each part is bounded where the error is made.
@@ -70,6 +76,15 @@ class JobError:
                 clip(k, MAX_METADATA_KEY): clip(v, MAX_METADATA_VALUE)
                 for k, v in list(metadata.items())[:MAX_ERROR_METADATA]
             }
+
+
+def result_too_large(size: int) -> JobError:
+    """Why a job whose handler returned more than MAX_RESULT_BYTES failed (the result is not stored)."""
+    return JobError(
+        ErrorCode.RESOURCE_EXHAUSTED,
+        f"the handler returned a result of {size} bytes; at most {MAX_RESULT_BYTES} are stored",
+        "RESULT_TOO_LARGE",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from jobwire.handlers.api import HandlerSpec, RetryDefaults
 from jobwire.server.job import RetryPolicy
 
+# Job types the server knows at most, in-process and declared together: every one is listed in
+# GetQueueStats and kept in the store, so their number is bounded like every other stored thing.
+MAX_KNOWN_TYPES = 1000
+
 
 @dataclass(frozen=True, slots=True)
 class JobType:

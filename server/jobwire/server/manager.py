@@ -36,6 +36,7 @@ from jobwire.server.errors import (
     JobwireError,
     QueueFull,
     RequestIdReused,
+    TooManyJobTypes,
     UnknownJobType,
     WatchPositionLost,
 )
@@ -43,6 +44,7 @@ from jobwire.server.events import EventHub, EventKind, JobEvent
 from jobwire.server.executor import LOCAL_WORKER_ID, LocalJobContext
 from jobwire.server.job import (
     MAX_ATTEMPT_HISTORY,
+    MAX_RESULT_BYTES,
     PRIORITY_DEFAULT,
     AttemptRecord,
     ErrorCode,
@@ -52,8 +54,9 @@ from jobwire.server.job import (
     Progress,
     RetryPolicy,
     WaitReason,
+    result_too_large,
 )
-from jobwire.server.job_types import JobType, resolve_retry_policy
+from jobwire.server.job_types import MAX_KNOWN_TYPES, JobType, resolve_retry_policy
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.state_machine import JobState, check_transition
 from jobwire.server.stats import StatsWindow, WindowFigures
@@ -391,7 +394,9 @@ class JobManager:
 
     async def list_jobs(self, query: JobQuery) -> tuple[list[Job], bool]:
         """One page, newest first, and whether more pages follow."""
-        rows = await self.store.list(JobQuery(query.filter, query.limit + 1, query.before_id))
+        rows = await self.store.list(
+            JobQuery(query.filter, query.limit + 1, query.before_id, query.with_payload)
+        )
         more = len(rows) > query.limit
         jobs = [self._jobs[j.id].copy() if j.id in self._jobs else j for j in rows[: query.limit]]
         self._annotate([j for j in jobs if j.state is JobState.QUEUED])
@@ -603,6 +608,13 @@ class JobManager:
     @completes
     async def _declare_types(self, job_types: list[JobType]) -> list[JobType]:
         """Store the types a worker declares, then make them known here (both, even if it disconnects)."""
+        new = {t.name for t in job_types} - self.job_types.keys()
+        if len(self.job_types) + len(new) > MAX_KNOWN_TYPES:
+            raise TooManyJobTypes(
+                f"declaring {len(new)} new job types would pass the limit of {MAX_KNOWN_TYPES} known "
+                f"types ({len(self.job_types)} known); types no worker declared for the retention period "
+                "are forgotten"
+            )
         now = self.clock.now()
         declared = [JobType(t.name, t.timeout, t.max_running, t.retry, now) for t in job_types]
         await self.store.save_job_types(declared)
@@ -1020,7 +1032,27 @@ class JobManager:
         self.events.sweep(self.clock.now())
         if purged:
             log.info("purged %d finished jobs past their retention", purged)
+        await self._forget_stale_types()
         return purged
+
+    async def _forget_stale_types(self) -> None:
+        """Forget declared types that no worker declared for the retention period and no job needs."""
+        horizon = self.clock.now() - self.settings.retention
+        in_use = {job.type for job in self._jobs.values()}
+        stale = [
+            t.name
+            for t in self.job_types.values()
+            if t.name not in self.handlers
+            and t.last_seen < horizon
+            and t.name not in in_use
+            and not self.workers.serving(t.name)
+        ]
+        if stale:
+            await self.store.delete_job_types(stale)
+            for name in stale:
+                self.job_types.pop(name, None)
+                self.scheduler.set_type_limit(name, None)
+            log.info("forgot %d job types no worker declared for the retention period", len(stale))
 
     def _apply_type_limit(self, job_type: JobType) -> None:
         limit = self.settings.type_limits.get(job_type.name, job_type.max_running)
@@ -1028,12 +1060,15 @@ class JobManager:
 
 
 def handler_result(value: Any) -> Outcome:
-    """A handler's return value as a job result: JSON-compatible, and an object."""
+    """A handler's return value as a job result: JSON-compatible, an object, and within its cap."""
     try:
-        result = json.loads(json.dumps(value if value is not None else {}))
-    except (TypeError, ValueError) as error:
+        encoded = json.dumps(value if value is not None else {})
+    except (TypeError, ValueError, RecursionError) as error:
         message = f"the handler returned a value that is not JSON-compatible: {error}"
         return Failed(JobError(ErrorCode.UNKNOWN, message, "RESULT_NOT_JSON"), retryable=False)
+    if len(encoded) > MAX_RESULT_BYTES:
+        return Failed(result_too_large(len(encoded)), retryable=False)
+    result = json.loads(encoded)
     if not isinstance(result, dict):
         result = {"value": result}
     return Succeeded(result)

@@ -17,6 +17,7 @@ from jobwire.server.job_types import JobType
 LABEL_KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 MAX_LABELS = 64
 MAX_FILTER_TYPES = 100
+MAX_TYPES_PER_WORKER = 200
 MAX_LABEL_VALUE = 256
 MAX_REQUEST_ID = 128
 MAX_REASON = 1024
@@ -83,8 +84,11 @@ def job_type_violations(worker_id: str, job_types: list[JobType], credits: int) 
     violations: list[FieldViolation] = []
     if len(worker_id) > 128:
         violations.append(FieldViolation("register.worker_id", "at most 128 characters"))
-    if not 1 <= len(job_types) <= 1000:
-        violations.append(FieldViolation("register.job_types", "declare from 1 to 1000 job types"))
+    if not 1 <= len(job_types) <= MAX_TYPES_PER_WORKER:
+        violations.append(
+            FieldViolation("register.job_types", f"declare from 1 to {MAX_TYPES_PER_WORKER} job types")
+        )
+        return violations
     if not 0 <= credits <= 10_000:
         violations.append(FieldViolation("register.credits", "must be from 0 to 10000"))
     seen: set[str] = set()

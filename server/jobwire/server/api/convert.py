@@ -72,8 +72,8 @@ def job_error_to_status(error: JobError) -> status_pb2.Status:
     return status
 
 
-def job_to_proto(job: Job) -> job_pb2.Job:
-    """The wire form of a job."""
+def job_to_proto(job: Job, with_payload: bool = True) -> job_pb2.Job:
+    """The wire form of a job; without ``with_payload``, params and result are left out (BASIC view)."""
     message = job_pb2.Job(
         id=job.id,
         type=job.type,
@@ -85,13 +85,13 @@ def job_to_proto(job: Job) -> job_pb2.Job:
         request_id=job.request_id,
         cancel_reason=job.cancel_reason,
     )
-    if job.params:
+    if job.params and with_payload:
         message.params.update(job.params)
     set_timestamp(message.create_time, job.create_time)
     set_timestamp(message.update_time, job.update_time)
     if job.progress is not None:
         _set_progress(message.progress, job.progress)
-    if job.result is not None:
+    if job.result is not None and with_payload:
         message.result.update(job.result)
     if job.error is not None:
         message.error.CopyFrom(job_error_to_status(job.error))
@@ -115,6 +115,8 @@ def job_to_proto(job: Job) -> job_pb2.Job:
     if job.lease_expire_time is not None:
         set_timestamp(message.lease_expire_time, job.lease_expire_time)
     message.lease_epoch = job.lease_epoch
+    if job.attempt:
+        message.attempts_in_budget = job.attempt - job.attempt_base
     return message
 
 
@@ -138,6 +140,15 @@ def _set_attempt(target: job_pb2.Attempt, record: AttemptRecord) -> None:
     else:
         target.outcome.CopyFrom(job_error_to_status(record.outcome))
     target.worker_id = record.worker_id
+
+
+def with_payload(view: int, default: int) -> bool:
+    """Whether a read in ``view`` (JOB_VIEW_UNSPECIFIED: the RPC's ``default``) carries params and result."""
+    if view == job_pb2.JOB_VIEW_UNSPECIFIED:
+        view = default
+    if view not in (job_pb2.JOB_VIEW_BASIC, job_pb2.JOB_VIEW_FULL):
+        raise InvalidArgument(violations=[FieldViolation("view", f"not a valid job view: {view}")])
+    return view == job_pb2.JOB_VIEW_FULL
 
 
 def retry_from_proto(policy: job_pb2.RetryPolicy) -> RetryDefaults:

@@ -22,6 +22,7 @@ _MAPPING: list[tuple[type[errors.JobwireError], grpc.StatusCode, str]] = [
     (errors.JobNotFound, grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND"),
     (errors.JobAlreadyFinished, grpc.StatusCode.FAILED_PRECONDITION, "JOB_ALREADY_FINISHED"),
     (errors.QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL"),
+    (errors.TooManyJobTypes, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_JOB_TYPES"),
     (errors.Draining, grpc.StatusCode.UNAVAILABLE, "SERVER_DRAINING"),
     (errors.WatchPositionLost, grpc.StatusCode.OUT_OF_RANGE, "WATCH_POSITION_LOST"),
 ]

@@ -10,6 +10,7 @@ from jobwire.server.api import convert
 from jobwire.server.api.errors import abort, invalid
 from jobwire.server.errors import JobwireError
 from jobwire.server.events import EventKind, JobEvent
+from jobwire.server.job import MAX_PARAMS_BYTES
 from jobwire.server.manager import JobManager
 from jobwire.server.state_machine import JobState
 from jobwire.server.stores.base import JobQuery
@@ -20,7 +21,10 @@ log = logging.getLogger("jobwire.api")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-MAX_PARAMS_BYTES = 1 << 20
+# A ListJobs page stops before its jobs pass this many bytes, well under the 4 MiB message limit, so
+# that no combination of stored jobs can make a page unreadable (the next page continues after it).
+PAGE_BYTES = 3 << 20
+FULL, BASIC = job_pb2.JOB_VIEW_FULL, job_pb2.JOB_VIEW_BASIC
 
 
 class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
@@ -61,10 +65,11 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
         self, request: job_service_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> job_service_pb2.GetJobResponse:
         try:
+            payload = convert.with_payload(request.view, FULL)
             job = await self._manager.get(_job_id(request.job_id))
         except JobwireError as error:
             await abort(context, error)
-        return job_service_pb2.GetJobResponse(job=convert.job_to_proto(job))
+        return job_service_pb2.GetJobResponse(job=convert.job_to_proto(job, payload))
 
     async def ListJobs(
         self, request: job_service_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
@@ -80,13 +85,22 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
                 request.create_time_start if request.HasField("create_time_start") else None,
                 request.create_time_end if request.HasField("create_time_end") else None,
             )
+            payload = convert.with_payload(request.view, BASIC)
             before = convert.decode_page_token(request.page_token, job_filter) if request.page_token else None
-            jobs, more = await self._manager.list_jobs(JobQuery(job_filter, page_size, before))
+            jobs, more = await self._manager.list_jobs(JobQuery(job_filter, page_size, before, payload))
         except JobwireError as error:
             await abort(context, error)
-        response = job_service_pb2.ListJobsResponse(jobs=[convert.job_to_proto(j) for j in jobs])
-        if more and jobs:
-            response.next_page_token = convert.encode_page_token(jobs[-1].id, job_filter)
+        response = job_service_pb2.ListJobsResponse()
+        size = 0
+        for index, job in enumerate(jobs):
+            encoded = convert.job_to_proto(job, payload)
+            size += encoded.ByteSize() + 8  # the field's tag and length prefix
+            if size > PAGE_BYTES and index > 0:  # the page is full: continue after the previous job
+                more = True
+                break
+            response.jobs.append(encoded)
+        if more and response.jobs:
+            response.next_page_token = convert.encode_page_token(response.jobs[-1].id, job_filter)
         return response
 
     async def CancelJob(
@@ -105,8 +119,9 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
     ) -> None:
         try:
             job_id = _job_id(request.job_id)
+            payload = convert.with_payload(request.view, FULL)
             async for event in self._manager.watch(job_id, request.after_sequence):
-                await context.write(_watch_response(event))
+                await context.write(_watch_response(event, payload))
         except JobwireError as error:
             await abort(context, error)
 
@@ -165,13 +180,20 @@ _EVENT_TYPES = {
 }
 
 
-def _watch_response(event: JobEvent) -> job_service_pb2.WatchJobResponse:
-    """Encode an event once, however many watchers it goes to."""
-    if event.encoded is None:
-        event.encoded = job_service_pb2.WatchJobResponse(
-            job=convert.job_to_proto(event.job), sequence=event.sequence, event_type=_EVENT_TYPES[event.kind]
+def _watch_response(event: JobEvent, payload: bool) -> job_service_pb2.WatchJobResponse:
+    """Encode an event once per view, however many watchers it goes to."""
+    encoded = event.encoded_full if payload else event.encoded_basic
+    if encoded is None:
+        encoded = job_service_pb2.WatchJobResponse(
+            job=convert.job_to_proto(event.job, payload),
+            sequence=event.sequence,
+            event_type=_EVENT_TYPES[event.kind],
         )
-    response: job_service_pb2.WatchJobResponse = event.encoded
+        if payload:
+            event.encoded_full = encoded
+        else:
+            event.encoded_basic = encoded
+    response: job_service_pb2.WatchJobResponse = encoded
     return response
 
 

@@ -18,9 +18,10 @@ import grpc
 from jobwire.server.api import convert
 from jobwire.server.api.errors import abort, invalid
 from jobwire.server.errors import Draining, JobwireError
-from jobwire.server.job import ErrorCode, JobError, Progress
+from jobwire.server.job import MAX_RESULT_BYTES, ErrorCode, JobError, Progress, clip, result_too_large
 from jobwire.server.job_types import JobType
 from jobwire.server.manager import Abandoned, Failed, JobManager, Outcome, Succeeded
+from jobwire.server.validation import MAX_REASON
 from jobwire.server.workers import (
     Assignment,
     CancelRequest,
@@ -151,6 +152,9 @@ def _progress(progress: Any) -> Progress:
 def _outcome(request: pb.ConnectRequest, kind: str) -> tuple[LeaseToken, Outcome]:
     if kind == "complete_job":
         complete = request.complete_job
+        size = complete.result.ByteSize()
+        if size > MAX_RESULT_BYTES:  # not stored: the attempt fails for good, as in-process
+            return _token(complete.lease), Failed(result_too_large(size), retryable=False)
         result = convert.struct_to_dict(complete.result) if complete.result.fields else {}
         return _token(complete.lease), Succeeded(result)
     if kind == "fail_job":
@@ -160,7 +164,8 @@ def _outcome(request: pb.ConnectRequest, kind: str) -> tuple[LeaseToken, Outcome
             return _token(fail.lease), Failed(error, retryable=False)
         return _token(fail.lease), Failed(error, retryable=not fail.non_retryable)
     release = request.release_job
-    message = "the worker handed the job back" + (f": {release.reason}" if release.reason else "")
+    reason = clip(release.reason, MAX_REASON)
+    message = "the worker handed the job back" + (f": {reason}" if reason else "")
     return _token(release.lease), Abandoned(JobError(ErrorCode.ABORTED, message, "ATTEMPT_RELEASED"))
 
 

@@ -35,11 +35,16 @@ class JobFilter:
 
 @dataclass(frozen=True, slots=True)
 class JobQuery:
-    """One page of a listing: newest first (id descending), ids strictly below ``before_id`` if set."""
+    """One page of a listing: newest first (id descending), ids strictly below ``before_id`` if set.
+
+    Without ``with_payload`` the jobs come back with empty params and no result: a listing that does
+    not show them must not read up to 1 MiB of each from the store.
+    """
 
     filter: JobFilter = field(default_factory=JobFilter)
     limit: int = 50
     before_id: str | None = None
+    with_payload: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,3 +123,7 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def load_job_types(self) -> builtins.list[JobType]:
         """Every stored job type, by name."""
+
+    @abc.abstractmethod
+    async def delete_job_types(self, names: builtins.list[str]) -> None:
+        """Durably forget these job types (names not stored are ignored)."""

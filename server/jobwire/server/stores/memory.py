@@ -134,7 +134,10 @@ class MemoryStore(JobStore):
         for index in range(end - 1, -1, -1):
             job = self._jobs[self._ids[index]]
             if matches_filter(job, query.filter):
-                page.append(_snapshot(job))
+                snapshot = _snapshot(job)
+                if not query.with_payload:
+                    snapshot.params, snapshot.result = {}, None
+                page.append(snapshot)
                 if len(page) == query.limit:
                     break
         return page
@@ -167,6 +170,10 @@ class MemoryStore(JobStore):
 
     async def load_job_types(self) -> builtins.list[JobType]:
         return [self._job_types[name] for name in sorted(self._job_types)]
+
+    async def delete_job_types(self, names: builtins.list[str]) -> None:
+        for name in names:
+            self._job_types.pop(name, None)
 
     async def count(self) -> builtins.list[JobCount]:
         counts = Counter((job.state, job.type, job.priority) for job in self._jobs.values())

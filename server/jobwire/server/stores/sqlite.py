@@ -131,6 +131,12 @@ _COLUMNS = (
     "attempt_base",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
+# The same columns with the payload left out (an empty params object, no result), for listings.
+_SELECT_BASIC = (
+    "SELECT "
+    + ", ".join({"params": "'{}'", "result": "NULL"}.get(column, column) for column in _COLUMNS)
+    + " FROM jobs"
+)
 _INSERT = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 # The row tuple starts with id, so an UPDATE takes row[1:] + (id,) and, for compare-and-set, + (state,).
 _UPDATE = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE id = ?"
@@ -422,6 +428,10 @@ def _apply_save_job_types(rows: list[Row], conn: sqlite3.Connection) -> None:
     conn.executemany(_SAVE_JOB_TYPE, rows)  # in order, so a name given twice keeps its last row
 
 
+def _apply_delete_job_types(names: list[str], conn: sqlite3.Connection) -> None:
+    conn.executemany("DELETE FROM job_types WHERE name = ?", [(name,) for name in names])
+
+
 # --- reads, run by the reader thread ---------------------------------------------------------------
 
 
@@ -460,7 +470,8 @@ def list_sql(query: JobQuery) -> tuple[str, list[object]]:
     if job_filter.create_time_end is not None:
         where.append("create_time < ?")
         args.append(job_filter.create_time_end)
-    sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
+    select = _SELECT if query.with_payload else _SELECT_BASIC
+    sql = select + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
     args.append(query.limit)
     return sql, args
 
@@ -705,6 +716,9 @@ class SqliteStore(JobStore):
     async def save_job_types(self, job_types: builtins.list[JobType]) -> None:
         rows = [job_type_to_row(job_type) for job_type in job_types]  # in the caller's thread, like jobs
         await self._submit(functools.partial(_apply_save_job_types, rows))
+
+    async def delete_job_types(self, names: builtins.list[str]) -> None:
+        await self._submit(functools.partial(_apply_delete_job_types, list(names)))
 
     # --- the writer thread ---------------------------------------------------------------------------
 
