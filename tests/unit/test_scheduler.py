@@ -96,3 +96,13 @@ def test_bad_use_is_refused() -> None:
         scheduler.push("a", "t", 1, 0.0)
     with pytest.raises(ValueError):
         scheduler.release("t")
+
+
+def test_position_is_the_rank_across_types_and_follows_removals() -> None:
+    scheduler = Scheduler(aging_interval=0)
+    for job_id, job_type, priority in [("a", "x", 1), ("b", "y", 9), ("c", "x", 5), ("d", "y", 5)]:
+        scheduler.push(job_id, job_type, priority, 0.0)
+    assert [scheduler.position(j) for j in "abcd"] == [4, 1, 2, 3]
+    scheduler.remove("c")
+    assert [scheduler.position(j) for j in "abcd"] == [3, 1, 0, 2]
+    assert scheduler.position("nope") == 0

@@ -3,34 +3,31 @@
 Order. Higher priority first, FIFO within a priority, with aging so low priorities never starve: a job of
 priority ``p`` that entered the queue at time ``t`` has the sort key ``t - p * aging_interval``, and the
 smallest key runs first. Waiting one ``aging_interval`` is worth one priority level, and since the key
-never changes after a push, the heap needs no re-sorting as jobs age. With ``aging_interval == 0`` the
+never changes after a push, the queue needs no re-sorting as jobs age. With ``aging_interval == 0`` the
 order is strict priority (key ``-p``), FIFO within a priority. Ties break by push order.
 
-Limits. A global limit on running jobs and an optional limit per job type. Each type has its own heap;
+Limits. A global limit on running jobs and an optional limit per job type. Each type has its own queue;
 ``pop_ready`` compares the heads of the types that have room (O(T) for T types with queued jobs, plus
 O(log n) for the pop), so a type at its limit never blocks the others.
 
-Removal (a queued job cancelled) is lazy: the entry is marked dead and skipped when it reaches the top.
+Data structure. Each type's queue is a sorted list (``sortedcontainers.SortedList``, a B-tree-like list
+of sorted sublists) rather than a binary heap: it pops the smallest key in O(log n) like a heap, and also
+removes any job and tells any job's rank in O(log n). So a cancelled job leaves at once, and a queued
+job's position in the run order costs O(T log n) (its rank in every type's queue, summed), never a pass
+over the queue: GetJob on a queued job stays as cheap with 100,000 queued as with 10.
 """
 
 from __future__ import annotations
 
-import bisect
-import heapq
 import itertools
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
+from sortedcontainers import SortedList
 
-@dataclass(order=True, slots=True)
-class _Entry:
-    key: float
-    order: int
-    job_id: str = field(compare=False)
-    job_type: str = field(compare=False)
-    priority: int = field(compare=False)
-    alive: bool = field(default=True, compare=False)
+# One queued job: (sort key, push order, job id, job type, priority). Tuples compare in C, and since the
+# push order is unique, comparisons never reach the id, type or priority.
+_Entry = tuple[float, int, str, str, int]
 
 
 class Scheduler:
@@ -50,11 +47,10 @@ class Scheduler:
         self.max_running = max_running
         self.type_limits = dict(type_limits or {})
         self.aging_interval = aging_interval
-        self._heaps: dict[str, list[_Entry]] = {}
+        self._queues: dict[str, SortedList] = {}
         self._entries: dict[str, _Entry] = {}
         self._order = itertools.count()
         self._running_by_type: Counter[str] = Counter()
-        self._queued_by_type: Counter[str] = Counter()
         self._queued_by_priority: Counter[int] = Counter()
         self.running = 0
 
@@ -70,10 +66,12 @@ class Scheduler:
         """Queue a job. Pushing a job that is already queued is a bug."""
         if job_id in self._entries:
             raise ValueError(f"job {job_id} is already queued")
-        entry = _Entry(self.sort_key(priority, queue_time), next(self._order), job_id, job_type, priority)
+        entry = (self.sort_key(priority, queue_time), next(self._order), job_id, job_type, priority)
         self._entries[job_id] = entry
-        heapq.heappush(self._heaps.setdefault(job_type, []), entry)
-        self._queued_by_type[job_type] += 1
+        queue = self._queues.get(job_type)
+        if queue is None:
+            queue = self._queues[job_type] = SortedList()
+        queue.add(entry)
         self._queued_by_priority[priority] += 1
 
     def remove(self, job_id: str) -> bool:
@@ -81,8 +79,11 @@ class Scheduler:
         entry = self._entries.pop(job_id, None)
         if entry is None:
             return False
-        entry.alive = False
-        self._forget_queued(entry)
+        queue = self._queues[entry[3]]
+        queue.remove(entry)
+        if not queue:
+            del self._queues[entry[3]]
+        self._forget_priority(entry[4])
         return True
 
     def __contains__(self, job_id: object) -> bool:
@@ -91,22 +92,10 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _forget_queued(self, entry: _Entry) -> None:
-        self._queued_by_type[entry.job_type] -= 1
-        if not self._queued_by_type[entry.job_type]:
-            del self._queued_by_type[entry.job_type]
-        self._queued_by_priority[entry.priority] -= 1
-        if not self._queued_by_priority[entry.priority]:
-            del self._queued_by_priority[entry.priority]
-
-    def _head(self, job_type: str) -> _Entry | None:
-        heap = self._heaps.get(job_type)
-        while heap and not heap[0].alive:
-            heapq.heappop(heap)
-        if not heap:
-            self._heaps.pop(job_type, None)
-            return None
-        return heap[0]
+    def _forget_priority(self, priority: int) -> None:
+        self._queued_by_priority[priority] -= 1
+        if not self._queued_by_priority[priority]:
+            del self._queued_by_priority[priority]
 
     # -- running -------------------------------------------------------------------------------------
 
@@ -130,20 +119,24 @@ class Scheduler:
         if self.max_running is not None and self.running >= self.max_running:
             return None
         best: _Entry | None = None
-        candidates = list(self._heaps) if types is None else [t for t in types if t in self._heaps]
+        candidates = self._queues if types is None else [t for t in types if t in self._queues]
         for job_type in candidates:
             if not self.has_room(job_type):
                 continue
-            head = self._head(job_type)
-            if head is not None and (best is None or head < best):
+            head: _Entry = self._queues[job_type][0]
+            if best is None or head < best:
                 best = head
         if best is None:
             return None
-        heapq.heappop(self._heaps[best.job_type])
-        del self._entries[best.job_id]
-        self._forget_queued(best)
-        self.mark_running(best.job_type)
-        return best.job_id, best.job_type
+        job_id, job_type = best[2], best[3]
+        queue = self._queues[job_type]
+        queue.pop(0)
+        if not queue:
+            del self._queues[job_type]
+        del self._entries[job_id]
+        self._forget_priority(best[4])
+        self.mark_running(job_type)
+        return job_id, job_type
 
     def mark_running(self, job_type: str) -> None:
         """Count a job as running without popping it (a job recovered or started elsewhere)."""
@@ -161,31 +154,23 @@ class Scheduler:
 
     # -- introspection -------------------------------------------------------------------------------
 
-    def positions(self, job_ids: Iterable[str]) -> dict[str, int]:
-        """1-based run-order positions of the given queued jobs (others are left out).
+    def position(self, job_id: str) -> int:
+        """The job's 1-based run-order position (0 if it is not queued): O(T log n) for T types."""
+        entry = self._entries.get(job_id)
+        if entry is None:
+            return 0
+        ahead: int = sum(queue.bisect_left(entry) for queue in self._queues.values())
+        return 1 + ahead
 
-        One pass over the queue: O(n log k) for k asked-for jobs, fine for a page of a listing.
-        """
-        wanted = sorted(self._entries[j] for j in set(job_ids) if j in self._entries)
-        if not wanted:
-            return {}
-        ahead = [0] * len(wanted)
-        for entry in self._entries.values():
-            index = bisect.bisect_left(wanted, entry)
-            if index < len(wanted):
-                ahead[index] += 1
-        positions: dict[str, int] = {}
-        running_total = 0
-        for i, entry in enumerate(wanted):
-            running_total += ahead[i]
-            positions[entry.job_id] = running_total
-        return positions
+    def positions(self, job_ids: Iterable[str]) -> dict[str, int]:
+        """1-based run-order positions of the given queued jobs (others are left out)."""
+        return {job_id: self.position(job_id) for job_id in job_ids if job_id in self._entries}
 
     def running_by_type(self) -> dict[str, int]:
         return dict(self._running_by_type)
 
     def queued_by_type(self) -> dict[str, int]:
-        return dict(self._queued_by_type)
+        return {job_type: len(queue) for job_type, queue in self._queues.items()}
 
     def queued_by_priority(self) -> dict[int, int]:
         return dict(self._queued_by_priority)
