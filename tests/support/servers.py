@@ -89,6 +89,8 @@ class ServerProcess:
             "support.handlers",
             "--log-format",
             "json",
+            "--drain-delay",  # tests that follow the drain sequence give their own
+            "0",
             *extra_args,
         ]
         self.cwd = cwd

@@ -23,6 +23,7 @@ from jobwire.cli import render
 from jobwire.cli.parsing import UsageError, label_arg, labels_dict, parse_params, state_arg
 from jobwire.client import JobwireClient, JobwireError
 from jobwire.client._core import DEFAULT_TARGET
+from jobwire.client.durations import parse_duration, parse_time
 from jobwire.v1 import job_pb2
 
 __all__ = ["build_parser", "main"]
@@ -94,14 +95,19 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     p.add_argument("--priority", type=int, metavar="N", help="0 (lowest) to 9 (highest); server default 5")
     p.add_argument("--label", action="append", type=label_arg, metavar="KEY=VALUE", help="repeatable")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="maximum run time of one attempt")
+    p.add_argument(
+        "--timeout",
+        type=_duration_arg,
+        metavar="DURATION",
+        help="maximum run time of one attempt (30s, 10m, ...)",
+    )
     p.add_argument("--request-id", metavar="ID", help="idempotency key (default: a fresh UUID4)")
     p.add_argument("--max-attempts", type=int, metavar="N", help="attempts in all (default: the type's)")
     p.add_argument(
         "--at",
         type=_when_arg,
         metavar="WHEN",
-        help="start no earlier than WHEN: an ISO 8601 time, or +SECONDS from now",
+        help="start no earlier than WHEN: an ISO 8601 time, or +DURATION from now (+90, +10m, +1h)",
     )
     p.add_argument("--watch", action="store_true", help="watch the job until it finishes")
     p.set_defaults(handler=cmd_submit)
@@ -144,14 +150,22 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
 
 def _when_arg(text: str) -> datetime.datetime:
-    """``+90`` (seconds from now) or an ISO 8601 time (UTC when it names no zone)."""
+    """``+90``, ``+10m`` (from now) or an ISO 8601 time (UTC when it names no zone)."""
     try:
-        if text.startswith("+"):
-            return datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=float(text[1:]))
-        when = datetime.datetime.fromisoformat(text)
+        return parse_time(text)
     except ValueError as error:
-        raise argparse.ArgumentTypeError(f"not a time: {text!r} (use ISO 8601 or +SECONDS)") from error
-    return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _duration_arg(text: str) -> float:
+    """A duration as every Jobwire command reads it: 90, 90s, 500ms, 10m, 1h30m, 7d."""
+    try:
+        value = parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -164,14 +178,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def _non_negative_duration(text: str) -> float:
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_worker_parser(sub: Any, env: Mapping[str, str]) -> None:
@@ -207,11 +218,11 @@ def _add_worker_parser(sub: Any, env: Mapping[str, str]) -> None:
     )
     p.add_argument(
         "--drain-grace",
-        type=_non_negative_float,
-        metavar="SECONDS",
-        default="30",
+        type=_non_negative_duration,
+        metavar="DURATION",
+        default="30s",
         help="on SIGTERM/SIGINT, how long running jobs may take to finish before being handed back "
-        "(default 30)",
+        "(default 30s)",
     )
     p.add_argument(
         "--log-format",
@@ -230,19 +241,17 @@ def _add_worker_parser(sub: Any, env: Mapping[str, str]) -> None:
 
 def _run_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``jobwire worker``: load the handlers and run a Worker until it is stopped by a signal."""
+    from jobwire.handlers.api import load_handlers_from_cwd
     from jobwire.handlers.logs import configure_logging
-    from jobwire.worker import Worker, load_handlers  # imported only when the command runs
+    from jobwire.worker import Worker  # imported only when the command runs
 
     modules = [m.strip() for m in (args.handlers or "").split(",") if m.strip()]
     if not modules:
         parser.error("worker: --handlers (or $JOBWIRE_HANDLERS) is required")
-    # Like `python -m`, find handler modules in the current directory from the console script too.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
-        handlers = load_handlers(modules)
-    except (ImportError, ValueError) as exc:
-        parser.error(f"worker: cannot load handlers from {', '.join(modules)}: {exc}")
+        handlers = load_handlers_from_cwd(modules)
+    except ValueError as exc:
+        parser.error(f"worker: --handlers: {exc}")
     if not handlers:
         parser.error(f"worker: no @handler functions found in {', '.join(modules)}")
     configure_logging(args.log_format, args.log_level)

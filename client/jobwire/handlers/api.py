@@ -5,7 +5,9 @@ from __future__ import annotations
 import abc
 import importlib
 import inspect
+import os
 import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -109,6 +111,22 @@ def load_handlers(module_names: Iterable[str]) -> dict[str, HandlerSpec]:
                 raise ValueError(f"job type {spec.name!r} has two handlers ({module_name})")
             specs[spec.name] = spec
     return specs
+
+
+def load_handlers_from_cwd(module_names: Iterable[str]) -> dict[str, HandlerSpec]:
+    """``load_handlers`` for the command line: modules are also found in the current directory, as
+    ``python -m`` finds them, and a module that cannot be loaded is a ValueError with one clear line."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    names = list(module_names)
+    for name in names:  # import one by one, to name the module that fails
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ValueError(f"cannot import {name}: {error}") from error
+        except Exception as error:  # the module itself raised while being imported
+            raise ValueError(f"importing {name} failed: {error!r}") from error
+    return load_handlers(names)
 
 
 class JobContext(abc.ABC):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 from collections.abc import Sequence
 
 import grpc
@@ -29,6 +31,11 @@ JOB_SERVICE_DESCRIPTOR = job_service_pb2.DESCRIPTOR.services_by_name["JobService
 JOB_SERVICE = JOB_SERVICE_DESCRIPTOR.full_name
 WORKER_SERVICE_DESCRIPTOR = worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"]
 MAX_MESSAGE_BYTES = 4 << 20
+# On stop, how long calls still in flight may take to finish before they are cancelled. New work is
+# refused by then, so what is left are short unary calls and state changes committing.
+IN_FLIGHT_GRACE = 10.0
+# On stop, how long new calls are answered UNAVAILABLE (at least) before the listener stops.
+REFUSE_WINDOW = 1.0
 
 SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
@@ -46,6 +53,10 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.server.max_pending_requests", 20_000),
     ("grpc.server.max_pending_requests_hard_limit", 40_000),
 )
+
+
+class StartupError(Exception):
+    """The server could not start (a port in use, a store that cannot be opened): one line for the user."""
 
 
 class JobwireServer:
@@ -67,11 +78,18 @@ class JobwireServer:
         self._stopping = False
 
     async def start(self) -> int:
-        """Recover jobs, then listen. Returns the bound port."""
+        """Recover jobs, then listen. Returns the bound port; StartupError if either cannot be done."""
         if self._server is not None:
             return self.port
         port: int
-        await self.manager.start()
+        address = f"{self.config.host}:{self.config.port}"
+        _check_port_free(self.config.host, self.config.port)  # before the store: fail fast, and quietly
+        try:
+            await self.manager.start()
+        except StartupError:
+            raise
+        except Exception as error:  # whatever the store raised: the operator needs one clear line
+            raise StartupError(f"cannot open the store {self.config.store}: {error}") from error
         server = grpc.aio.server(options=SERVER_OPTIONS)
         add_servicer(JobServiceServicer(self.manager), JOB_SERVICE_DESCRIPTOR, server)
         add_servicer(WorkerServiceServicer(self.manager), WORKER_SERVICE_DESCRIPTOR, server)
@@ -84,12 +102,16 @@ class JobwireServer:
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             ],
         )
-        address = f"{self.config.host}:{self.config.port}"
-        port = server.add_insecure_port(address)
-        if port == 0:  # grpcio returns 0 instead of raising when the bind fails
+        try:
+            port = server.add_insecure_port(address)  # grpcio 1.85 raises; older versions returned 0
+        except RuntimeError:
+            port = 0
+        if port == 0:
             await self.manager.drain(0)
             await self.manager.close()
-            raise OSError(f"could not listen on {address} (in use, or not a local address?)")
+            raise StartupError(
+                f"cannot listen on {address}: the port is in use or the address is not local (--host, --port)"
+            )
         await server.start()
         self._server, self.port = server, port
         for service in ("", JOB_SERVICE, WORKER_SERVICE_DESCRIPTOR.full_name):
@@ -106,21 +128,57 @@ class JobwireServer:
         )
         return port
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new jobs, let running ones finish for ``grace`` seconds, queue the
-        rest again, end watch streams, stop the server, close the store."""
+    async def stop(self, grace: float | None = None, delay: float = 0.0) -> None:
+        """Drain, in the order load balancers can follow:
+
+        1. health turns NOT_SERVING, and everything keeps working for ``delay`` seconds, so that load
+           balancers and clients watching health move to another server before anything is refused;
+        2. new work is refused (UNAVAILABLE), watch streams end with their resume point and worker
+           sessions end, so that both reconnect elsewhere;
+        3. local jobs get ``grace`` seconds to finish, the rest are queued again;
+        4. new calls keep getting UNAVAILABLE for at least REFUSE_WINDOW (when there was a delay);
+        5. calls still in flight finish (up to IN_FLIGHT_GRACE), then the listener stops and the store
+           closes.
+        """
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
         grace = self.config.drain_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        log.info("draining: health is NOT_SERVING", extra={"drain_delay": delay, "drain_grace": grace})
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.manager.begin_drain()
+        refusing_since = asyncio.get_running_loop().time()
         await self.manager.drain(grace)
+        # Answer UNAVAILABLE a little longer before the listener stops: a call that reaches grpc core
+        # while it shuts down is cancelled (CANCELLED, which clients do not retry), so clients should
+        # have heard UNAVAILABLE and gone by then.
+        refused_for = asyncio.get_running_loop().time() - refusing_since
+        if delay > 0 and refused_for < REFUSE_WINDOW:
+            await asyncio.sleep(REFUSE_WINDOW - refused_for)
         if self._server is not None:
-            await self._server.stop(grace=1.0)
+            await self._server.stop(grace=IN_FLIGHT_GRACE)
         await self.manager.close()
         log.info("jobwire stopped")
         self._stopped.set()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """StartupError if the port is taken, said in one line before grpc core logs its own bind error."""
+    if port == 0:
+        return
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((bare or "::", port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise StartupError(f"cannot listen on {host}:{port}: the port is in use (--port)") from None
+            raise StartupError(f"cannot listen on {host}:{port}: {error.strerror} (--host)") from None
 
 
 def _add_reflection(server: grpc.aio.Server, services: list[str]) -> None:
@@ -144,14 +202,14 @@ def _add_reflection(server: grpc.aio.Server, services: list[str]) -> None:
     server.add_generic_rpc_handlers((v1,))
 
 
-async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
-    server = JobwireServer(config)
+async def serve(config: ServerConfig, handlers: dict[str, HandlerSpec]) -> None:
+    """Run until SIGTERM or SIGINT, then drain (SIGINT, an operator's Ctrl-C, skips the drain delay)."""
+    server = JobwireServer(config, handlers)
     await server.start()
     loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
+    received: asyncio.Queue[signal.Signals] = asyncio.Queue()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_requested.set)
-    await stop_requested.wait()
-    log.info("signal received: draining", extra={"grace_seconds": config.drain_grace})
-    await server.stop()
+        loop.add_signal_handler(sig, received.put_nowait, sig)
+    sig = await received.get()
+    log.info("%s received: draining", sig.name, extra={"signal": sig.name})
+    await server.stop(delay=config.drain_delay if sig is signal.SIGTERM else 0.0)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 
+from jobwire.handlers.api import load_handlers_from_cwd
 from jobwire.handlers.logs import configure_logging
 from jobwire.server.config import add_arguments, load_config
 
@@ -20,14 +21,21 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"jobwire serve: {error}", file=sys.stderr)
         return 2
+    try:
+        handlers = load_handlers_from_cwd(config.handler_modules())
+    except ValueError as error:
+        print(f"jobwire serve: --handlers: {error}", file=sys.stderr)
+        return 2
     configure_logging(config.log_format, config.log_level)
-    from jobwire.server.app import serve
+    from jobwire.server.app import StartupError, serve
 
     try:
-        asyncio.run(serve(config))
-    except OSError as error:
+        asyncio.run(serve(config, handlers))
+    except StartupError as error:
         print(f"jobwire serve: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
+        return 130
     return 0
 
 

@@ -8,23 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from jobwire.client.durations import parse_duration
 from jobwire.server.job import RetryPolicy
 from jobwire.server.manager import ManagerSettings
+from jobwire.server.stores.factory import check_store_url
 
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(text: str) -> float:
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (use seconds, or a number with ms/s/m/h/d)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def parse_optional_duration(text: str) -> float | None:
@@ -59,10 +52,42 @@ def parse_bool(text: str) -> bool:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise ValueError(f"must be at least 1, got {value}")
     return value
+
+
+def parse_port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"not a port number: {text!r} (use 0 to 65535; 0 picks a free port)") from None
+    if not 0 <= value <= 65535:
+        raise ValueError(f"not a port number: {value} (use 0 to 65535; 0 picks a free port)")
+    return value
+
+
+def parse_log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"not a log level: {text!r} (use {', '.join(LOG_LEVELS)})")
+    return level
+
+
+def parse_log_format(text: str) -> str:
+    if text not in ("json", "text"):
+        raise ValueError(f"not a log format: {text!r} (use json or text)")
+    return text
+
+
+def parse_store(text: str) -> str:
+    """The store URL, checked now so that a typo is one clear line before anything starts."""
+    check_store_url(text)
+    return text
 
 
 @dataclass(frozen=True)
@@ -87,6 +112,7 @@ class ServerConfig:
     aging_interval: float = 60.0
     default_timeout: float | None = None
     cancel_grace: float = 10.0
+    drain_delay: float = 5.0
     drain_grace: float = 30.0
     retention: float = 7 * 86400.0
     sweep_interval: float = 60.0
@@ -125,8 +151,8 @@ class ServerConfig:
             raise ValueError("port must be from 0 to 65535")
         if self.max_running < 1 or self.max_queued < 1:
             raise ValueError("max-running and max-queued must be at least 1")
-        if self.aging_interval < 0 or self.cancel_grace < 0 or self.drain_grace < 0:
-            raise ValueError("aging-interval, cancel-grace and drain-grace must not be negative")
+        if min(self.aging_interval, self.cancel_grace, self.drain_grace, self.drain_delay) < 0:
+            raise ValueError("aging-interval, cancel-grace, drain-delay and drain-grace must not be negative")
         if self.retention <= 0 or self.sweep_interval <= 0 or self.stats_window <= 0:
             raise ValueError("retention, sweep-interval and stats-window must be positive")
         if self.lease_duration < 0.1:
@@ -141,8 +167,8 @@ class ServerConfig:
 
 OPTIONS: dict[str, Option] = {
     "host": Option("--host", str, "address to listen on (default [::], all interfaces)"),
-    "port": Option("--port", int, "port to listen on; 0 picks a free one (default 50051)"),
-    "store": Option("--store", str, "sqlite:///path.db (default sqlite:///jobwire.db) or memory:"),
+    "port": Option("--port", parse_port, "port to listen on; 0 picks a free one (default 50051)"),
+    "store": Option("--store", parse_store, "sqlite:///path.db (default sqlite:///jobwire.db) or memory:"),
     "handlers": Option("--handlers", parse_modules, "comma-separated modules with @handler functions"),
     "demo_handlers": Option(
         "--demo-handlers", parse_bool, "load the built-in demo.* handlers (default true)"
@@ -153,6 +179,12 @@ OPTIONS: dict[str, Option] = {
     "aging_interval": Option("--aging-interval", parse_duration, "waiting this long is worth +1 priority"),
     "default_timeout": Option("--default-timeout", parse_optional_duration, "run time-out of an attempt"),
     "cancel_grace": Option("--cancel-grace", parse_duration, "how long a cancelled handler may take to stop"),
+    "drain_delay": Option(
+        "--drain-delay",
+        parse_duration,
+        "on SIGTERM, how long to keep serving after health turns NOT_SERVING, so that load balancers "
+        "move away first (default 5s)",
+    ),
     "drain_grace": Option("--drain-grace", parse_duration, "on SIGTERM, how long running jobs may finish"),
     "retention": Option("--retention", parse_duration, "how long finished jobs are kept (default 7d)"),
     "sweep_interval": Option("--sweep-interval", parse_duration, "how often expired jobs are purged"),
@@ -165,8 +197,8 @@ OPTIONS: dict[str, Option] = {
     ),
     "retry_initial_backoff": Option("--retry-initial-backoff", parse_duration, "default first retry delay"),
     "retry_max_backoff": Option("--retry-max-backoff", parse_duration, "default longest retry delay"),
-    "log_format": Option("--log-format", str, "json (default) or text"),
-    "log_level": Option("--log-level", str, "DEBUG, INFO (default), WARNING, ERROR"),
+    "log_format": Option("--log-format", parse_log_format, "json (default) or text"),
+    "log_level": Option("--log-level", parse_log_level, "DEBUG, INFO (default), WARNING, ERROR"),
 }
 
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 
 class JobwireError(Exception):
-    """Jobwire could not do what was asked."""
+    """Jobwire could not do what was asked.
 
-    def __init__(self, message: str | None = None) -> None:
+    ``metadata`` is machine-readable context for the caller (it becomes google.rpc.ErrorInfo.metadata).
+    """
+
+    def __init__(self, message: str | None = None, *, metadata: dict[str, str] | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
+        self.metadata = metadata or {}
 
     @property
     def message(self) -> str:

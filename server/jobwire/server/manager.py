@@ -273,16 +273,26 @@ class JobManager:
             extra=counts,
         )
 
-    async def drain(self, grace: float) -> None:
-        """Stop taking and starting work; give local jobs ``grace`` seconds, then queue them again.
+    def begin_drain(self) -> None:
+        """Stop taking and starting work, at once: new submits, retries and worker sessions are refused,
+        watch streams end with their resume point and worker sessions end, so that watchers and workers
+        move to another server (or come back after a restart) while local jobs finish. Idempotent.
 
-        Remote workers keep their leases: their sessions end, and they renew the leases when they
-        reconnect (to this server after a restart, or to another replica).
+        Remote workers keep their leases: they renew them when they reconnect.
         """
         if self._draining:
             return
         self._draining = True
         self._dispatching = False
+        self.events.close_all()
+        for session in self.workers:
+            self.disconnect_worker(session)
+
+    async def drain(self, grace: float) -> None:
+        """``begin_drain``, then give local jobs ``grace`` seconds to finish, then queue them again."""
+        if self._draining and not self._local_tasks:
+            return
+        self.begin_drain()
         attempts = list(self._local.values())
         log.info("draining: %d in-process jobs running, grace %.1fs", len(attempts), grace)
         tasks = list(self._local_tasks)
@@ -295,9 +305,6 @@ class JobManager:
                     attempt.force_stop()
             if pending:
                 await asyncio.wait(pending, timeout=5.0)
-        for session in self.workers:
-            self.disconnect_worker(session)
-        self.events.close_all()
 
     async def close(self) -> None:
         """Stop background work and close the store (after ``drain``). Idempotent."""
@@ -554,7 +561,10 @@ class JobManager:
             while True:
                 change = await subscription.next()
                 if change is None:
-                    raise Draining(f"the server is shutting down; watch again with after_sequence={last}")
+                    raise Draining(
+                        f"the server is shutting down; watch again with after_sequence={last}",
+                        metadata={"job_id": job_id, "after_sequence": str(last)},
+                    )
                 if change.sequence <= last:
                     continue
                 last = change.sequence

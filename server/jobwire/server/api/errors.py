@@ -49,7 +49,8 @@ def to_status(error: errors.JobwireError) -> tuple[grpc.StatusCode, status_pb2.S
             code, reason = mapped_code, mapped_reason
             break
     status = status_pb2.Status(code=code.value[0], message=_clip(error.message, MAX_MESSAGE))
-    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    status.details.add().Pack(info)
     if isinstance(error, errors.InvalidArgument) and error.violations:
         bad_request = error_details_pb2.BadRequest()
         for violation in error.violations[:MAX_VIOLATIONS]:

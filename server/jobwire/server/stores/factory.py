@@ -15,6 +15,11 @@ ACCEPTED_FORMS = (
 )
 
 
+def check_store_url(url: str) -> None:
+    """Raise ValueError, naming the accepted forms, unless ``url`` names a store (nothing is opened)."""
+    open_store(url)
+
+
 def open_store(url: str) -> JobStore:
     """The store ``url`` names, not yet opened (callers ``await store.open()``).
 

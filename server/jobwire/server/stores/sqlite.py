@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -566,6 +567,46 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
+class StoreInUse(RuntimeError):
+    """Another process has this SQLite store open."""
+
+
+class ProcessLock:
+    """An exclusive lock on ``<database>.lock``, held while a store is open.
+
+    Why: two servers on one SQLite file would each hold the live state of the same jobs and silently
+    diverge (SQLite's own locking only serializes their writes). Several servers sharing one store is
+    what the PostgreSQL store is for. ``flock`` is released by the kernel when the process dies, so a
+    crash never leaves a stale lock; the file keeps the holder's pid only to name it in the message.
+    """
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, database: str) -> ProcessLock:
+        path = os.path.abspath(database) + ".lock"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreInUse(
+                f"another Jobwire server (pid {holder}) is using {os.path.abspath(database)}; stop it "
+                "first, or use a PostgreSQL store to run several servers on one store"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(fd, path)
+
+    def release(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
 class SqliteStore(JobStore):
     """A JobStore in one SQLite file. Create, ``await open()``, use, ``await close()``."""
 
@@ -606,6 +647,7 @@ class SqliteStore(JobStore):
         self._writer: threading.Thread | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._reader_conn: sqlite3.Connection | None = None
+        self._lock: ProcessLock | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -613,6 +655,7 @@ class SqliteStore(JobStore):
         async with self._lifecycle:
             if self._writer is not None:
                 return
+            self._lock = ProcessLock.acquire(self.path)
             loop = asyncio.get_running_loop()
             ready: asyncio.Future[None] = loop.create_future()
             with self._cond:
@@ -635,6 +678,7 @@ class SqliteStore(JobStore):
                     self._cond.notify()
                 await asyncio.to_thread(writer.join)
                 reader.shutdown(wait=False)
+                self._release_lock()
                 raise
             self._writer, self._reader, self._reader_conn = writer, reader, reader_conn
             with self._cond:
@@ -655,6 +699,12 @@ class SqliteStore(JobStore):
             await asyncio.get_running_loop().run_in_executor(reader, reader_conn.close)
             reader.shutdown(wait=False)
             self._writer = self._reader = None
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _connect(self) -> sqlite3.Connection:
         # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), never implicit.
