@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -118,6 +119,11 @@ def fuzz_traced(args: argparse.Namespace) -> int:
                 print(f"  {size:>9.0f} KiB  {blocks:>8} blocks  {stat.traceback[0]}")
             total = sum(s.size_diff for s in stats)
             print(f"  total {total / 1048576:.1f} MiB held by Jobwire allocations")
+            current, peak = tracemalloc.get_traced_memory()
+            print(
+                f"all Python allocations (server, client and fuzzer): {current / 1048576:.0f} MiB now, "
+                f"{peak / 1048576:.0f} MiB at the peak; process RSS {rss_mib(os.getpid()):.0f} MiB"
+            )
         return code
 
 

@@ -169,6 +169,29 @@ def test_cli_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 2
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--bogus", "list"], "unrecognized arguments: --bogus"),
+        (["--server", "localhost:99999", "list"], "not a port: '99999'"),
+        (["list", "--server", "h:0"], "not a port: '0'"),
+        (["--bogus", "serve"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_cli_names_what_is_wrong(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_cli_server_targets_that_are_fine() -> None:
+    parser = build_parser({})
+    for target in ("localhost:50051", "[::1]:50051", "dns:///jobs.internal:50051", "a:1,b:2", "unix:/tmp/s"):
+        assert parser.parse_args(["--server", target, "stats"]).server == target
+
+
 def test_cli_help_works_without_the_server(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
@@ -306,6 +329,7 @@ def test_watch_tracker_gives_up_after_its_retry_window() -> None:
     clock = FakeClock()
     tracker = _core.WatchTracker("j", clock=clock, retry_window=30.0)
     tracker.request()
+    assert tracker.accept(_update(1))  # the stream worked, then broke: the whole window applies
     unavailable = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "down")
     tracker.on_error(unavailable)
     clock.now += 29.0
@@ -313,6 +337,20 @@ def test_watch_tracker_gives_up_after_its_retry_window() -> None:
     clock.now += 2.0
     with pytest.raises(UnavailableError):
         tracker.on_error(unavailable)
+
+
+def test_watch_tracker_gives_up_early_on_a_server_it_never_reached() -> None:
+    clock = FakeClock()
+    tracker = _core.WatchTracker("j", clock=clock, retry_window=30.0, backoff=_core.Backoff(jitter=0.0))
+    tracker.request()
+    unavailable = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "connection refused")
+    waited = 0.0
+    with pytest.raises(UnavailableError):
+        while True:
+            delay = tracker.on_error(unavailable)
+            clock.now += delay
+            waited += delay
+    assert waited == pytest.approx(_core.WATCH_FIRST_CONTACT_WINDOW)  # not the 30 s retry window
 
 
 def test_watch_tracker_failure_window_resets_on_progress() -> None:
@@ -476,3 +514,11 @@ def test_cli_prints_server_errors_and_exits_2(capsys: pytest.CaptureFixture[str]
     code = main(["--server", "127.0.0.1:1", "get", "00000000000000000000000000"])
     assert code == 2
     assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+
+
+def test_the_packages_are_typed_for_their_users() -> None:
+    """A user's mypy --strict sees the SDK's types only if each package ships py.typed."""
+    import importlib.resources
+
+    for package in ("jobwire.client", "jobwire.handlers", "jobwire.cli", "jobwire.worker", "jobwire.v1"):
+        assert importlib.resources.files(package).joinpath("py.typed").is_file(), package

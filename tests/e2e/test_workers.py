@@ -450,3 +450,18 @@ def test_running_work_survives_a_server_restart(cluster: Cluster) -> None:
     assert done.state == J.JOB_STATE_SUCCEEDED, done
     assert done.attempt == 1, "the attempt survived the restart: no retry"
     assert [a.outcome.code for a in done.attempts] == [code_pb2.OK]
+
+
+def test_a_remote_job_keeps_its_last_progress_and_the_worker_exits_cleanly(cluster: Cluster) -> None:
+    cluster.start_server()
+    worker = cluster.start_worker("w1")
+    worker.wait_registered()
+    slept = cluster.submit("remote.sleep", {"seconds": 0.2, "steps": 2})
+    done = cluster.wait_state(slept.id, J.JOB_STATE_SUCCEEDED)
+    # The report sent just before the outcome is kept: 100% (2/2), not the step before.
+    assert (done.progress.percent, done.progress.current_step, done.progress.total_steps) == (100.0, 2, 2)
+    echoed = cluster.submit("remote.echo", {"x": 1})  # a plain handler: it runs in a pool thread
+    cluster.wait_state(echoed.id, J.JOB_STATE_SUCCEEDED)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait_exit() == 0
+    assert not [e for e in worker.logs if "still running" in str(e.get("message"))], worker.logs[-5:]

@@ -33,6 +33,7 @@ KNOWN_TYPES = ("demo.echo", "test.echo", "demo.sleep", "fuzz.type", "test.gate")
 T = FieldDescriptor
 CLIENT_WRITE_AFTER_END = "CLIENT_WRITE_AFTER_END"
 CLIENT_REFUSED_TRAILERS = "CLIENT_REFUSED_TRAILERS"
+CLIENT_SEND_FAILED = "CLIENT_SEND_FAILED"
 
 
 def _client_write_after_end(error: grpc.aio.AioRpcError) -> bool:
@@ -263,6 +264,9 @@ class Fuzzer:
                         self.job_ids.append(job_id)
             self._record(path, grpc.StatusCode.OK)
         except grpc.aio.AioRpcError as error:
+            if error.details() == CLIENT_SEND_FAILED:
+                self._record(path, CLIENT_SEND_FAILED)
+                return
             if _client_write_after_end(error):
                 # The client was still sending on a stream the server had already ended (e.g. with
                 # INVALID_ARGUMENT): grpcio reports its own failed send as INTERNAL. Not the server's.
@@ -290,8 +294,18 @@ class Fuzzer:
                 await asyncio.sleep(0)
 
         call = channel.stream_stream(path)(requests(), timeout=0.5)
-        async for _ in call:
-            pass
+        try:
+            async for _ in call:
+                pass
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled ourselves
+            # grpcio cancels the call itself when it cannot send a request (one past the channel's
+            # message limit): the server never saw it.
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), CLIENT_SEND_FAILED
+            ) from None
 
     async def run(self, calls: int, concurrency: int = 8) -> Counter[str]:
         options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]

@@ -173,7 +173,7 @@ def test_outbox_coalesces_keyed_messages_in_place() -> None:
 # --- the session ------------------------------------------------------------------------------------
 
 
-def test_progress_is_coalesced_per_job_and_dropped_with_the_outcome() -> None:
+def test_progress_is_coalesced_per_job_and_its_last_report_goes_before_the_outcome() -> None:
     session, outbox = connected()
     session.start(A, "t.plain", Cancels())
     session.start(B, "t.plain", Cancels())
@@ -186,9 +186,13 @@ def test_progress_is_coalesced_per_job_and_dropped_with_the_outcome() -> None:
     assert messages[0].report_progress.lease == A.to_proto()
 
     session.progress(A, Progress(percent=99))
+    session.progress(A, Progress(percent=100, current_step=2, total_steps=2))
     assert session.finished(A, complete_request(A, {}))
-    assert kinds(drain(outbox)) == ["complete_job", "add_credits"]  # the stale progress is gone
-    session.progress(A, Progress(percent=100))  # after the outcome: ignored
+    messages = drain(outbox)
+    # The last report is the job's final progress: it goes first, then the outcome.
+    assert kinds(messages) == ["report_progress", "complete_job", "add_credits"]
+    assert messages[0].report_progress.progress.current_step == 2
+    session.progress(A, Progress(percent=50))  # after the outcome: ignored
     assert outbox.pop() is None
 
 

@@ -15,7 +15,6 @@ import itertools
 import logging
 import os
 import sys
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -51,6 +50,7 @@ def _add_connection_options(
     parser.add_argument(
         "--server",
         metavar="HOST:PORT",
+        type=_target_arg,
         default=default(environ.get("JOBWIRE_SERVER") or DEFAULT_TARGET),
         help=f"server address (default: $JOBWIRE_SERVER, else {DEFAULT_TARGET})",
     )
@@ -195,7 +195,9 @@ def _add_worker_parser(sub: Any, env: Mapping[str, str]) -> None:
         "finish, then are handed back).",
     )
     # Only --server and --token: the top-level parser already resolves $JOBWIRE_SERVER/$JOBWIRE_TOKEN.
-    p.add_argument("--server", metavar="HOST:PORT", default=argparse.SUPPRESS, help="server address")
+    p.add_argument(
+        "--server", metavar="HOST:PORT", type=_target_arg, default=argparse.SUPPRESS, help="server address"
+    )
     p.add_argument("--token", default=argparse.SUPPRESS, help="bearer token")
     p.add_argument(
         "--handlers",
@@ -264,12 +266,10 @@ def _run_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         drain_grace=args.drain_grace,
     )
     code = worker.run_forever()
-    stuck = [t for t in threading.enumerate() if t.name.startswith("jobwire-handler") and t.is_alive()]
+    stuck = worker.handler_threads_busy
     if stuck:
         # Plain handlers that ignore cancellation cannot be interrupted; do not hang the exit on them.
-        logging.getLogger("jobwire.worker").warning(
-            "exiting with %d handler thread(s) still running", len(stuck)
-        )
+        logging.getLogger("jobwire.worker").warning("exiting with %d handler thread(s) still running", stuck)
         logging.shutdown()
         sys.stderr.flush()
         os._exit(code)
@@ -405,20 +405,56 @@ def _serve(parser: argparse.ArgumentParser, serve_argv: Sequence[str]) -> int:
     return run_serve(serve_parser.parse_args(list(serve_argv)))
 
 
+def _command_position(argv: Sequence[str]) -> int | None:
+    """Where the subcommand stands in ``argv``: the first word that is neither an option nor its value."""
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word in ("--server", "--token"):
+            index += 2
+        elif word.startswith("-"):
+            index += 1
+        else:
+            return index
+    return None
+
+
+def _target_arg(text: str) -> str:
+    """--server: HOST:PORT (or any gRPC target such as dns:///name:port); a bad port is refused here,
+    because gRPC would silently wrap it."""
+    target = text.strip()
+    if "://" not in target and not target.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        for address in target.split(","):
+            host, sep, port = address.rpartition(":")
+            has_port = sep and host and not host.endswith(":")  # host:port or [v6]:port, not a bare IPv6
+            if has_port and not (port.isdigit() and 1 <= int(port) <= 65535):
+                raise argparse.ArgumentTypeError(f"not a port: {port!r} in {text!r} (use 1 to 65535)")
+    return target
+
+
 def _print_error(err: JobwireError) -> None:
+    """The error once: its message, then any field violation the message does not already say."""
     print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
     for field, description in err.field_violations:
-        print(f"  {field}: {description}", file=sys.stderr)
+        if f"{field}: {description}" not in err.message:
+            print(f"  {field}: {description}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jobwire`` console script; returns the exit code."""
     parser = build_parser()
-    args, extras = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if args.command == "serve":
-        return _serve(parser, extras)
-    if extras:
-        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    argv = sys.argv[1:] if argv is None else argv
+    command_at = _command_position(argv)
+    if command_at is None:  # no command: name what is wrong before saying one is needed
+        known = ("--server", "--token", "--json", "-h", "--help")
+        unknown = [w for w in argv if w.startswith("-") and w.split("=", 1)[0] not in known]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if command_at is not None and argv[command_at] == "serve":
+        # The server's flags belong to its own parser; what comes before `serve` is checked here.
+        parser.parse_args(argv[: command_at + 1])
+        return _serve(parser, argv[command_at + 1 :])
+    args = parser.parse_args(argv)
     if args.command == "worker":
         return _run_worker(parser, args)
     handler: Command = args.handler

@@ -181,6 +181,16 @@ def job_summary_table(job: job_pb2.Job) -> Table:
     return table
 
 
+def fmt_attempt(job: job_pb2.Job) -> str:
+    """'2 of 3', or after a RetryJob '6 (2 of 3 since the last retry)': the budget restarts then."""
+    allowed = job.retry_policy.max_attempts or "-"
+    if not job.attempt:
+        return f"0 of {allowed}"
+    if job.attempts_in_budget and job.attempts_in_budget != job.attempt:
+        return f"{job.attempt} ({job.attempts_in_budget} of {allowed} since the last retry)"
+    return f"{job.attempt} of {allowed}"
+
+
 def fmt_wait(job: job_pb2.Job) -> str:
     """Why a queued job waits, e.g. "no worker: no connected worker takes type x"."""
     if not job.wait_reason:
@@ -213,7 +223,7 @@ def job_detail_table(job: job_pb2.Job) -> Table:
     table.add_row("type", job.type)
     table.add_row("state", styled_state(job.state))
     table.add_row("priority", str(job.priority))
-    table.add_row("attempt", f"{job.attempt} of {job.retry_policy.max_attempts or '-'}")
+    table.add_row("attempt", fmt_attempt(job))
     table.add_row("progress", fmt_progress(job))
     if job.state == job_pb2.JOB_STATE_QUEUED:
         table.add_row("queue position", str(job.queue_position or "-"))
@@ -352,9 +362,7 @@ class WatchView:
         self._task: TaskID | None = None
 
     def __enter__(self) -> WatchView:
-        self._progress.start()
-        self._task = self._progress.add_task(self._job_id, total=100.0, state="", steps="", message="")
-        return self
+        return self  # the bar appears with the first update: nothing is drawn for a server not reached
 
     def __exit__(
         self,
@@ -362,11 +370,14 @@ class WatchView:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._progress.stop()
+        if self._task is not None:
+            self._progress.stop()
 
     def update(self, response: job_service_pb2.WatchJobResponse) -> None:
         """Show the job as of one watch message."""
-        assert self._task is not None, "use WatchView as a context manager"
+        if self._task is None:
+            self._progress.start()
+            self._task = self._progress.add_task(self._job_id, total=100.0, state="", steps="", message="")
         job = response.job
         p = job.progress
         percent = p.percent

@@ -197,6 +197,9 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 
 WATCH_BACKOFF = Backoff(initial=0.2, multiplier=2.0, maximum=5.0)
 WATCH_RETRY_WINDOW = 30.0
+# Before the first message: a server that cannot be reached at all is reported after this long, not
+# after the whole retry window (that is for streams that broke after working).
+WATCH_FIRST_CONTACT_WINDOW = 5.0
 
 # Messages grpc gives a stream torn down under it (connection reset, server stopped) with a code
 # other than UNAVAILABLE. A resume is always safe: it replays from the last sequence seen.
@@ -298,12 +301,18 @@ class WatchTracker:
 
     def _failure_delay(self, give_up: Callable[[], JobwireError]) -> float:
         now = self._clock()
+        window = (
+            self._retry_window
+            if self.last_job is not None
+            else min(self._retry_window, WATCH_FIRST_CONTACT_WINDOW)
+        )
         if self._failing_since is None:
             self._failing_since = now
-        elif now - self._failing_since >= self._retry_window:
+        elif now - self._failing_since >= window:
             raise give_up()
         delay = self._backoff.delay(self._failures)
         self._failures += 1
+        delay = min(delay, max(0.0, self._failing_since + window - now))  # the last try at the window's end
         if self._deadline is not None:
             delay = min(delay, max(0.0, self._deadline - now))
         return delay

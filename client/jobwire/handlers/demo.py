@@ -10,18 +10,19 @@ from jobwire.handlers.api import JobContext, handler
 
 @handler("demo.sleep")
 async def sleep(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    """Sleep ``seconds`` (float, default 1) in ``steps`` (int, default 10) steps, reporting each one.
+    """Sleep ``seconds`` (float, default 1) in ``steps`` (int, default 10) steps, reporting each one done.
 
+    ``current_step`` counts the steps done, and the message says the same ("3 of 10 steps done").
     Stops within one event-loop turn when cancelled.
     """
     seconds = float(params.get("seconds", 1.0))
     steps = int(params.get("steps", 10))
     if seconds < 0 or steps < 1:
         raise ValueError("seconds must be >= 0 and steps >= 1")
-    for step in range(steps):
-        ctx.report_progress(current_step=step, total_steps=steps, message=f"step {step + 1} of {steps}")
+    ctx.report_progress(current_step=0, total_steps=steps, message=f"0 of {steps} steps done")
+    for step in range(1, steps + 1):
         await ctx.asleep(seconds / steps)
-    ctx.report_progress(current_step=steps, total_steps=steps, message="done")
+        ctx.report_progress(current_step=step, total_steps=steps, message=f"{step} of {steps} steps done")
     return {"slept_seconds": seconds, "steps": steps}
 
 

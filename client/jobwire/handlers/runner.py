@@ -144,12 +144,28 @@ class HandlerRunner:
 
     def __init__(self, threads: int) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jobwire-handler")
+        self._busy = 0  # plain handlers executing in a thread right now
+        self._busy_lock = threading.Lock()
 
     async def run(self, spec: HandlerSpec, params: dict[str, Any], ctx: JobContext) -> Any:
         if spec.is_async:
             return await spec.func(params, ctx)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, spec.func, params, ctx)
+        return await loop.run_in_executor(self._pool, self._call, spec, params, ctx)
+
+    def _call(self, spec: HandlerSpec, params: dict[str, Any], ctx: JobContext) -> Any:
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            return spec.func(params, ctx)
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+
+    @property
+    def threads_busy(self) -> int:
+        """Plain handlers still executing in a thread (idle pool threads do not count)."""
+        return self._busy
 
     def shutdown(self) -> None:
         """Stop taking work; threads still running a handler that ignores cancellation are left to end."""

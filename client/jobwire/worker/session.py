@@ -10,7 +10,8 @@ The rules it encodes (see ``protos/jobwire/v1/worker_service.proto``):
 * outcomes (CompleteJob, FailJob, ReleaseJob) stay *pending* until a WriteResult answers them, and are
   re-sent on every new connection;
 * a revoked lease is forgotten: its handler is told to stop and whatever it ends with is never sent;
-* progress reports are coalesced per job, so a chatty handler can never flood the stream.
+* progress reports are coalesced per job, so a chatty handler can never flood the stream; the last one
+  is sent before the job's outcome, so a finished job shows its final progress.
 """
 
 from __future__ import annotations
@@ -434,10 +435,10 @@ class WorkerSession:
     # -- internals --
 
     def _send_outcome(self, lease: Lease, outcome: worker_service_pb2.ConnectRequest) -> None:
+        """Queue an outcome; a progress report still waiting goes first (it is the job's last one)."""
         self.pending[lease] = outcome
         self._resent.discard(lease)
         if self.outbox is not None:
-            self.outbox.discard(progress_key(lease))
             self.outbox.push(outcome)
 
     def _send(self, message: worker_service_pb2.ConnectRequest) -> None:

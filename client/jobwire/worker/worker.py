@@ -277,6 +277,11 @@ class Worker:
         """Handlers alive right now."""
         return self._session.running
 
+    @property
+    def handler_threads_busy(self) -> int:
+        """Plain handlers still executing in a thread; after ``run`` ends, ones that ignored the stop."""
+        return self._runner.threads_busy if self._runner is not None else 0
+
     # --- connections --------------------------------------------------------------------------------
 
     async def _connection_loop(self) -> None:
