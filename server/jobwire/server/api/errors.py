@@ -11,6 +11,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from jobwire.server import errors
 from jobwire.server.api.convert import ERROR_DOMAIN
+from jobwire.server.job import clip
 
 log = logging.getLogger("jobwire.api")
 
@@ -37,10 +38,6 @@ MAX_DESCRIPTION = 256
 MAX_MESSAGE = 1024
 
 
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def to_status(error: errors.JobwireError) -> tuple[grpc.StatusCode, status_pb2.Status]:
     """The status code and rich status for a domain error, bounded in size whatever the error holds."""
     code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
@@ -48,15 +45,15 @@ def to_status(error: errors.JobwireError) -> tuple[grpc.StatusCode, status_pb2.S
         if isinstance(error, cls):
             code, reason = mapped_code, mapped_reason
             break
-    status = status_pb2.Status(code=code.value[0], message=_clip(error.message, MAX_MESSAGE))
+    status = status_pb2.Status(code=code.value[0], message=clip(error.message, MAX_MESSAGE))
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=error.metadata)
     status.details.add().Pack(info)
     if isinstance(error, errors.InvalidArgument) and error.violations:
         bad_request = error_details_pb2.BadRequest()
         for violation in error.violations[:MAX_VIOLATIONS]:
             bad_request.field_violations.add(
-                field=_clip(violation.field, MAX_FIELD),
-                description=_clip(violation.description, MAX_DESCRIPTION),
+                field=clip(violation.field, MAX_FIELD),
+                description=clip(violation.description, MAX_DESCRIPTION),
             )
         left_out = len(error.violations) - MAX_VIOLATIONS
         if left_out > 0:
