@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
 
 from jobwire.handlers.api import Progress, RetryDefaults
+from jobwire.server.changes import ChangeKind, JobChange
 from jobwire.server.job import AttemptRecord, ErrorCode, Job, JobError, RetryPolicy, WaitReason
 from jobwire.server.job_types import JobType
 from jobwire.server.state_machine import JobState
-from jobwire.server.stores.base import DuplicateRequestId, JobCount, JobFilter, JobQuery, JobStore
+from jobwire.server.stores.base import (
+    Claim,
+    DuplicateRequestId,
+    Expect,
+    JobCount,
+    JobFilter,
+    JobQuery,
+    JobStore,
+    QueuedJob,
+)
 from jobwire.server.stores.factory import open_store
 from jobwire.server.stores.memory import MemoryStore
 from jobwire.server.stores.sqlite import MIGRATIONS, SqliteStore
@@ -157,12 +167,11 @@ async def test_computed_fields_are_never_stored(store: JobStore, reopen: Reopen,
     other = make_job(**computed)
     await store.insert(job)
     await store.insert(other)
-    other.state, other.sequence, other.queue_position = JobState.RUNNING, 2, 7
-    other.wait_reason, other.wait_message = WaitReason.TYPE_LIMIT, "limit reached"
-    assert await store.update(other)
+    [claimed] = await store.claim([Claim(other.id, "w", "r/s1", T0 + 30)], T0, 1)
+    assert claimed is not None
     readers: list[Callable[[JobStore], Awaitable[list[Job]]]] = [
         lambda s: s.list(JobQuery()),
-        lambda s: s.load_unfinished(),
+        lambda s: s.load_active(),
     ]
     source: JobStore | None = store
     while source is not None:
@@ -240,12 +249,12 @@ async def test_mutating_the_job_after_a_write_does_not_reach_the_store(
     job.lease_epoch = 99
     assert await store.get(job.id) == expected
 
-    job = full_job_like(expected)
-    job.attempt = 3
-    expected = full_job_like(job)
-    assert await store.update(job)
-    job.labels["env"] = "changed"
-    assert await store.get(job.id) == expected
+    changes = {"error": JobError(ErrorCode.CANCELLED, "cancelled", "JOB_CANCELLED", {"a": "b"})}
+    updated = await store.transition(job.id, Expect(JobState.FAILED), JobState.CANCELLED, changes, T0 + 99)
+    assert updated is not None
+    changes["error"].metadata["a"] = "changed"  # the store kept its own copy
+    stored = await store.get(job.id)
+    assert stored is not None and stored.error is not None and stored.error.metadata == {"a": "b"}
 
 
 async def test_job_mutated_while_insert_is_pending_is_stored_as_it_was(
@@ -312,115 +321,256 @@ async def test_duplicate_id_is_refused(store: JobStore, make_job: MakeJob) -> No
         await store.insert(make_job(id=job.id))
 
 
-# --- update ----------------------------------------------------------------------------------------
+# --- compare-and-set: transitions, claims, leases ------------------------------------------------------
 
 
-async def test_update_replaces_the_stored_job(store: JobStore, make_job: MakeJob) -> None:
-    job = make_job()
+async def test_transition_sets_the_changes_state_update_time_and_next_sequence(
+    store: JobStore, reopen: Reopen, make_job: MakeJob
+) -> None:
+    job = make_job(state=JobState.RUNNING, sequence=4, attempt=1, worker_id="w-1", lease_epoch=2)
     await store.insert(job)
-    job.state, job.start_time, job.attempt, job.sequence = JobState.RUNNING, T0 + 1, 1, 2
-    job.progress = Progress(10.0, "going")
-    job.worker_id, job.lease_expire_time, job.lease_epoch = "w-1", T0 + 31, 1
-    assert await store.update(job) is True
-    assert await store.get(job.id) == job
-
-    # A failed attempt, then back to the queue for a retry after a back-off.
     failure = JobError(14, "worker went away", "WORKER_LOST", {"worker_id": "w-1"})
-    job.attempts = (AttemptRecord(1, T0 + 1, T0 + 5, failure, "w-1"),)
-    job.state, job.sequence, job.start_time, job.progress = JobState.QUEUED, 3, None, None
-    job.worker_id, job.lease_expire_time, job.schedule_time = "", None, T0 + 7
-    job.retry_policy = RetryPolicy(max_attempts=3)
-    assert await store.update(job, expected_state=JobState.RUNNING) is True
-    assert await store.get(job.id) == job
+    changes = {
+        "attempt": 2,
+        "attempts": (AttemptRecord(1, T0 + 1, T0 + 5, failure, "w-1"),),
+        "progress": None,
+        "schedule_time": T0 + 7,
+        "queue_time": T0 + 7,
+        "lease_expire_time": None,
+    }
+    updated = await store.transition(job.id, Expect(JobState.RUNNING, 2), JobState.QUEUED, changes, T0 + 5)
+    expected = full_job_like(job)
+    expected.state, expected.update_time, expected.sequence = JobState.QUEUED, T0 + 5, 5
+    for name, value in changes.items():
+        setattr(expected, name, value)
+    assert updated == expected
+    stored = await flushed(store, reopen, job.id)
+    assert stored == expected
 
-    # RetryJob after the budget ran out resets the base; the history stays.
-    job.attempt_base, job.schedule_time, job.sequence, job.lease_epoch = 1, None, 4, 2
-    assert await store.update(job) is True
-    assert await store.get(job.id) == job
+
+async def test_transition_is_a_compare_and_set(store: JobStore, make_job: MakeJob) -> None:
+    job = make_job(state=JobState.RUNNING, lease_epoch=3, lease_expire_time=T0 + 30)
+    await store.insert(job)
+    cancel = {"cancel_reason": "no"}
+    assert await store.transition(job.id, Expect(JobState.QUEUED), JobState.CANCELLED, {}, T0) is None
+    assert (
+        await store.transition(job.id, Expect(JobState.RUNNING, 2), JobState.CANCELLING, cancel, T0) is None
+    )
+    expired_by_20 = Expect(JobState.RUNNING, 3, lease_expired_by=T0 + 20)
+    assert await store.transition(job.id, expired_by_20, JobState.QUEUED, {}, T0 + 20) is None
+    assert await store.get(job.id) == job  # nothing changed
+    expired_by_30 = Expect(JobState.RUNNING, 3, lease_expired_by=T0 + 30)
+    updated = await store.transition(
+        job.id, expired_by_30, JobState.QUEUED, {"lease_expire_time": None}, T0 + 30
+    )
+    assert updated is not None and updated.sequence == job.sequence + 1
+    assert await store.transition("0" * 26, Expect(JobState.QUEUED), JobState.CANCELLED, {}, T0) is None
 
 
-async def test_update_compare_and_set(store: JobStore, make_job: MakeJob) -> None:
+async def test_transition_refuses_fields_that_never_change(store: JobStore, make_job: MakeJob) -> None:
     job = make_job()
     await store.insert(job)
-    job.state, job.sequence = JobState.RUNNING, 2
-    assert await store.update(job, expected_state=JobState.QUEUED) is True
-    assert await store.get(job.id) == job
-
-    lost = full_job_like(job)
-    lost.state, lost.sequence = JobState.CANCELLED, 3
-    assert await store.update(lost, expected_state=JobState.QUEUED) is False
+    for field in ("params", "type", "sequence", "request_id"):
+        with pytest.raises(ValueError):
+            await store.transition(job.id, Expect(JobState.QUEUED), JobState.CANCELLED, {field: 1}, T0)
     assert await store.get(job.id) == job
 
 
-async def test_concurrent_claims_only_one_wins(store: JobStore, make_job: MakeJob) -> None:
+async def test_concurrent_transitions_only_one_wins(store: JobStore, make_job: MakeJob) -> None:
     job = make_job()
     await store.insert(job)
-    claims = []
-    for replica in range(5):
-        claim = full_job_like(job)
-        claim.state, claim.sequence, claim.cancel_reason = JobState.RUNNING, 2, f"replica-{replica}"
-        claims.append(claim)
-    won = await asyncio.gather(*(store.update(c, expected_state=JobState.QUEUED) for c in claims))
-    assert won.count(True) == 1
-    assert await store.get(job.id) == claims[won.index(True)]
+    attempts = [
+        store.transition(job.id, Expect(JobState.QUEUED), JobState.CANCELLED, {"cancel_reason": f"r{i}"}, T0)
+        for i in range(5)
+    ]
+    outcomes = await asyncio.gather(*attempts)
+    winners = [o for o in outcomes if o is not None]
+    assert len(winners) == 1
+    assert await store.get(job.id) == winners[0]
 
 
-async def test_update_of_a_missing_job_returns_false(store: JobStore, make_job: MakeJob) -> None:
-    ghost = make_job()
-    assert await store.update(ghost) is False
-    assert await store.update(ghost, expected_state=JobState.QUEUED) is False
-    assert await store.get(ghost.id) is None
+async def test_claim_starts_a_new_attempt_under_a_new_lease(store: JobStore, make_job: MakeJob) -> None:
+    fresh = make_job()
+    retried = make_job(
+        attempt=2, lease_epoch=4, error=JobError(2, "x", "Y"), result={"r": 1}, schedule_time=T0 + 5
+    )
+    running = make_job(state=JobState.RUNNING, lease_epoch=1)
+    for job in (fresh, retried, running):
+        await store.insert(job)
+    claims = [
+        Claim(fresh.id, "w-1", "r1/s1", T0 + 30),
+        Claim(retried.id, "local", "r1/local", None),
+        Claim(running.id, "w-2", "r1/s2", T0 + 30),
+        Claim("0" * 26, "w-3", "r1/s3", T0 + 30),
+    ]
+    first, second, third, missing = await store.claim(claims, T0 + 1, 1)
+    assert third is None and missing is None
+    assert first is not None and second is not None
+    assert (first.state, first.attempt, first.lease_epoch, first.sequence) == (JobState.RUNNING, 1, 1, 2)
+    assert (first.worker_id, first.executor, first.lease_expire_time, first.start_time) == (
+        "w-1",
+        "r1/s1",
+        T0 + 30,
+        T0 + 1,
+    )
+    assert (second.attempt, second.lease_epoch, second.error, second.result, second.schedule_time) == (
+        2,
+        5,
+        None,
+        None,
+        None,
+    )
+    assert (second.worker_id, second.executor, second.lease_expire_time) == ("local", "r1/local", None)
+    assert await store.get(fresh.id) == first and await store.get(running.id) == running
+
+
+async def test_concurrent_claims_of_one_job_only_one_wins(store: JobStore, make_job: MakeJob) -> None:
+    job = make_job()
+    await store.insert(job)
+    claims = [store.claim([Claim(job.id, f"w-{i}", f"r{i}/s", T0 + 30)], T0, 1) for i in range(5)]
+    won = [c[0] for c in await asyncio.gather(*claims) if c[0] is not None]
+    assert len(won) == 1
+    assert await store.get(job.id) == won[0]
+
+
+async def test_leases_are_renewed_only_while_current(store: JobStore, make_job: MakeJob) -> None:
+    running = make_job(state=JobState.RUNNING, lease_epoch=3, lease_expire_time=T0 + 30)
+    finished = make_job(state=JobState.SUCCEEDED, lease_epoch=1)
+    await store.insert(running)
+    await store.insert(finished)
+    renewed = await store.renew_leases(
+        [(running.id, 3), (running.id, 2), (finished.id, 1), ("0" * 26, 1)], T0 + 60
+    )
+    assert renewed == [True, False, False, False]
+    stored = await store.get(running.id)
+    assert stored is not None and stored.lease_expire_time == T0 + 60
+    assert stored.sequence == running.sequence  # not a change
+    assert await store.renew_leases([(running.id, 3)], T0 + 10) == [True]  # never shortened
+    stored = await store.get(running.id)
+    assert stored is not None and stored.lease_expire_time == T0 + 60
+    assert await store.renew_leases([], T0) == []
+
+
+async def test_refresh_extends_only_remote_attempts(store: JobStore, make_job: MakeJob) -> None:
+    remote = make_job(state=JobState.RUNNING, worker_id="w-1", lease_expire_time=T0 + 5)
+    local = make_job(state=JobState.RUNNING, worker_id="local", lease_expire_time=None)
+    queued = make_job(worker_id="")
+    for job in (remote, local, queued):
+        await store.insert(job)
+    assert await store.refresh_remote_leases(T0 + 100) == 1
+    assert (await store.get(remote.id)).lease_expire_time == T0 + 100  # type: ignore[union-attr]
+    assert (await store.get(local.id)) == local
+    assert (await store.get(queued.id)) == queued
 
 
 # --- progress --------------------------------------------------------------------------------------
 
 
-async def test_record_progress_coalesces_and_latest_wins(
+async def test_progress_is_written_under_the_lease_as_a_change(
     store: JobStore, reopen: Reopen, make_job: MakeJob
 ) -> None:
-    job = make_job(state=JobState.RUNNING)
+    job = make_job(state=JobState.RUNNING, attempt=1, worker_id="w-1", lease_epoch=1, sequence=5)
     await store.insert(job)
     for step in range(1, 51):
-        job.progress = Progress(percent=step * 2.0, message=f"step {step}", current_step=step, total_steps=50)
-        job.sequence += 1
-        job.update_time = T0 + step
-        store.record_progress(job)
+        store.record_progress(job.id, 1, Progress(step * 2.0, f"step {step}", step, 50), T0 + step)
     stored = await flushed(store, reopen, job.id)
     assert stored.progress == Progress(100.0, "step 50", 50, 50)
-    assert (stored.sequence, stored.update_time) == (51, T0 + 50)
-    assert stored == job
+    assert stored.update_time == T0 + 50
+    assert 5 < stored.sequence <= 55  # one sequence per note written: the notes may have been merged
+    expected = full_job_like(job)
+    expected.progress, expected.update_time, expected.sequence = stored.progress, T0 + 50, stored.sequence
+    assert stored == expected
 
 
-async def test_record_progress_touches_only_progress_sequence_and_update_time(
+async def test_progress_of_a_lost_lease_changes_nothing(
     store: JobStore, reopen: Reopen, make_job: MakeJob
 ) -> None:
-    job = make_job(state=JobState.RUNNING, attempt=1, worker_id="w-1", lease_epoch=1)
-    await store.insert(job)
-    noted = full_job_like(job)
-    noted.state, noted.attempt, noted.labels = JobState.SUCCEEDED, 5, {"not": "stored"}
-    noted.worker_id, noted.lease_epoch, noted.attempts = "w-2", 2, (AttemptRecord(1, T0, T0, None, "w-1"),)
-    noted.progress, noted.sequence, noted.update_time = Progress(50.0, "half"), 2, T0 + 5
-    store.record_progress(noted)
-    stored = await flushed(store, reopen, job.id)
-    assert (stored.state, stored.attempt, stored.labels) == (JobState.RUNNING, 1, {})
-    assert (stored.worker_id, stored.lease_epoch, stored.attempts) == ("w-1", 1, ())
-    assert (stored.progress, stored.sequence, stored.update_time) == (Progress(50.0, "half"), 2, T0 + 5)
+    stale = make_job(state=JobState.RUNNING, lease_epoch=2)
+    done = make_job(state=JobState.SUCCEEDED, lease_epoch=1)
+    await store.insert(stale)
+    await store.insert(done)
+    store.record_progress(stale.id, 1, Progress(50.0, "from an old attempt"), T0 + 1)
+    store.record_progress(done.id, 1, Progress(50.0, "after the end"), T0 + 1)
+    store.record_progress("0" * 26, 1, Progress(50.0), T0 + 1)
+    source = await reopen(store) or store
+    assert await source.get(stale.id) == stale
+    assert await source.get(done.id) == done
 
 
-async def test_progress_never_overwrites_a_newer_update(
-    store: JobStore, reopen: Reopen, make_job: MakeJob
+# --- the change feed ------------------------------------------------------------------------------
+
+
+class Feed:
+    """Collects what a store's feed delivers."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.changes: list[JobChange] = []
+        self.batches = 0
+        store.subscribe(self._on)
+
+    def _on(self, changes: Sequence[JobChange]) -> None:
+        self.batches += 1
+        self.changes.extend(changes)
+
+    def summary(self) -> list[tuple[str, int, ChangeKind, JobState]]:
+        return [(c.job_id, c.sequence, c.kind, c.state) for c in self.changes]
+
+
+async def until_fed(feed: Feed, count: int) -> None:
+    for _ in range(400):
+        if len(feed.changes) >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"the feed delivered {len(feed.changes)} changes, not {count}")
+
+
+async def test_every_change_reaches_the_feed_in_order_before_its_writer_returns(
+    store: JobStore, make_job: MakeJob
 ) -> None:
-    job = make_job(state=JobState.RUNNING)
+    feed = Feed(store)
+    job = make_job()
     await store.insert(job)
-    job.progress, job.sequence = Progress(50.0, "half"), 2
-    store.record_progress(job)  # pending when the update below is written
-    job.state, job.progress, job.sequence, job.end_time = JobState.SUCCEEDED, Progress(100.0), 3, T0 + 9
-    final = full_job_like(job)
-    assert await store.update(job)
-    stale = full_job_like(job)  # a late note with an older sequence must not win either
-    stale.progress, stale.sequence = Progress(75.0, "late"), 2
-    store.record_progress(stale)
-    assert await flushed(store, reopen, job.id) == final
+    assert feed.summary() == [(job.id, 1, ChangeKind.STATE, JobState.QUEUED)]
+    [claimed] = await store.claim([Claim(job.id, "w", "r/s", T0 + 30)], T0, 1)
+    assert claimed is not None and feed.summary()[-1] == (job.id, 2, ChangeKind.STATE, JobState.RUNNING)
+    assert await store.renew_leases([(job.id, claimed.lease_epoch)], T0 + 60) == [True]
+    assert len(feed.changes) == 2  # a renewal is not a change
+    store.record_progress(job.id, claimed.lease_epoch, Progress(50.0, "half"), T0 + 2)
+    await until_fed(feed, 3)
+    assert feed.summary()[-1] == (job.id, 3, ChangeKind.PROGRESS, JobState.RUNNING)
+    ended = await store.transition(
+        job.id,
+        Expect(JobState.RUNNING, claimed.lease_epoch),
+        JobState.SUCCEEDED,
+        {"result": {"ok": 1}},
+        T0 + 3,
+    )
+    assert ended is not None
+    assert feed.summary()[-1] == (job.id, 4, ChangeKind.STATE, JobState.SUCCEEDED)
+    last = feed.changes[-1]
+    assert (last.type, last.priority, last.lease_epoch, last.executor) == (job.type, job.priority, 1, "r/s")
+    if not store.shared:
+        assert last.job == ended  # a single process's feed carries the whole job
+        assert feed.changes[2].job is not None and feed.changes[2].job.progress == Progress(50.0, "half")
+    refused = await store.transition(job.id, Expect(JobState.RUNNING), JobState.FAILED, {}, T0 + 4)
+    assert refused is None and len(feed.changes) == 4  # nothing written, nothing published
+
+
+async def test_load_queue_and_load_active(store: JobStore, make_job: MakeJob) -> None:
+    queued = [make_job(priority=p, schedule_time=T0 + 60 if p == 1 else None) for p in (3, 1, 7)]
+    running = make_job(state=JobState.RUNNING, params={"big": "x" * 100}, lease_epoch=2)
+    cancelling = make_job(state=JobState.CANCELLING)
+    for job in (*queued, running, cancelling, make_job(state=JobState.SUCCEEDED)):
+        await store.insert(job)
+    assert await store.load_queue() == [
+        QueuedJob(j.id, j.type, j.priority, j.queue_time, j.schedule_time, j.sequence) for j in queued
+    ]
+    active = await store.load_active()
+    assert [j.id for j in active] == [running.id, cancelling.id]
+    assert active[0].params == {} and active[0].lease_epoch == 2  # no payload: not needed to end it
+    expected = full_job_like(running)
+    expected.params = {}
+    assert active[0] == expected
 
 
 # --- listing ---------------------------------------------------------------------------------------
@@ -538,27 +688,7 @@ async def test_filters_combine_with_paging(store: JobStore, make_job: MakeJob) -
     assert len(matching) >= 3
 
 
-# --- unfinished, purge, count ----------------------------------------------------------------------
-
-
-async def test_load_unfinished_oldest_first(store: JobStore, make_job: MakeJob) -> None:
-    jobs = [
-        make_job(state=state)
-        for state in (
-            JobState.RUNNING,
-            JobState.SUCCEEDED,
-            JobState.QUEUED,
-            JobState.FAILED,
-            JobState.CANCELLING,
-            JobState.CANCELLED,
-            JobState.QUEUED,
-        )
-    ]
-    for job in reversed(jobs):
-        await store.insert(job)
-    unfinished = await store.load_unfinished()
-    assert unfinished == [job for job in jobs if not job.state.is_terminal]
-    assert [job.id for job in unfinished] == sorted(job.id for job in unfinished)
+# --- purge, count ----------------------------------------------------------------------
 
 
 async def test_purge_expired_deletes_only_expired_finished_jobs(store: JobStore, make_job: MakeJob) -> None:
@@ -743,16 +873,15 @@ async def test_sqlite_progress_is_flushed_by_the_timer(tmp_path: Path, make_job:
     store = SqliteStore(str(tmp_path / "jobs.db"), progress_flush_interval=0.05)
     await store.open()
     try:
-        job = make_job(state=JobState.RUNNING)
+        job = make_job(state=JobState.RUNNING, lease_epoch=1)
         await store.insert(job)
-        job.progress, job.sequence = Progress(33.0, "a third"), 2
-        store.record_progress(job)
+        store.record_progress(job.id, 1, Progress(33.0, "a third"), T0 + 1)
         for _ in range(200):  # waiting for the flush timer is the point of this test
             stored = await store.get(job.id)
             if stored is not None and stored.sequence == 2:
                 break
             await asyncio.sleep(0.01)
-        assert stored == job
+        assert stored is not None and stored.progress == Progress(33.0, "a third")
     finally:
         await store.close()
 
@@ -760,21 +889,22 @@ async def test_sqlite_progress_is_flushed_by_the_timer(tmp_path: Path, make_job:
 async def test_sqlite_progress_notes_coalesce_into_one_transaction(tmp_path: Path, make_job: MakeJob) -> None:
     store = SqliteStore(str(tmp_path / "jobs.db"), progress_flush_interval=3600)
     await store.open()
-    jobs = [make_job(state=JobState.RUNNING) for _ in range(3)]
+    jobs = [make_job(state=JobState.RUNNING, lease_epoch=1) for _ in range(3)]
     for job in jobs:
         await store.insert(job)
     commits = store.commits
     for step in range(100):
         for job in jobs:
-            job.progress, job.sequence = Progress(float(step)), job.sequence + 1
-            store.record_progress(job)
+            store.record_progress(job.id, 1, Progress(float(step)), T0 + step)
     await store.close()
     assert store.commits == commits + 1
     reopened = SqliteStore(str(tmp_path / "jobs.db"))
     await reopened.open()
     try:
         for job in jobs:
-            assert await reopened.get(job.id) == job
+            stored = await reopened.get(job.id)
+            assert stored is not None and stored.progress == Progress(99.0)
+            assert stored.sequence == job.sequence + 1  # 100 notes, one write
     finally:
         await reopened.close()
 
@@ -944,12 +1074,14 @@ async def test_sqlite_migrates_a_version_1_database_in_place(tmp_path: Path, mak
         assert (got.retry_policy, got.schedule_time, got.attempts) == (RetryPolicy(), None, ())
         assert (got.worker_id, got.lease_expire_time, got.lease_epoch, got.attempt_base) == ("", None, 0, 0)
         assert await store.get_by_request_id("req-old") == expected_finished
-        assert await store.load_unfinished() == [expected_running]
+        assert await store.load_active() == [expected_running]
         assert await store.load_job_types() == []
         # The migrated rows take the new fields, and the new table works.
         expected_running.attempts = (AttemptRecord(1, T0, T0 + 2, JobError(9, "x", "Y"), "w"),)
         expected_running.lease_epoch, expected_running.sequence = 3, 3
-        assert await store.update(expected_running, expected_state=JobState.RUNNING)
+        expected_running.update_time = T0 + 2
+        changes = {"attempts": expected_running.attempts, "lease_epoch": 3}
+        assert await store.transition(running.id, Expect(JobState.RUNNING), JobState.RUNNING, changes, T0 + 2)
         await store.save_job_types([worker_type("email")])
     finally:
         await store.close()
@@ -1030,7 +1162,7 @@ async def test_sqlite_use_after_close_raises(tmp_path: Path, make_job: MakeJob) 
         await store.insert(make_job())
     with pytest.raises(RuntimeError):
         await store.get("x")
-    store.record_progress(make_job())  # advisory: silently dropped
+    store.record_progress("x", 1, Progress(1.0), T0)  # the attempt is being abandoned anyway: dropped
 
 
 def test_sqlite_rejects_bad_options() -> None:

@@ -1,13 +1,19 @@
-"""Per-job change events for WatchJob: a retained log for resuming, and bounded subscriptions.
+"""Watch streams: every change of a job, from the change feed, to the watchers on this replica.
 
-Every change to a job (state transition or progress update) gets the job's next ``sequence`` and is
-published here. Each job keeps its last ``retain_per_job`` events so a client that reconnects with
-``after_sequence`` can be replayed what it missed.
+Every change (state transition or progress update) has the job's next ``sequence`` and reaches every
+replica through the feed. ``EventHub.on_changes`` hands each one to the subscriptions of its job. A
+change that comes without the job (another replica's change, on PostgreSQL) is read from the store by
+the watcher's own task when it is its turn, so one slow read never holds up other watchers.
 
 A subscriber's buffer is bounded without ever dropping a state transition: a progress event that
 arrives while the previous undelivered event is also progress replaces it (latest wins). A job has at
 most a handful of transitions, so a stalled reader holds at most a few events, and publishing never
 waits on a reader.
+
+Resuming with ``after_sequence`` needs the changes the watcher missed. A single process keeps each
+job's last ``retain_per_job`` events in memory (for ``retain_after_finish`` after the job ends); a shared
+store keeps the snapshots of state transitions itself (``JobStore.read_changes``), so a watcher whose
+replica died resumes on any other.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobwire.server.changes import ChangeKind, JobChange
 from jobwire.server.job import Job
 
 
@@ -41,27 +49,32 @@ class JobEvent:
     encoded_basic: Any = field(default=None, compare=False)
 
 
+# Reads the job as it was right after one change (None: it is no longer known as such).
+SnapshotReader = Callable[[str, int], Awaitable[Job | None]]
+
+
+def _event(change: JobChange, job: Job) -> JobEvent:
+    return JobEvent(change.sequence, EventKind(int(change.kind)), job)
+
+
 class Subscription:
-    """One watcher's queue of undelivered events."""
+    """One watcher's queue of undelivered changes."""
 
-    __slots__ = ("_closed", "_pending", "_waiter", "job_id")
+    __slots__ = ("_closed", "_pending", "_read", "_waiter", "job_id")
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, read: SnapshotReader) -> None:
         self.job_id = job_id
-        self._pending: deque[JobEvent] = deque()
+        self._pending: deque[JobEvent | JobChange] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
+        self._read = read
 
-    def deliver(self, event: JobEvent) -> None:
+    def deliver(self, item: JobEvent | JobChange) -> None:
         pending = self._pending
-        if (
-            pending
-            and event.kind is EventKind.PROGRESS_UPDATED
-            and pending[-1].kind is EventKind.PROGRESS_UPDATED
-        ):
-            pending[-1] = event
+        if pending and _is_progress(item) and _is_progress(pending[-1]):
+            pending[-1] = item
         else:
-            pending.append(event)
+            pending.append(item)
         self._wake()
 
     def close(self) -> None:
@@ -80,15 +93,29 @@ class Subscription:
 
     async def next(self) -> JobEvent | None:
         """The next event, waiting for it; None when the subscription was closed."""
-        while not self._pending:
-            if self._closed:
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._pending.popleft()
+        while True:
+            while not self._pending:
+                if self._closed:
+                    return None
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            item = self._pending.popleft()
+            if isinstance(item, JobEvent):
+                return item
+            job = await self._read(item.job_id, item.sequence)
+            if job is not None:
+                return _event(item, job)
+            # Not readable as of that change any more (progress overtaken by a newer change, which is
+            # on its way): skip it.
+
+
+def _is_progress(item: JobEvent | JobChange) -> bool:
+    if isinstance(item, JobEvent):
+        return item.kind is EventKind.PROGRESS_UPDATED
+    return item.kind is ChangeKind.PROGRESS
 
 
 class _JobLog:
@@ -101,9 +128,18 @@ class _JobLog:
 
 
 class EventHub:
-    """Routes each job's events to its subscribers and keeps the recent ones for replay."""
+    """Routes each job's changes to its subscribers, and (in a single process) keeps recent ones."""
 
-    def __init__(self, *, retain_per_job: int = 256, retain_after_finish: float = 300.0) -> None:
+    def __init__(
+        self,
+        read: SnapshotReader,
+        *,
+        keep_history: bool = True,
+        retain_per_job: int = 256,
+        retain_after_finish: float = 300.0,
+    ) -> None:
+        self.read = read
+        self.keep_history = keep_history
         self.retain_per_job = retain_per_job
         self.retain_after_finish = retain_after_finish
         self._logs: dict[str, _JobLog] = {}
@@ -115,23 +151,26 @@ class EventHub:
             log = self._logs[job_id] = _JobLog(self.retain_per_job)
         return log
 
-    def publish(self, job: Job, kind: EventKind, now: float) -> JobEvent:
-        """Record a change of ``job`` (already carrying its new sequence) and hand it to every watcher."""
-        return self.publish_snapshot(job.copy(), kind, now)
-
-    def publish_snapshot(self, job: Job, kind: EventKind, now: float) -> JobEvent:
-        """Like ``publish``, for a snapshot that nobody will change again (saves a copy)."""
-        event = JobEvent(job.sequence, kind, job)
-        log = self._log(job.id)
-        log.events.append(event)
-        if job.state.is_terminal:
-            log.finished_at = now
-        for subscription in log.subscribers:
-            subscription.deliver(event)
-        return event
+    def on_changes(self, changes: Sequence[JobChange], now: float) -> None:
+        """Hand committed changes to the watchers (and keep them, when this process keeps history)."""
+        for change in changes:
+            if self.keep_history and change.job is not None:
+                log = self._log(change.job_id)
+                event = _event(change, change.job)  # the feed's snapshot is never changed again
+                log.events.append(event)
+                if change.state.is_terminal:
+                    log.finished_at = now
+                for subscription in log.subscribers:
+                    subscription.deliver(event)
+                continue
+            watched = self._logs.get(change.job_id)
+            if watched is not None and watched.subscribers:
+                item: JobEvent | JobChange = change if change.job is None else _event(change, change.job)
+                for subscription in watched.subscribers:
+                    subscription.deliver(item)
 
     def subscribe(self, job_id: str) -> Subscription:
-        subscription = Subscription(job_id)
+        subscription = Subscription(job_id, self.read)
         if self._closed:
             subscription.close()
         else:
@@ -146,9 +185,9 @@ class EventHub:
                 del self._logs[subscription.job_id]
 
     def replay(self, job_id: str, after_sequence: int, up_to: int) -> list[JobEvent] | None:
-        """Retained events with after_sequence < sequence <= up_to, or None if some were not retained.
+        """Kept events with after_sequence < sequence <= up_to, or None if some were not kept.
 
-        Merged progress updates leave gaps in sequences; what matters is that the oldest retained event
+        Merged progress updates leave gaps in sequences; what matters is that the oldest kept event
         is not newer than the first one the client lacks.
         """
         log = self._logs.get(job_id)

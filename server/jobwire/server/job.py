@@ -159,8 +159,12 @@ class Job:
     # Earliest start: a requested schedule_time, or the end of a retry back-off. None = now.
     schedule_time: float | None = None
     attempts: tuple[AttemptRecord, ...] = ()
-    # Who runs the current attempt ("local" = this server's in-process handlers).
+    # Who runs the current attempt: a worker's id, or "local" for a replica's in-process handlers.
     worker_id: str = ""
+    # The executor the current attempt was claimed for: "<replica>/local" or "<replica>/<session>".
+    # Internal (not in the API): it routes the claim to its replica, and tells whose in-process
+    # attempts to requeue when a replica dies.
+    executor: str = ""
     lease_expire_time: float | None = None
     # Fencing: grows with every lease granted on this job; a write with an older epoch is refused.
     lease_epoch: int = 0
@@ -210,6 +214,7 @@ class Job:
             schedule_time=self.schedule_time,
             attempts=self.attempts,
             worker_id=self.worker_id,
+            executor=self.executor,
             lease_expire_time=self.lease_expire_time,
             lease_epoch=self.lease_epoch,
             attempt_base=self.attempt_base,

@@ -53,3 +53,54 @@ def resolve_retry_policy(
         max_backoff=pick("max_backoff"),
         backoff_multiplier=pick("backoff_multiplier"),
     )
+
+
+class TypeRegistry:
+    """The job types this deployment knows: in-process handlers' and those workers declared (stored).
+
+    Every replica holds the same set: a declaration is stored, then announced (``TypesChanged``) so the
+    others read the store again; a type unknown here is looked up in the store before a submit of it is
+    refused, so a declaration on another replica is never missed.
+    """
+
+    def __init__(self, local: dict[str, JobType], limit_overrides: dict[str, int]) -> None:
+        self.local = dict(local)  # in-process handlers keep their own settings, whatever workers declare
+        self._overrides = dict(limit_overrides)
+        self.known: dict[str, JobType] = dict(local)
+
+    def replace_declared(self, declared: list[JobType]) -> None:
+        """The stored declarations, as loaded from the store."""
+        self.known = {**{t.name: t for t in declared if t.name not in self.local}, **self.local}
+
+    def declare(self, declared: list[JobType]) -> None:
+        for job_type in declared:
+            if job_type.name not in self.local:
+                self.known[job_type.name] = job_type
+
+    def forget(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self.local:
+                self.known.pop(name, None)
+
+    def get(self, name: str) -> JobType | None:
+        return self.known.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.known
+
+    def __len__(self) -> int:
+        return len(self.known)
+
+    def limit(self, name: str) -> int | None:
+        """The type's concurrency limit: the operator's override, else its declaration's."""
+        declared = self.known.get(name)
+        return self._overrides.get(name, declared.max_running if declared else None)
+
+    def limits(self) -> dict[str, int]:
+        limits = {name: self.limit(name) for name in self.known}
+        return {name: limit for name, limit in limits.items() if limit is not None}
+
+    def timeout(self, name: str, job_timeout: float | None, default: float | None) -> float | None:
+        """An attempt's time-out: the job's, else its type's, else the server's."""
+        declared = self.known.get(name)
+        return job_timeout or (declared.timeout if declared else None) or default

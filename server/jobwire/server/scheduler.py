@@ -27,7 +27,7 @@ from sortedcontainers import SortedList
 
 # One queued job: (sort key, push order, job id, job type, priority). Tuples compare in C, and since the
 # push order is unique, comparisons never reach the id, type or priority.
-_Entry = tuple[float, int, str, str, int]
+Entry = tuple[float, int, str, str, int]
 
 
 class Scheduler:
@@ -48,7 +48,7 @@ class Scheduler:
         self.type_limits = dict(type_limits or {})
         self.aging_interval = aging_interval
         self._queues: dict[str, SortedList] = {}
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Entry] = {}
         self._order = itertools.count()
         self._running_by_type: Counter[str] = Counter()
         self._queued_by_priority: Counter[int] = Counter()
@@ -116,14 +116,29 @@ class Scheduler:
 
         With ``types``, only jobs of those types are considered (what one executor can run).
         """
+        entry = self.pop_entry(types)
+        return None if entry is None else (entry[2], entry[3])
+
+    def restore(self, entry: Entry) -> None:
+        """Undo ``pop_entry``: the job goes back exactly where it was, and no longer counts as running."""
+        self._entries[entry[2]] = entry
+        queue = self._queues.get(entry[3])
+        if queue is None:
+            queue = self._queues[entry[3]] = SortedList()
+        queue.add(entry)
+        self._queued_by_priority[entry[4]] += 1
+        self.release(entry[3])
+
+    def pop_entry(self, types: Iterable[str] | None = None) -> Entry | None:
+        """``pop_ready``, returning the whole entry (for ``restore``)."""
         if self.max_running is not None and self.running >= self.max_running:
             return None
-        best: _Entry | None = None
+        best: Entry | None = None
         candidates = self._queues if types is None else [t for t in types if t in self._queues]
         for job_type in candidates:
             if not self.has_room(job_type):
                 continue
-            head: _Entry = self._queues[job_type][0]
+            head: Entry = self._queues[job_type][0]
             if best is None or head < best:
                 best = head
         if best is None:
@@ -136,12 +151,17 @@ class Scheduler:
         del self._entries[job_id]
         self._forget_priority(best[4])
         self.mark_running(job_type)
-        return job_id, job_type
+        return best
 
     def mark_running(self, job_type: str) -> None:
         """Count a job as running without popping it (a job recovered or started elsewhere)."""
         self.running += 1
         self._running_by_type[job_type] += 1
+
+    def set_running(self, by_type: dict[str, int]) -> None:
+        """Replace the running counts (a new dispatcher counts the attempts it finds in the store)."""
+        self._running_by_type = Counter({t: n for t, n in by_type.items() if n > 0})
+        self.running = sum(self._running_by_type.values())
 
     def release(self, job_type: str) -> None:
         """A running job stopped: its slot is free."""

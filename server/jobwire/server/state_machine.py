@@ -34,10 +34,11 @@ class JobState(enum.IntEnum):
     @property
     def is_active(self) -> bool:
         """Holding a run slot: a handler may be executing."""
-        return self in (JobState.RUNNING, JobState.CANCELLING)
+        return self in ACTIVE_STATES
 
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+ACTIVE_STATES = frozenset({JobState.RUNNING, JobState.CANCELLING})
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),

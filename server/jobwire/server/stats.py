@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from jobwire.server.changes import ChangeKind, JobChange
+from jobwire.server.state_machine import JobState
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,21 @@ class StatsWindow:
         if run_time is not None:
             self._run_times.add(at, max(0.0, run_time))
             self._run_times.trim(at - self.window)
+
+    def on_changes(self, changes: Sequence[JobChange], at: float, now: float) -> None:
+        """Follow the feed (every replica sees every change, so every replica's figures agree).
+
+        ``at`` is the monotonic time, ``now`` the wall clock the job times are in.
+        """
+        for change in changes:
+            if change.kind is not ChangeKind.STATE:
+                continue
+            if change.state is JobState.RUNNING and change.start_time is not None:
+                self.record_start(at, change.start_time - change.queue_time)
+            elif change.state.is_terminal:
+                ran = change.state is not JobState.CANCELLED and change.start_time is not None
+                run_time = now - change.start_time if ran and change.start_time is not None else None
+                self.record_finish(at, change.state is JobState.SUCCEEDED, run_time)
 
     def figures(self, now: float) -> WindowFigures:
         oldest = now - self.window

@@ -1,8 +1,8 @@
-"""Everything the manager must do at a given time, in one heap: start delayed jobs, expire leases,
-time out remote attempts.
+"""Everything the dispatcher must do to attempts at a given time, in one heap: expire leases, time out
+remote attempts, force a cancellation the worker did not carry out.
 
-Entries are never removed: when one comes due, the manager checks that it still applies (the job is
-still waiting, the lease still has the same epoch and was not renewed, ...) and ignores or re-arms it.
+Entries are never removed: when one comes due, its owner checks that it still applies (the lease still
+has the same epoch and was not renewed, ...) and ignores or re-arms it.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 
 class TimerKind(enum.Enum):
-    SCHEDULED_START = "scheduled_start"  # a delayed job may enter the run order
-    LEASE_EXPIRY = "lease_expiry"  # a remote attempt's lease may have run out
+    LEASE_EXPIRY = "lease_expiry"  # an attempt's lease may have run out
     ATTEMPT_TIMEOUT = "attempt_timeout"  # a remote attempt may have run past its time-out
+    CANCEL_FORCE = "cancel_force"  # a cancelled remote attempt may have outlived the cancel grace
 
 
 @dataclass(order=True, frozen=True, slots=True)

@@ -1,25 +1,88 @@
 """The storage interface, in job terms. Every backend implements it and passes tests/stores/ (one suite).
 
-Why this shape: the JobManager owns the live state of unfinished jobs in memory and asks the store only
-to make changes durable, to answer queries, and to refuse a change whose expected state no longer holds
-(compare-and-set). That last part is what lets several server replicas share one PostgreSQL store: a
-replica claims a queued job with ``update(job, expected_state=QUEUED)`` and learns it lost the race when
-it returns False.
+Why this shape: the store is the truth (docs/architecture.md). Several server replicas may share it, so
+every write is a compare-and-set that says what it expects of the stored job (its state, and for an
+attempt's writes its lease epoch); the store assigns each change its sequence number, and tells every
+replica about every committed change through the feed (``subscribe``). The domain decides what a
+change should be (the state machine, the retry policy); the store only makes it atomic and durable.
 """
 
 from __future__ import annotations
 
 import abc
 import builtins
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+from jobwire.handlers.api import Progress
+from jobwire.server.changes import ChangeListener
 from jobwire.server.job import Job
 from jobwire.server.job_types import JobType
 from jobwire.server.state_machine import JobState
 
+if TYPE_CHECKING:
+    from jobwire.server.cluster import Cluster
+
+
+# The fields a compare-and-set may change: never the job's identity, what was submitted, or the
+# sequence (the store assigns it).
+UNCHANGEABLE = frozenset(
+    {"id", "type", "params", "labels", "create_time", "request_id", "request_fingerprint", "sequence"}
+)
+
+
+def check_changeable(changes: Mapping[str, Any]) -> None:
+    """ValueError for a change to a field a compare-and-set may not change: a bug, never bad input."""
+    fixed = UNCHANGEABLE.intersection(changes)
+    if fixed:
+        raise ValueError(f"fields {sorted(fixed)} cannot be changed by a compare-and-set")
+
 
 class DuplicateRequestId(Exception):
     """``insert`` found another job with the same request_id (the caller re-reads and compares)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """What a compare-and-set requires of the stored job before it changes it."""
+
+    state: JobState
+    lease_epoch: int | None = None  # an attempt's write: only under this lease
+    lease_expired_by: float | None = None  # only if the lease expires at or before this time
+
+    def holds(self, job: Job) -> bool:
+        if job.state is not self.state:
+            return False
+        if self.lease_epoch is not None and job.lease_epoch != self.lease_epoch:
+            return False
+        return self.lease_expired_by is None or (
+            job.lease_expire_time is not None and job.lease_expire_time <= self.lease_expired_by
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A queued job handed to an executor: QUEUED -> RUNNING under a new lease epoch."""
+
+    job_id: str
+    worker_id: str  # who runs it, as the job will show (a worker's id, or "local")
+    executor: str  # "<replica>/local" or "<replica>/<session>"
+    # When the lease expires unless renewed. None for in-process attempts: their replica is alive as
+    # long as it holds its place in the cluster, and the dispatcher requeues them when it does not.
+    lease_until: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedJob:
+    """What ordering a queued job needs, without the job: the queue view is rebuilt from these."""
+
+    id: str
+    type: str
+    priority: int
+    queue_time: float
+    schedule_time: float | None
+    sequence: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +121,15 @@ class JobCount:
 
 
 class JobStore(abc.ABC):
-    """Durable home of jobs. All methods are coroutines and never block the event loop.
+    """Durable home of jobs. All methods are coroutines (or plain calls that never block the loop).
 
     The store keeps its own copies: a Job passed in may be changed by the caller afterwards, and a Job
     returned may be changed by the caller without affecting the store.
     """
+
+    # Several replicas share this store: changes from other replicas arrive without the job, and the
+    # history of changes (to resume a watch) is kept in the store (``read_changes``).
+    shared: bool = False
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -73,23 +140,61 @@ class JobStore(abc.ABC):
         """Write everything pending (progress included) and release resources. Idempotent."""
 
     @abc.abstractmethod
+    def subscribe(self, listener: ChangeListener) -> None:
+        """Call ``listener`` with every batch of committed changes, in commit order, on the event loop.
+
+        A replica's own changes reach it before the writer that made them is answered.
+        """
+
+    def cluster(self) -> Cluster:
+        """Who dispatches, who is alive, and messages between replicas. One process by default."""
+        from jobwire.server.cluster import LocalCluster
+
+        return LocalCluster()
+
+    # --- writes: each one durable on return, and a change on the feed -----------------------------
+
+    @abc.abstractmethod
     async def insert(self, job: Job) -> None:
-        """Store a new job durably before returning. Raises DuplicateRequestId if its request_id is taken."""
+        """Store a new job (sequence 1). Raises DuplicateRequestId if its request_id is taken."""
 
     @abc.abstractmethod
-    async def update(self, job: Job, expected_state: JobState | None = None) -> bool:
-        """Durably replace the stored job with ``job``.
-
-        With ``expected_state``, only if the stored job is in that state (compare-and-set); returns
-        whether the write happened. A missing job returns False.
-        """
+    async def transition(
+        self, job_id: str, expect: Expect, target: JobState, changes: Mapping[str, Any], now: float
+    ) -> Job | None:
+        """If the stored job matches ``expect``: set its state to ``target`` and the given fields (Job
+        attribute names), ``update_time`` to ``now``, and the next sequence. Returns the job after the
+        change, or None when ``expect`` did not hold (or the job is gone)."""
 
     @abc.abstractmethod
-    def record_progress(self, job: Job) -> None:
-        """Note the job's progress and sequence, to be persisted soon and possibly coalesced.
+    async def claim(
+        self, claims: Sequence[Claim], now: float, leader_epoch: int
+    ) -> builtins.list[Job | None]:
+        """QUEUED -> RUNNING for each job still QUEUED: ``attempt`` at least 1, ``start_time`` now,
+        error and result cleared, ``lease_epoch`` + 1, the claim's worker, executor and lease. A shared
+        store refuses every claim when ``leader_epoch`` is no longer the dispatcher's. Returns, per
+        claim, the job after the change or None."""
 
-        Not awaited and never durable on return: progress is advisory, states are not.
-        """
+    @abc.abstractmethod
+    def record_progress(self, job_id: str, lease_epoch: int, progress: Progress, now: float) -> None:
+        """Note an attempt's progress, to be written soon (coalesced per job) as a PROGRESS change with
+        the next sequence. Never blocks. Dropped if the job is not active under this lease any more."""
+
+    @abc.abstractmethod
+    async def renew_leases(self, leases: Sequence[tuple[str, int]], until: float) -> builtins.list[bool]:
+        """Extend each ``(job_id, lease_epoch)`` lease to at least ``until``; per lease, whether the job
+        is still active under it. Not a change: no sequence, nothing on the feed."""
+
+    @abc.abstractmethod
+    async def refresh_remote_leases(self, until: float) -> int:
+        """Extend every remote attempt's lease to at least ``until`` (a new dispatcher gives workers
+        time to reconnect and renew). Returns how many."""
+
+    @abc.abstractmethod
+    async def purge_expired(self, now: float) -> int:
+        """Delete finished jobs whose expire_time is at or before ``now``; return how many."""
+
+    # --- reads ------------------------------------------------------------------------------------
 
     @abc.abstractmethod
     async def get(self, job_id: str) -> Job | None:
@@ -100,21 +205,33 @@ class JobStore(abc.ABC):
         """The job created with this request_id, or None."""
 
     @abc.abstractmethod
-    async def list(self, query: JobQuery) -> list[Job]:
+    async def list(self, query: JobQuery) -> builtins.list[Job]:
         """Up to ``query.limit`` matching jobs, newest (highest id) first."""
-
-    # builtins.list from here on: in this class body, ``list`` names the method above.
-    @abc.abstractmethod
-    async def load_unfinished(self) -> builtins.list[Job]:
-        """Every job not in a terminal state, oldest first: what the scheduler is rebuilt from at start-up."""
-
-    @abc.abstractmethod
-    async def purge_expired(self, now: float) -> int:
-        """Delete finished jobs whose expire_time is at or before ``now``; return how many."""
 
     @abc.abstractmethod
     async def count(self) -> builtins.list[JobCount]:
         """Stored jobs grouped by state, type and priority."""
+
+    @abc.abstractmethod
+    async def load_queue(self) -> builtins.list[QueuedJob]:
+        """The ordering information of every QUEUED job (not the jobs): what the queue view needs."""
+
+    @abc.abstractmethod
+    async def load_active(self) -> builtins.list[Job]:
+        """Every RUNNING or CANCELLING job, without params and result: what a new dispatcher needs."""
+
+    async def read_changes(self, job_id: str, after_sequence: int) -> builtins.list[Job] | None:
+        """The job as it was after each state change with a sequence above ``after_sequence``, oldest
+        first; None when this store keeps no history (a single process keeps it in memory) or when
+        part of it is no longer kept."""
+        return None
+
+    async def read_change(self, job_id: str, sequence: int) -> Job | None:
+        """The job as it was right after its change ``sequence``, if the store can still tell."""
+        job = await self.get(job_id)
+        return job if job is not None and job.sequence == sequence else None
+
+    # --- job types --------------------------------------------------------------------------------
 
     @abc.abstractmethod
     async def save_job_types(self, job_types: builtins.list[JobType]) -> None:

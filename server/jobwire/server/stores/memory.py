@@ -1,8 +1,8 @@
 """An in-memory JobStore: for tests, demos and deployments that accept losing every job on restart.
 
-It is a real store, not a mock: it keeps its own copies, enforces request_id uniqueness and the
-compare-and-set of ``update`` exactly as the durable backends do, so the one conformance suite
-(tests/stores/) holds it to the same contract.
+It is a real store, not a mock: it keeps its own copies, enforces request_id uniqueness, the
+compare-and-set of every write and the lease fencing exactly as the durable backends do, and publishes
+every change on its feed, so the one conformance suite (tests/stores/) holds it to the same contract.
 """
 
 from __future__ import annotations
@@ -10,11 +10,27 @@ from __future__ import annotations
 import bisect
 import builtins
 from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from jobwire.handlers.api import Progress
+from jobwire.server.changes import ChangeKind, ChangeListener, JobChange
 from jobwire.server.job import AttemptRecord, Job, JobError
 from jobwire.server.job_types import JobType
-from jobwire.server.state_machine import TERMINAL_STATES, JobState
-from jobwire.server.stores.base import DuplicateRequestId, JobCount, JobFilter, JobQuery, JobStore
+from jobwire.server.state_machine import ACTIVE_STATES, TERMINAL_STATES, JobState
+from jobwire.server.stores.base import (
+    Claim,
+    DuplicateRequestId,
+    Expect,
+    JobCount,
+    JobFilter,
+    JobQuery,
+    JobStore,
+    QueuedJob,
+    check_changeable,
+)
+
+LOCAL_WORKER = "local"
 
 
 def matches_filter(job: Job, job_filter: JobFilter) -> bool:
@@ -62,6 +78,13 @@ def _snapshot(job: Job) -> Job:
     return snapshot
 
 
+def _basic(job: Job) -> Job:
+    """A snapshot without the payload (params and result)."""
+    snapshot = _snapshot(job)
+    snapshot.params, snapshot.result = {}, None
+    return snapshot
+
+
 class MemoryStore(JobStore):
     """Jobs in dicts plus a sorted id list, so listing newest-first from a cursor is a bisect away."""
 
@@ -71,6 +94,7 @@ class MemoryStore(JobStore):
         self._ids: list[str] = []
         self._by_request_id: dict[str, str] = {}
         self._job_types: dict[str, JobType] = {}  # JobType and its RetryDefaults are frozen: no copies
+        self._listeners: list[ChangeListener] = []
 
     async def open(self) -> None:
         """Nothing to prepare."""
@@ -78,76 +102,103 @@ class MemoryStore(JobStore):
     async def close(self) -> None:
         """Nothing to flush: every write is already applied."""
 
+    def subscribe(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def _publish(self, job: Job, kind: ChangeKind) -> None:
+        if self._listeners:
+            changes = [JobChange.of(_snapshot(job), kind)]
+            for listener in self._listeners:
+                listener(changes)
+
+    # --- writes ----------------------------------------------------------------------------------
+
     async def insert(self, job: Job) -> None:
         if job.id in self._jobs:
             raise ValueError(f"job {job.id} already exists")
         if job.request_id and job.request_id in self._by_request_id:
             raise DuplicateRequestId(job.request_id)
-        self._jobs[job.id] = _snapshot(job)
+        stored = _snapshot(job)
+        self._jobs[job.id] = stored
         if not self._ids or job.id > self._ids[-1]:
             self._ids.append(job.id)
         else:
             bisect.insort(self._ids, job.id)
         if job.request_id:
             self._by_request_id[job.request_id] = job.id
+        self._publish(stored, ChangeKind.STATE)
 
-    async def update(self, job: Job, expected_state: JobState | None = None) -> bool:
-        stored = self._jobs.get(job.id)
-        if stored is None:
-            return False
-        if expected_state is not None and stored.state != expected_state:
-            return False
-        if job.request_id != stored.request_id:
-            if job.request_id and job.request_id in self._by_request_id:
-                raise DuplicateRequestId(job.request_id)
-            if stored.request_id:
-                del self._by_request_id[stored.request_id]
-            if job.request_id:
-                self._by_request_id[job.request_id] = job.id
-        self._jobs[job.id] = _snapshot(job)
-        return True
-
-    def record_progress(self, job: Job) -> None:
-        """Applied at once; the sequence check keeps a late, stale note from undoing a newer update."""
-        stored = self._jobs.get(job.id)
-        if stored is None or stored.sequence >= job.sequence:
-            return
-        stored.progress = job.copy().progress
-        stored.sequence = job.sequence
-        stored.update_time = job.update_time
-
-    async def get(self, job_id: str) -> Job | None:
+    async def transition(
+        self, job_id: str, expect: Expect, target: JobState, changes: Mapping[str, Any], now: float
+    ) -> Job | None:
+        check_changeable(changes)
         stored = self._jobs.get(job_id)
-        return None if stored is None else _snapshot(stored)
-
-    async def get_by_request_id(self, request_id: str) -> Job | None:
-        if not request_id:
+        if stored is None or not expect.holds(stored):
             return None
-        job_id = self._by_request_id.get(request_id)
-        return None if job_id is None else _snapshot(self._jobs[job_id])
+        updated = _snapshot(stored)
+        for name, value in changes.items():
+            setattr(updated, name, value)
+        updated.state, updated.update_time, updated.sequence = target, now, stored.sequence + 1
+        updated = _snapshot(updated)  # the values given may be changed by the caller afterwards
+        self._jobs[job_id] = updated
+        self._publish(updated, ChangeKind.STATE)
+        return _snapshot(updated)
 
-    async def list(self, query: JobQuery) -> list[Job]:
-        if query.limit <= 0:
-            return []
-        end = len(self._ids) if query.before_id is None else bisect.bisect_left(self._ids, query.before_id)
-        page: list[Job] = []
-        for index in range(end - 1, -1, -1):
-            job = self._jobs[self._ids[index]]
-            if matches_filter(job, query.filter):
-                snapshot = _snapshot(job)
-                if not query.with_payload:
-                    snapshot.params, snapshot.result = {}, None
-                page.append(snapshot)
-                if len(page) == query.limit:
-                    break
-        return page
+    async def claim(
+        self, claims: Sequence[Claim], now: float, leader_epoch: int
+    ) -> builtins.list[Job | None]:
+        claimed: list[Job | None] = []
+        for claim in claims:
+            stored = self._jobs.get(claim.job_id)
+            if stored is None or stored.state is not JobState.QUEUED:
+                claimed.append(None)
+                continue
+            changes = {
+                "attempt": max(stored.attempt, 1),
+                "start_time": now,
+                "error": None,
+                "result": None,
+                "worker_id": claim.worker_id,
+                "executor": claim.executor,
+                "lease_epoch": stored.lease_epoch + 1,
+                "lease_expire_time": claim.lease_until,
+                "schedule_time": None,
+            }
+            claimed.append(
+                await self.transition(claim.job_id, Expect(JobState.QUEUED), JobState.RUNNING, changes, now)
+            )
+        return claimed
 
-    async def load_unfinished(self) -> builtins.list[Job]:
-        return [
-            _snapshot(job)
-            for job in (self._jobs[job_id] for job_id in self._ids)
-            if job.state not in TERMINAL_STATES
-        ]
+    def record_progress(self, job_id: str, lease_epoch: int, progress: Progress, now: float) -> None:
+        """Applied at once (a memory store has nothing to coalesce for)."""
+        stored = self._jobs.get(job_id)
+        if stored is None or stored.state not in ACTIVE_STATES or stored.lease_epoch != lease_epoch:
+            return
+        updated = _snapshot(stored)
+        updated.progress = Progress(
+            progress.percent, progress.message, progress.current_step, progress.total_steps
+        )
+        updated.update_time, updated.sequence = now, stored.sequence + 1
+        self._jobs[job_id] = updated
+        self._publish(updated, ChangeKind.PROGRESS)
+
+    async def renew_leases(self, leases: Sequence[tuple[str, int]], until: float) -> builtins.list[bool]:
+        renewed = []
+        for job_id, epoch in leases:
+            stored = self._jobs.get(job_id)
+            current = stored is not None and stored.state in ACTIVE_STATES and stored.lease_epoch == epoch
+            if current and stored is not None:
+                stored.lease_expire_time = max(stored.lease_expire_time or 0.0, until)
+            renewed.append(current)
+        return renewed
+
+    async def refresh_remote_leases(self, until: float) -> int:
+        refreshed = 0
+        for stored in self._jobs.values():
+            if stored.state in ACTIVE_STATES and stored.worker_id != LOCAL_WORKER:
+                stored.lease_expire_time = max(stored.lease_expire_time or 0.0, until)
+                refreshed += 1
+        return refreshed
 
     async def purge_expired(self, now: float) -> int:
         expired = [
@@ -164,6 +215,52 @@ class MemoryStore(JobStore):
         self._ids = [job_id for job_id in self._ids if job_id in self._jobs]
         return len(expired)
 
+    # --- reads -----------------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job | None:
+        stored = self._jobs.get(job_id)
+        return None if stored is None else _snapshot(stored)
+
+    async def get_by_request_id(self, request_id: str) -> Job | None:
+        if not request_id:
+            return None
+        job_id = self._by_request_id.get(request_id)
+        return None if job_id is None else _snapshot(self._jobs[job_id])
+
+    async def list(self, query: JobQuery) -> builtins.list[Job]:
+        if query.limit <= 0:
+            return []
+        end = len(self._ids) if query.before_id is None else bisect.bisect_left(self._ids, query.before_id)
+        page: list[Job] = []
+        for index in range(end - 1, -1, -1):
+            job = self._jobs[self._ids[index]]
+            if matches_filter(job, query.filter):
+                page.append(_snapshot(job) if query.with_payload else _basic(job))
+                if len(page) == query.limit:
+                    break
+        return page
+
+    async def count(self) -> builtins.list[JobCount]:
+        counts = Counter((job.state, job.type, job.priority) for job in self._jobs.values())
+        return [
+            JobCount(state, job_type, priority, n)
+            for (state, job_type, priority), n in sorted(counts.items())
+        ]
+
+    async def load_queue(self) -> builtins.list[QueuedJob]:
+        return [
+            QueuedJob(job.id, job.type, job.priority, job.queue_time, job.schedule_time, job.sequence)
+            for job in (self._jobs[job_id] for job_id in self._ids)
+            if job.state is JobState.QUEUED
+        ]
+
+    async def load_active(self) -> builtins.list[Job]:
+        return [
+            _basic(job) for job in (self._jobs[job_id] for job_id in self._ids) if job.state in ACTIVE_STATES
+        ]
+
+    # --- job types -------------------------------------------------------------------------------
+
     async def save_job_types(self, job_types: builtins.list[JobType]) -> None:
         for job_type in job_types:
             self._job_types[job_type.name] = job_type
@@ -174,10 +271,3 @@ class MemoryStore(JobStore):
     async def delete_job_types(self, names: builtins.list[str]) -> None:
         for name in names:
             self._job_types.pop(name, None)
-
-    async def count(self) -> builtins.list[JobCount]:
-        counts = Counter((job.state, job.type, job.priority) for job in self._jobs.values())
-        return [
-            JobCount(state, job_type, priority, n)
-            for (state, job_type, priority), n in sorted(counts.items())
-        ]

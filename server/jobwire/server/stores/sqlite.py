@@ -2,9 +2,13 @@
 
 Why this shape: sqlite3 calls block, so none may run on the event loop. SQLite admits one writer at a
 time anyway, so a single writer thread that commits everything waiting in ONE transaction (group
-commit) turns N concurrent inserts into a handful of fsyncs instead of N. WAL lets the reader thread
-see committed rows while the writer is busy. Progress notes are advisory and frequent, so they are
-coalesced in a dict (latest wins) and ride along with the next transaction, or are flushed on a timer.
+commit) turns N concurrent writes into a handful of fsyncs instead of N. WAL lets the reader thread see
+committed rows while the writer is busy. Progress notes are frequent, so they are coalesced in a dict
+(latest wins per job) and ride along with the next transaction, or are flushed on a short timer.
+
+The changes a transaction commits go to the feed on the event loop right after the commit, and before
+the callers that made them are answered: a submit's job is in every queue view when SubmitJob returns.
+One process only (``ProcessLock``): several servers on one store is what PostgreSQL is for.
 """
 
 from __future__ import annotations
@@ -14,23 +18,43 @@ import builtins
 import contextlib
 import fcntl
 import functools
-import json
 import logging
 import os
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
-from jobwire.handlers.api import Progress, RetryDefaults
-from jobwire.server.job import AttemptRecord, Job, JobError, RetryPolicy
+from jobwire.handlers.api import Progress
+from jobwire.server.changes import ChangeKind, ChangeListener, JobChange
+from jobwire.server.job import Job
 from jobwire.server.job_types import JobType
-from jobwire.server.state_machine import TERMINAL_STATES, JobState
-from jobwire.server.stores.base import DuplicateRequestId, JobCount, JobQuery, JobStore
+from jobwire.server.state_machine import ACTIVE_STATES, TERMINAL_STATES, JobState
+from jobwire.server.stores.base import (
+    Claim,
+    DuplicateRequestId,
+    Expect,
+    JobCount,
+    JobQuery,
+    JobStore,
+    QueuedJob,
+)
+from jobwire.server.stores.rows import (
+    BASIC_COLUMNS,
+    COLUMNS,
+    QUEUE_COLUMNS,
+    Row,
+    changed_columns,
+    job_to_row,
+    job_type_to_row,
+    progress_json,
+    row_to_job,
+    row_to_job_type,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -99,57 +123,40 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 3: replicas: the executor an attempt was claimed for (routes the claim; finds a dead replica's).
+    ("ALTER TABLE jobs ADD COLUMN executor TEXT NOT NULL DEFAULT ''",),
 )
 
-_COLUMNS = (
-    "id",
-    "type",
-    "state",
-    "priority",
-    "params",
-    "labels",
-    "create_time",
-    "update_time",
-    "queue_time",
-    "attempt",
-    "progress",
-    "result",
-    "error",
-    "start_time",
-    "end_time",
-    "expire_time",
-    "request_id",
-    "request_fingerprint",
-    "timeout",
-    "cancel_reason",
-    "sequence",
-    "retry_policy",
-    "schedule_time",
-    "attempts",
-    "worker_id",
-    "lease_expire_time",
-    "lease_epoch",
-    "attempt_base",
-)
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
-# The same columns with the payload left out (an empty params object, no result), for listings.
-_SELECT_BASIC = (
-    "SELECT "
-    + ", ".join({"params": "'{}'", "result": "NULL"}.get(column, column) for column in _COLUMNS)
-    + " FROM jobs"
-)
-_INSERT = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-# The row tuple starts with id, so an UPDATE takes row[1:] + (id,) and, for compare-and-set, + (state,).
-_UPDATE = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE id = ?"
-_UPDATE_CAS = _UPDATE + " AND state = ?"
-# Conditional on the sequence, so a progress note never overwrites a newer state written by update().
-_FLUSH_PROGRESS = "UPDATE jobs SET progress = ?, sequence = ?, update_time = ? WHERE id = ? AND sequence < ?"
+
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM jobs"
+_SELECT_BASIC = f"SELECT {', '.join(BASIC_COLUMNS)} FROM jobs"
+_RETURNING = f" RETURNING {', '.join(COLUMNS)}"
+_INSERT = f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_ACTIVE = ", ".join(str(int(s)) for s in sorted(ACTIVE_STATES))
 _TERMINAL = ", ".join(str(int(s)) for s in sorted(TERMINAL_STATES))
+_CLAIM = (
+    "UPDATE jobs SET state = 2, attempt = MAX(attempt, 1), start_time = ?, error = NULL, result = NULL, "
+    "worker_id = ?, executor = ?, lease_epoch = lease_epoch + 1, lease_expire_time = ?, "
+    "schedule_time = NULL, update_time = ?, sequence = sequence + 1 WHERE id = ? AND state = 1" + _RETURNING
+)
+# Fenced by the lease: a note from an attempt that lost its lease changes nothing.
+_PROGRESS = (
+    "UPDATE jobs SET progress = ?, update_time = ?, sequence = sequence + 1 "
+    f"WHERE id = ? AND lease_epoch = ? AND state IN ({_ACTIVE})" + _RETURNING
+)
+_RENEW = (
+    "UPDATE jobs SET lease_expire_time = MAX(COALESCE(lease_expire_time, 0), ?) "
+    f"WHERE id = ? AND lease_epoch = ? AND state IN ({_ACTIVE})"
+)
+_REFRESH_REMOTE = (
+    "UPDATE jobs SET lease_expire_time = MAX(COALESCE(lease_expire_time, 0), ?) "
+    f"WHERE state IN ({_ACTIVE}) AND worker_id <> 'local'"
+)
 # "+state" keeps the planner off the state index: most stored jobs are finished, so only the expire_time
 # index (set on finished jobs only) narrows a purge down to the rows it deletes.
 _PURGE = f"DELETE FROM jobs WHERE expire_time <= ? AND +state IN ({_TERMINAL})"
-_UNFINISHED_STATES = ", ".join(str(int(s)) for s in sorted(set(JobState) - TERMINAL_STATES))
-_UNFINISHED = f"{_SELECT} WHERE state IN ({_UNFINISHED_STATES}) ORDER BY id"  # IN, not NOT IN: uses the index
+_QUEUE = f"SELECT {', '.join(QUEUE_COLUMNS)} FROM jobs WHERE state = 1 ORDER BY id"
+_ACTIVE_JOBS = f"{_SELECT_BASIC} WHERE state IN ({_ACTIVE}) ORDER BY id"
 _COUNT = "SELECT state, type, priority, COUNT(*) FROM jobs GROUP BY state, type, priority ORDER BY 1, 2, 3"
 _SAVE_JOB_TYPE = (
     "INSERT INTO job_types (name, timeout, max_running, retry, last_seen) VALUES (?, ?, ?, ?, ?) "
@@ -158,279 +165,83 @@ _SAVE_JOB_TYPE = (
 )
 _LOAD_JOB_TYPES = "SELECT name, timeout, max_running, retry, last_seen FROM job_types ORDER BY name"
 
-Row = tuple[Any, ...]
+Changes = list[JobChange]
 
 
-def _dumps(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+# --- operations run by the writer thread: each returns its result and the changes it made -----------
 
 
-def _progress_json(progress: Progress | None) -> str | None:
-    if progress is None:
-        return None
-    return _dumps(
-        {
-            "percent": progress.percent,
-            "message": progress.message,
-            "current_step": progress.current_step,
-            "total_steps": progress.total_steps,
-        }
-    )
-
-
-def _error_obj(error: JobError) -> dict[str, Any]:
-    # The code is any google.rpc.Code number, stored and loaded as a plain int.
-    return {
-        "code": int(error.code),
-        "message": error.message,
-        "reason": error.reason,
-        "metadata": error.metadata,
-    }
-
-
-def _error_from(e: dict[str, Any]) -> JobError:
-    return JobError(int(e["code"]), e["message"], e["reason"], dict(e["metadata"]))
-
-
-def _optional_float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-@functools.lru_cache(maxsize=256)  # a few distinct policies serve millions of jobs
-def _retry_policy_json(policy: RetryPolicy) -> str:
-    return _dumps(
-        {
-            "max_attempts": policy.max_attempts,
-            "initial_backoff": policy.initial_backoff,
-            "max_backoff": policy.max_backoff,
-            "backoff_multiplier": policy.backoff_multiplier,
-        }
-    )
-
-
-def _retry_policy_from(text: str) -> RetryPolicy:
-    r = json.loads(text)
-    return RetryPolicy(
-        int(r["max_attempts"]),
-        float(r["initial_backoff"]),
-        float(r["max_backoff"]),
-        float(r["backoff_multiplier"]),
-    )
-
-
-def _attempts_json(attempts: Sequence[AttemptRecord]) -> str:
-    if not attempts:
-        return "[]"
-    return _dumps(
-        [
-            {
-                "attempt": a.attempt,
-                "start_time": a.start_time,
-                "end_time": a.end_time,
-                "outcome": None if a.outcome is None else _error_obj(a.outcome),
-                "worker_id": a.worker_id,
-            }
-            for a in attempts
-        ]
-    )
-
-
-def _attempts_from(text: str) -> tuple[AttemptRecord, ...]:
-    return tuple(
-        AttemptRecord(
-            int(a["attempt"]),
-            float(a["start_time"]),
-            float(a["end_time"]),
-            None if a["outcome"] is None else _error_from(a["outcome"]),
-            a["worker_id"],
-        )
-        for a in json.loads(text)
-    )
-
-
-def job_to_row(job: Job) -> Row:
-    """Serialize in the caller's thread, so later changes to ``job`` cannot race with the writer.
-
-    The computed fields (queue_position, wait_reason, wait_message) are not stored.
-    """
-    error = None if job.error is None else _dumps(_error_obj(job.error))
-    return (
-        job.id,
-        job.type,
-        int(job.state),
-        job.priority,
-        _dumps(job.params) if job.params else "{}",
-        _dumps(job.labels) if job.labels else "{}",
-        job.create_time,
-        job.update_time,
-        job.queue_time,
-        job.attempt,
-        _progress_json(job.progress),
-        None if job.result is None else _dumps(job.result),
-        error,
-        job.start_time,
-        job.end_time,
-        job.expire_time,
-        job.request_id,
-        job.request_fingerprint,
-        job.timeout,
-        job.cancel_reason,
-        job.sequence,
-        _retry_policy_json(job.retry_policy),
-        job.schedule_time,
-        _attempts_json(job.attempts),
-        job.worker_id,
-        job.lease_expire_time,
-        job.lease_epoch,
-        job.attempt_base,
-    )
-
-
-def row_to_job(row: Sequence[Any]) -> Job:
-    """The inverse of ``job_to_row``."""
-    (
-        job_id,
-        job_type,
-        state,
-        priority,
-        params,
-        labels,
-        create_time,
-        update_time,
-        queue_time,
-        attempt,
-        progress,
-        result,
-        error,
-        start_time,
-        end_time,
-        expire_time,
-        request_id,
-        request_fingerprint,
-        timeout,
-        cancel_reason,
-        sequence,
-        retry_policy,
-        schedule_time,
-        attempts,
-        worker_id,
-        lease_expire_time,
-        lease_epoch,
-        attempt_base,
-    ) = row
-    job_progress = None
-    if progress is not None:
-        p = json.loads(progress)
-        job_progress = Progress(p["percent"], p["message"], p["current_step"], p["total_steps"])
-    job_error = None if error is None else _error_from(json.loads(error))
-    return Job(
-        id=job_id,
-        type=job_type,
-        state=JobState(state),
-        priority=priority,
-        params=json.loads(params),
-        labels=json.loads(labels),
-        create_time=create_time,
-        update_time=update_time,
-        queue_time=queue_time,
-        attempt=attempt,
-        progress=job_progress,
-        result=None if result is None else json.loads(result),
-        error=job_error,
-        start_time=start_time,
-        end_time=end_time,
-        expire_time=expire_time,
-        request_id=request_id,
-        request_fingerprint=request_fingerprint,
-        timeout=timeout,
-        cancel_reason=cancel_reason,
-        sequence=sequence,
-        retry_policy=_retry_policy_from(retry_policy),
-        schedule_time=schedule_time,
-        attempts=_attempts_from(attempts),
-        worker_id=worker_id,
-        lease_expire_time=lease_expire_time,
-        lease_epoch=lease_epoch,
-        attempt_base=attempt_base,
-    )
-
-
-def job_type_to_row(job_type: JobType) -> Row:
-    retry = job_type.retry
-    return (
-        job_type.name,
-        job_type.timeout,
-        job_type.max_running,
-        _dumps(
-            {
-                "max_attempts": retry.max_attempts,
-                "initial_backoff": retry.initial_backoff,
-                "max_backoff": retry.max_backoff,
-                "backoff_multiplier": retry.backoff_multiplier,
-            }
-        ),
-        job_type.last_seen,
-    )
-
-
-def row_to_job_type(row: Sequence[Any]) -> JobType:
-    name, timeout, max_running, retry, last_seen = row
-    r = json.loads(retry)
-    return JobType(
-        name=name,
-        timeout=timeout,
-        max_running=max_running,
-        retry=RetryDefaults(
-            _optional_int(r["max_attempts"]),
-            _optional_float(r["initial_backoff"]),
-            _optional_float(r["max_backoff"]),
-            _optional_float(r["backoff_multiplier"]),
-        ),
-        last_seen=last_seen,
-    )
-
-
-# --- operations run by the writer thread, each inside its own SAVEPOINT -------------------------------
-
-
-def _apply_insert(row: Row, conn: sqlite3.Connection) -> None:
+def _apply_insert(job: Job, row: Row, conn: sqlite3.Connection) -> tuple[None, Changes]:
     try:
         conn.execute(_INSERT, row)
     except sqlite3.IntegrityError as exc:
         if "jobs.request_id" in str(exc):
-            raise DuplicateRequestId(row[_COLUMNS.index("request_id")]) from exc
+            raise DuplicateRequestId(job.request_id) from exc
         if "jobs.id" in str(exc):
-            raise ValueError(f"job {row[0]} already exists") from exc
+            raise ValueError(f"job {job.id} already exists") from exc
         raise
+    return None, [JobChange.of(job, ChangeKind.STATE)]
 
 
-def _apply_update(row: Row, expected_state: JobState | None, conn: sqlite3.Connection) -> bool:
-    try:
-        if expected_state is None:
-            cursor = conn.execute(_UPDATE, (*row[1:], row[0]))
-        else:
-            cursor = conn.execute(_UPDATE_CAS, (*row[1:], row[0], int(expected_state)))
-    except sqlite3.IntegrityError as exc:
-        if "jobs.request_id" in str(exc):
-            raise DuplicateRequestId(row[_COLUMNS.index("request_id")]) from exc
-        raise
-    return cursor.rowcount == 1
+def _apply_transition(sql: str, args: list[Any], conn: sqlite3.Connection) -> tuple[Job | None, Changes]:
+    row = conn.execute(sql, args).fetchone()
+    if row is None:
+        return None, []
+    job = row_to_job(row)
+    return job, [JobChange.of(job, ChangeKind.STATE)]
 
 
-def _apply_purge(now: float, conn: sqlite3.Connection) -> int:
-    return conn.execute(_PURGE, (now,)).rowcount
+def _apply_claims(rows: list[tuple[Any, ...]], conn: sqlite3.Connection) -> tuple[list[Job | None], Changes]:
+    claimed: list[Job | None] = []
+    changes: Changes = []
+    for args in rows:
+        row = conn.execute(_CLAIM, args).fetchone()
+        job = None if row is None else row_to_job(row)
+        claimed.append(job)
+        if job is not None:
+            changes.append(JobChange.of(job, ChangeKind.STATE))
+    return claimed, changes
 
 
-def _apply_save_job_types(rows: list[Row], conn: sqlite3.Connection) -> None:
+def _apply_renew(
+    until: float, leases: list[tuple[str, int]], conn: sqlite3.Connection
+) -> tuple[list[bool], Changes]:
+    return [conn.execute(_RENEW, (until, job_id, epoch)).rowcount == 1 for job_id, epoch in leases], []
+
+
+def _apply_refresh(until: float, conn: sqlite3.Connection) -> tuple[int, Changes]:
+    return conn.execute(_REFRESH_REMOTE, (until,)).rowcount, []
+
+
+def _apply_purge(now: float, conn: sqlite3.Connection) -> tuple[int, Changes]:
+    return conn.execute(_PURGE, (now,)).rowcount, []
+
+
+def _apply_save_job_types(rows: list[Row], conn: sqlite3.Connection) -> tuple[None, Changes]:
     conn.executemany(_SAVE_JOB_TYPE, rows)  # in order, so a name given twice keeps its last row
+    return None, []
 
 
-def _apply_delete_job_types(names: list[str], conn: sqlite3.Connection) -> None:
+def _apply_delete_job_types(names: list[str], conn: sqlite3.Connection) -> tuple[None, Changes]:
     conn.executemany("DELETE FROM job_types WHERE name = ?", [(name,) for name in names])
+    return None, []
+
+
+def transition_sql(
+    job_id: str, expect: Expect, target: JobState, changes: Mapping[str, Any], now: float
+) -> tuple[str, list[Any]]:
+    """The compare-and-set UPDATE of ``JobStore.transition`` and its parameters (in the caller's thread)."""
+    pairs = [("state", int(target)), *changed_columns(changes), ("update_time", now)]
+    sql = "UPDATE jobs SET " + ", ".join(f"{column} = ?" for column, _ in pairs)
+    sql += ", sequence = sequence + 1 WHERE id = ? AND state = ?"
+    args: list[Any] = [value for _, value in pairs] + [job_id, int(expect.state)]
+    if expect.lease_epoch is not None:
+        sql += " AND lease_epoch = ?"
+        args.append(expect.lease_epoch)
+    if expect.lease_expired_by is not None:
+        sql += " AND lease_expire_time <= ?"
+        args.append(expect.lease_expired_by)
+    return sql + _RETURNING, args
 
 
 # --- reads, run by the reader thread ---------------------------------------------------------------
@@ -482,8 +293,12 @@ def _read_list(query: JobQuery, conn: sqlite3.Connection) -> list[Job]:
     return [row_to_job(row) for row in conn.execute(sql, args).fetchall()]
 
 
-def _read_unfinished(conn: sqlite3.Connection) -> list[Job]:
-    return [row_to_job(row) for row in conn.execute(_UNFINISHED).fetchall()]
+def _read_queue(conn: sqlite3.Connection) -> list[QueuedJob]:
+    return [QueuedJob(*row) for row in conn.execute(_QUEUE).fetchall()]
+
+
+def _read_active(conn: sqlite3.Connection) -> list[Job]:
+    return [row_to_job(row) for row in conn.execute(_ACTIVE_JOBS).fetchall()]
 
 
 def _read_job_types(conn: sqlite3.Connection) -> list[JobType]:
@@ -504,38 +319,23 @@ def _read_count(conn: sqlite3.Connection) -> list[JobCount]:
 class _Op(Generic[_T]):
     """One queued write: what to run in the transaction, and whom to tell the outcome."""
 
-    apply: Callable[[sqlite3.Connection], _T]
-    loop: asyncio.AbstractEventLoop
+    apply: Callable[[sqlite3.Connection], tuple[_T, Changes]]
     future: asyncio.Future[_T]
 
 
-class _ProgressNote(NamedTuple):
-    progress: Progress | None
-    sequence: int
-    update_time: float
+@dataclass(slots=True)
+class _ProgressNote:
+    lease_epoch: int
+    progress: Progress
+    time: float
 
 
-_Outcome = tuple[_Op[Any], Any, BaseException | None]
+@dataclass(slots=True)
+class _Outcomes:
+    """What one transaction did: each op's result or error, and the changes to publish."""
 
-
-def _settle(outcomes: Sequence[_Outcome]) -> None:
-    """Resolve futures from the writer thread: one loop wake-up per event loop, not one per op."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
-    for outcome in outcomes:
-        by_loop.setdefault(outcome[0].loop, []).append(outcome)
-    for loop, group in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is closed, nobody waits any more
-            loop.call_soon_threadsafe(_resolve, group)
-
-
-def _resolve(outcomes: Sequence[_Outcome]) -> None:
-    for op, result, exc in outcomes:
-        if op.future.done():  # the caller was cancelled; the write happened anyway
-            continue
-        if exc is None:
-            op.future.set_result(result)
-        else:
-            op.future.set_exception(exc)
+    results: list[tuple[_Op[Any], Any, BaseException | None]] = field(default_factory=list)
+    changes: Changes = field(default_factory=list)
 
 
 def _settle_ready(ready: asyncio.Future[None], exc: BaseException | None) -> None:
@@ -616,7 +416,7 @@ class SqliteStore(JobStore):
         *,
         synchronous: str = "FULL",
         max_batch: int = 256,
-        progress_flush_interval: float = 0.2,
+        progress_flush_interval: float = 0.05,
     ) -> None:
         if synchronous.upper() not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {sorted(SYNCHRONOUS_MODES)}, not {synchronous!r}")
@@ -642,12 +442,14 @@ class SqliteStore(JobStore):
         self._progress_deadline = 0.0
         self._accepting = False
         self._stopping = False
-        # Touched only by the event loop thread (open/close/reads).
+        # Touched only by the event loop thread (open/close/reads/listeners).
         self._lifecycle = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._reader_conn: sqlite3.Connection | None = None
         self._lock: ProcessLock | None = None
+        self._listeners: list[ChangeListener] = []
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -656,7 +458,7 @@ class SqliteStore(JobStore):
             if self._writer is not None:
                 return
             self._lock = ProcessLock.acquire(self.path)
-            loop = asyncio.get_running_loop()
+            loop = self._loop = asyncio.get_running_loop()
             ready: asyncio.Future[None] = loop.create_future()
             with self._cond:
                 self._stopping = False
@@ -717,48 +519,64 @@ class SqliteStore(JobStore):
         conn.execute("PRAGMA query_only = ON")
         return conn
 
+    def subscribe(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
     # --- writes --------------------------------------------------------------------------------------
 
-    async def _submit(self, apply: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def _submit(self, apply: Callable[[sqlite3.Connection], tuple[_T, Changes]]) -> _T:
         """Queue one write for the writer's next transaction and wait until it is committed.
 
-        If the caller is cancelled meanwhile, the write still happens; only its outcome is dropped.
+        If the caller is cancelled meanwhile, the write still happens (and its changes are published);
+        only its outcome is dropped.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
         with self._cond:
             if not self._accepting:
                 raise RuntimeError("SqliteStore is not open")
-            self._ops.append(_Op(apply, loop, future))
+            self._ops.append(_Op(apply, future))
             self._cond.notify()
         return await future
 
     async def insert(self, job: Job) -> None:
-        await self._submit(functools.partial(_apply_insert, job_to_row(job)))
+        snapshot = job.copy()  # the change the feed carries: later edits of ``job`` must not reach it
+        await self._submit(functools.partial(_apply_insert, snapshot, job_to_row(job)))
 
-    async def update(self, job: Job, expected_state: JobState | None = None) -> bool:
-        return await self._submit(functools.partial(_apply_update, job_to_row(job), expected_state))
+    async def transition(
+        self, job_id: str, expect: Expect, target: JobState, changes: Mapping[str, Any], now: float
+    ) -> Job | None:
+        sql, args = transition_sql(job_id, expect, target, changes, now)
+        return await self._submit(functools.partial(_apply_transition, sql, args))
 
-    def record_progress(self, job: Job) -> None:
+    async def claim(
+        self, claims: Sequence[Claim], now: float, leader_epoch: int
+    ) -> builtins.list[Job | None]:
+        rows = [(now, c.worker_id, c.executor, c.lease_until, now, c.job_id) for c in claims]
+        return await self._submit(functools.partial(_apply_claims, rows))
+
+    def record_progress(self, job_id: str, lease_epoch: int, progress: Progress, now: float) -> None:
         """Note the latest progress in a dict under a lock held only for microseconds; never does I/O."""
-        progress = job.progress
         note = _ProgressNote(
-            None
-            if progress is None
-            else Progress(progress.percent, progress.message, progress.current_step, progress.total_steps),
-            job.sequence,
-            job.update_time,
+            lease_epoch,
+            Progress(progress.percent, progress.message, progress.current_step, progress.total_steps),
+            now,
         )
         with self._cond:
             if not self._accepting:
-                return  # closed: progress is advisory, so dropping it is allowed
-            previous = self._progress.get(job.id)
-            if previous is not None and previous.sequence > note.sequence:
-                return
+                return  # closed: the attempt is being abandoned anyway
             if not self._progress:
                 self._progress_deadline = time.monotonic() + self.progress_flush_interval
                 self._cond.notify()
-            self._progress[job.id] = note
+            self._progress[job_id] = note
+
+    async def renew_leases(self, leases: Sequence[tuple[str, int]], until: float) -> builtins.list[bool]:
+        if not leases:
+            return []
+        return await self._submit(functools.partial(_apply_renew, until, list(leases)))
+
+    async def refresh_remote_leases(self, until: float) -> int:
+        return await self._submit(functools.partial(_apply_refresh, until))
 
     async def purge_expired(self, now: float) -> int:
         return await self._submit(functools.partial(_apply_purge, now))
@@ -795,7 +613,7 @@ class SqliteStore(JobStore):
                 batch, progress = self._next_batch()
                 if not batch and not progress:
                     return
-                self._write(conn, batch, progress)
+                self._write(conn, loop, batch, progress)
         finally:
             conn.close()
             with self._cond:  # only after a bug in this loop: fail whatever is left rather than hang
@@ -803,7 +621,10 @@ class SqliteStore(JobStore):
                 leftover = list(self._ops)
                 self._ops.clear()
             if leftover:
-                _settle([(op, None, RuntimeError("the SQLite writer thread stopped")) for op in leftover])
+                failed = _Outcomes(
+                    [(op, None, RuntimeError("the SQLite writer thread stopped")) for op in leftover]
+                )
+                self._settle(loop, failed)
 
     def _next_batch(self) -> tuple[list[_Op[Any]], dict[str, _ProgressNote]]:
         """Wait for work: queued ops (take up to max_batch), or due progress; empty only when stopping."""
@@ -823,16 +644,23 @@ class SqliteStore(JobStore):
             return batch, progress
 
     def _write(
-        self, conn: sqlite3.Connection, batch: list[_Op[Any]], progress: dict[str, _ProgressNote]
+        self,
+        conn: sqlite3.Connection,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_Op[Any]],
+        progress: dict[str, _ProgressNote],
     ) -> None:
-        """Run the batch in one transaction.
+        """Run the batch in one transaction, then publish its changes and answer its callers.
 
         Optimistically without savepoints (the common case: every op succeeds); if one fails, the
         transaction is rolled back and replayed with a SAVEPOINT per op, so a failure reaches only
         that op's caller.
         """
-        if not self._write_batch(conn, batch, progress, isolate=False):
-            self._write_batch(conn, batch, progress, isolate=True)
+        outcomes = self._write_batch(conn, batch, progress, isolate=False)
+        if outcomes is None:
+            outcomes = self._write_batch(conn, batch, progress, isolate=True)
+        assert outcomes is not None
+        self._settle(loop, outcomes)
 
     def _write_batch(
         self,
@@ -841,32 +669,35 @@ class SqliteStore(JobStore):
         progress: dict[str, _ProgressNote],
         *,
         isolate: bool,
-    ) -> bool:
-        """One attempt at committing the batch; False (rolled back) if an op failed and not ``isolate``."""
-        outcomes: list[_Outcome] = []
+    ) -> _Outcomes | None:
+        """One attempt at committing the batch; None (rolled back) if an op failed and not ``isolate``."""
+        outcomes = _Outcomes()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
                 if not isolate:
                     try:
-                        outcomes.append((op, op.apply(conn), None))
+                        result, changes = op.apply(conn)
                     except Exception:
                         conn.execute("ROLLBACK")
-                        return False
+                        return None
+                    outcomes.results.append((op, result, None))
+                    outcomes.changes.extend(changes)
                     continue
                 conn.execute("SAVEPOINT op")
                 try:
-                    result = op.apply(conn)
+                    result, changes = op.apply(conn)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    outcomes.append((op, None, exc))
+                    outcomes.results.append((op, None, exc))
                 else:
                     conn.execute("RELEASE op")
-                    outcomes.append((op, result, None))
-            # After the ops, so a note recorded before an update in this batch loses to it (sequence check).
+                    outcomes.results.append((op, result, None))
+                    outcomes.changes.extend(changes)
+            # After the ops: a note that lost its lease to a change in this batch changes nothing.
             if progress:
-                self._flush_progress(conn, progress)
+                outcomes.changes.extend(self._flush_progress(conn, progress))
             conn.execute("COMMIT")
         except Exception as exc:
             _log.exception("SQLite transaction of %d writes failed", len(batch))
@@ -875,26 +706,49 @@ class SqliteStore(JobStore):
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     _log.exception("SQLite rollback failed")
-            outcomes = [(op, None, exc) for op in batch]
-        else:
-            self.commits += 1
-        _settle(outcomes)
-        return True
+            return _Outcomes([(op, None, exc) for op in batch])
+        self.commits += 1
+        return outcomes
 
     @staticmethod
-    def _flush_progress(conn: sqlite3.Connection, progress: dict[str, _ProgressNote]) -> None:
-        rows = [
-            (_progress_json(note.progress), note.sequence, note.update_time, job_id, note.sequence)
-            for job_id, note in progress.items()
-        ]
+    def _flush_progress(conn: sqlite3.Connection, progress: dict[str, _ProgressNote]) -> Changes:
+        changes: Changes = []
         conn.execute("SAVEPOINT progress")
         try:
-            conn.executemany(_FLUSH_PROGRESS, rows)
+            for job_id, note in progress.items():
+                row = conn.execute(
+                    _PROGRESS, (progress_json(note.progress), note.time, job_id, note.lease_epoch)
+                ).fetchone()
+                if row is not None:
+                    changes.append(JobChange.of(row_to_job(row), ChangeKind.PROGRESS))
         except sqlite3.Error:
-            # Advisory data: losing one flush must not fail the state changes committed with it.
-            _log.exception("flushing %d progress notes failed", len(rows))
+            # Progress is not worth failing the state changes committed with it.
+            _log.exception("writing %d progress notes failed", len(progress))
             conn.execute("ROLLBACK TO progress")
+            changes = []
         conn.execute("RELEASE progress")
+        return changes
+
+    def _settle(self, loop: asyncio.AbstractEventLoop, outcomes: _Outcomes) -> None:
+        """Hand a committed transaction to the event loop: one wake-up for the whole batch."""
+        with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is closed, nobody waits any more
+            loop.call_soon_threadsafe(self._resolve, outcomes)
+
+    def _resolve(self, outcomes: _Outcomes) -> None:
+        """On the loop: publish the changes first, then answer the callers (see the module docstring)."""
+        if outcomes.changes:
+            for listener in self._listeners:
+                try:
+                    listener(outcomes.changes)
+                except Exception:
+                    _log.exception("a change listener failed")
+        for op, result, exc in outcomes.results:
+            if op.future.done():  # the caller was cancelled; the write happened anyway
+                continue
+            if exc is None:
+                op.future.set_result(result)
+            else:
+                op.future.set_exception(exc)
 
     # --- reads ---------------------------------------------------------------------------------------
 
@@ -912,16 +766,19 @@ class SqliteStore(JobStore):
             return None
         return await self._read(functools.partial(_read_by_request_id, request_id))
 
-    async def list(self, query: JobQuery) -> list[Job]:
+    async def list(self, query: JobQuery) -> builtins.list[Job]:
         if query.limit <= 0:  # SQLite reads LIMIT -1 as "no limit"
             return []
         return await self._read(functools.partial(_read_list, query))
 
-    async def load_unfinished(self) -> builtins.list[Job]:
-        return await self._read(_read_unfinished)
-
     async def count(self) -> builtins.list[JobCount]:
         return await self._read(_read_count)
+
+    async def load_queue(self) -> builtins.list[QueuedJob]:
+        return await self._read(_read_queue)
+
+    async def load_active(self) -> builtins.list[Job]:
+        return await self._read(_read_active)
 
     async def load_job_types(self) -> builtins.list[JobType]:
         return await self._read(_read_job_types)

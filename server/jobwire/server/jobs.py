@@ -1,0 +1,365 @@
+"""Job operations: submit, get, list, cancel, retry, watch and stats, on any replica.
+
+Every operation talks to the store, the truth: a change is a compare-and-set there, and a read reads it.
+What this replica derives from the change feed adds what the store does not hold: where a queued job
+stands in the run order (the queue view), why it waits (the dispatcher's status), and the live watch
+streams (the event hub). Changes callers start run to completion even if the caller gives up
+(``completes``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from jobwire.server.attempts import cancelled_changes, terminal_changes
+from jobwire.server.clock import Clock
+from jobwire.server.cluster import ClusterStatus
+from jobwire.server.completion import InFlight, completes
+from jobwire.server.errors import (
+    Draining,
+    FieldViolation,
+    JobAlreadyFinished,
+    JobNotFound,
+    JobwireError,
+    QueueFull,
+    RequestIdReused,
+    UnknownJobType,
+    WatchPositionLost,
+)
+from jobwire.server.events import EventHub, EventKind, JobEvent
+from jobwire.server.job import PRIORITY_DEFAULT, Job, JobIdGenerator, RetryPolicy, WaitReason
+from jobwire.server.job_types import TypeRegistry, resolve_retry_policy
+from jobwire.server.queue_view import QueueView
+from jobwire.server.state_machine import JobState, check_transition
+from jobwire.server.stats import StatsWindow, WindowFigures
+from jobwire.server.stores.base import DuplicateRequestId, Expect, JobCount, JobQuery, JobStore
+from jobwire.server.validation import SubmitRequest, check, fingerprint, submit_violations
+
+log = logging.getLogger("jobwire.jobs")
+
+# How many times a compare-and-set is tried again after the job changed under it.
+_CAS_TRIES = 5
+
+
+@dataclass(frozen=True, slots=True)
+class OperationSettings:
+    max_queued: int
+    retention: float
+    max_running: int
+    retry_policy: RetryPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """A snapshot for GetQueueStats."""
+
+    counts: list[JobCount]
+    queued_by_type: dict[str, int]
+    running_by_type: dict[str, int]
+    type_limits: dict[str, int]
+    queued_by_priority: dict[int, int]
+    running: int
+    max_running: int
+    max_queued: int
+    window: WindowFigures
+    read_time: float
+    draining: bool
+    known_types: list[str]
+    workers_by_type: dict[str, int]
+    connected_workers: int
+    delayed: int
+
+
+def _name_some(names: list[str], limit: int = 20) -> str:
+    """The first ``limit`` names and how many more: an error message must stay small."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class JobOperations:
+    """The JobService calls, in domain terms."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        queue: QueueView,
+        hub: EventHub,
+        types: TypeRegistry,
+        stats_window: StatsWindow,
+        settings: OperationSettings,
+        clock: Clock,
+        status: Callable[[], ClusterStatus],
+        reload_types: Callable[[], Any],
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.hub = hub
+        self.types = types
+        self.stats_window = stats_window
+        self.settings = settings
+        self.clock = clock
+        self._status = status
+        self._reload_types = reload_types
+        self._ids = JobIdGenerator()
+        self._inserting = 0
+        self.draining = False
+        # State changes asked for by callers, each running to its end even if its caller gives up.
+        self.in_flight = InFlight()
+
+    # -- submit ---------------------------------------------------------------------------------------
+
+    @completes
+    async def submit(self, request: SubmitRequest) -> Job:
+        """Store a new job durably (the dispatcher hears of it through the feed); returns it QUEUED."""
+        if self.draining:
+            raise Draining()
+        check(submit_violations(request))
+        job_type = self.types.get(request.type)
+        if job_type is None and self.store.shared:
+            await self._reload_types()  # declared through another replica a moment ago?
+            job_type = self.types.get(request.type)
+        if job_type is None:
+            known = f"known types: {_name_some(sorted(self.types.known)) or '(none registered)'}"
+            raise UnknownJobType(
+                f"unknown job type {request.type!r}; {known}",
+                [FieldViolation("type", f"no handler or worker has declared {request.type!r}; {known}")],
+            )
+        if len(self.queue) + self._inserting >= self.settings.max_queued:
+            raise QueueFull(f"the queue is full ({self.settings.max_queued} jobs waiting); retry later")
+        priority = PRIORITY_DEFAULT if request.priority is None else request.priority
+        now = self.clock.now()
+        schedule_time = (
+            request.schedule_time if request.schedule_time and request.schedule_time > now else None
+        )
+        job = Job(
+            id=self._ids.new_id(),
+            type=request.type,
+            state=JobState.QUEUED,
+            priority=priority,
+            params=request.params,
+            labels=dict(request.labels or {}),
+            create_time=now,
+            update_time=now,
+            queue_time=schedule_time or now,
+            request_id=request.request_id,
+            request_fingerprint=fingerprint(request, priority) if request.request_id else "",
+            timeout=request.timeout,
+            retry_policy=resolve_retry_policy(request.retry, job_type.retry, self.settings.retry_policy),
+            schedule_time=schedule_time,
+        )
+        acknowledged = job.copy()
+        self._inserting += 1
+        try:
+            await self.store.insert(job)
+        except DuplicateRequestId:
+            return await self._existing_for_request(job)
+        finally:
+            self._inserting -= 1
+        return acknowledged
+
+    async def _existing_for_request(self, job: Job) -> Job:
+        existing = await self.store.get_by_request_id(job.request_id)
+        if existing is None:
+            raise JobwireError("the job of this request_id vanished while it was being read; retry")
+        if existing.request_fingerprint != job.request_fingerprint:
+            raise RequestIdReused(
+                f"request_id {job.request_id!r} was already used by job {existing.id} "
+                "with a different request"
+            )
+        return self._annotated(existing)
+
+    # -- reads ----------------------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job:
+        """The job as it is now, with why it waits and where it stands if queued."""
+        job = await self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(f"job {job_id!r} not found")
+        return self._annotated(job)
+
+    async def list_jobs(self, query: JobQuery) -> tuple[list[Job], bool]:
+        """One page, newest first, and whether more pages follow."""
+        rows = await self.store.list(
+            JobQuery(query.filter, query.limit + 1, query.before_id, query.with_payload)
+        )
+        more = len(rows) > query.limit
+        return [self._annotated(job) for job in rows[: query.limit]], more
+
+    def _annotated(self, job: Job) -> Job:
+        """Fill in the queue position and wait reason of a queued job (computed, never stored)."""
+        if job.state is JobState.QUEUED:
+            job.queue_position = self.queue.position(job.id)
+            job.wait_reason, job.wait_message = self.wait_reason(job, self.clock.now())
+        return job
+
+    def wait_reason(self, job: Job, now: float) -> tuple[WaitReason, str]:
+        if self.draining:
+            return WaitReason.DRAINING, "the server is draining and starts no new work"
+        if job.schedule_time is not None and job.schedule_time > now:
+            when = f"{max(0.0, job.schedule_time - now):.1f}s"
+            if job.attempts:
+                return WaitReason.RETRY_BACKOFF, f"attempt {job.attempt} starts in {when} (retry back-off)"
+            return WaitReason.SCHEDULED, f"scheduled to start in {when}"
+        status = self._status().types.get(job.type)
+        if status is None or not status.executors:
+            return WaitReason.NO_WORKER, f"no connected worker takes type {job.type}"
+        if status.limit is not None and status.running >= status.limit:
+            return WaitReason.TYPE_LIMIT, f"type {job.type} is at its limit of {status.limit} running jobs"
+        if status.free <= 0:
+            return WaitReason.NO_CAPACITY, f"every executor of type {job.type} is busy"
+        return WaitReason.QUEUED, f"position {job.queue_position} in the run order"
+
+    # -- cancel and retry ------------------------------------------------------------------------------
+
+    @completes
+    async def cancel(self, job_id: str, reason: str = "") -> Job:
+        """Cancel a queued job at once, or ask a running one to stop (its holder hears it on the feed)."""
+        for _ in range(_CAS_TRIES):
+            job = await self.store.get(job_id)
+            if job is None:
+                raise JobNotFound(f"job {job_id!r} not found")
+            now = self.clock.now()
+            if job.state is JobState.QUEUED:
+                changes = {"cancel_reason": reason, **cancelled_changes(reason)}
+                changes.update(terminal_changes(now, self.settings.retention))
+                target = JobState.CANCELLED
+            elif job.state is JobState.RUNNING:
+                changes, target = {"cancel_reason": reason}, JobState.CANCELLING
+            elif job.state in (JobState.CANCELLING, JobState.CANCELLED):
+                return self._annotated(job)
+            else:
+                raise JobAlreadyFinished(f"job {job.id} cannot be cancelled: it is already {job.state.name}")
+            check_transition(job.state, target)
+            updated = await self.store.transition(job.id, Expect(job.state), target, changes, now)
+            if updated is not None:
+                return self._annotated(updated)
+        raise JobwireError(f"job {job_id} kept changing while it was being cancelled; retry")
+
+    @completes
+    async def retry(self, job_id: str) -> Job:
+        """Queue a FAILED or CANCELLED job again with a fresh attempt budget."""
+        if self.draining:
+            raise Draining()
+        for _ in range(_CAS_TRIES):
+            job = await self.store.get(job_id)
+            if job is None:
+                raise JobNotFound(f"job {job_id!r} not found")
+            if job.state is JobState.SUCCEEDED:
+                raise JobAlreadyFinished(f"job {job_id} cannot be retried: it already SUCCEEDED")
+            if not job.state.is_terminal:  # not finished: nothing to do
+                return self._annotated(job)
+            if len(self.queue) >= self.settings.max_queued:
+                raise QueueFull(f"the queue is full ({self.settings.max_queued} jobs waiting); retry later")
+            now = self.clock.now()
+            changes = {
+                "attempt": job.attempt + 1,
+                "attempt_base": job.attempt,
+                "error": None,
+                "result": None,
+                "end_time": None,
+                "expire_time": None,
+                "cancel_reason": "",
+                "progress": None,
+                "queue_time": now,
+                "schedule_time": None,
+                "worker_id": "",
+                "executor": "",
+            }
+            updated = await self.store.transition(job.id, Expect(job.state), JobState.QUEUED, changes, now)
+            if updated is not None:
+                return self._annotated(updated)
+        raise JobwireError(f"job {job_id} kept changing while it was being retried; retry")
+
+    # -- watch ----------------------------------------------------------------------------------------
+
+    async def watch(self, job_id: str, after_sequence: int = 0) -> AsyncIterator[JobEvent]:
+        """The job's snapshot (or the changes after ``after_sequence``), then each change until it ends.
+
+        Raises Draining when the server shuts down first: the client reconnects with the last sequence.
+        """
+        subscription = self.hub.subscribe(job_id)  # before the snapshot, so nothing falls between
+        try:
+            job = await self.get(job_id)
+            if after_sequence < 0 or after_sequence > job.sequence:
+                raise WatchPositionLost(
+                    f"after_sequence {after_sequence} is outside 0..{job.sequence} for job {job_id}"
+                )
+            if after_sequence == 0:
+                last = job.sequence
+                yield JobEvent(job.sequence, EventKind.SNAPSHOT, job)
+            else:
+                last = after_sequence
+                if after_sequence < job.sequence:
+                    missed = await self._missed(job, after_sequence)
+                    if missed is None:
+                        raise WatchPositionLost(
+                            f"changes after sequence {after_sequence} of job {job_id} are no longer "
+                            "retained; watch again with after_sequence 0"
+                        )
+                    for event in missed:
+                        last = event.sequence
+                        yield self._event_for(event)
+            if job.state.is_terminal and last >= job.sequence:
+                return
+            while True:
+                change = await subscription.next()
+                if change is None:
+                    raise Draining(
+                        f"the server is shutting down; watch again with after_sequence={last}",
+                        metadata={"job_id": job_id, "after_sequence": str(last)},
+                    )
+                if change.sequence <= last:
+                    continue
+                last = change.sequence
+                yield self._event_for(change)
+                if change.job.state.is_terminal:
+                    return
+        finally:
+            self.hub.unsubscribe(subscription)
+
+    async def _missed(self, job: Job, after_sequence: int) -> list[JobEvent] | None:
+        """The changes after ``after_sequence`` up to ``job`` (as it is now), from wherever they are kept."""
+        if self.hub.keep_history:
+            return self.hub.replay(job.id, after_sequence, job.sequence)
+        snapshots = await self.store.read_changes(job.id, after_sequence)
+        if snapshots is None:
+            return None
+        events = [
+            JobEvent(s.sequence, EventKind.STATE_CHANGED, s) for s in snapshots if s.sequence <= job.sequence
+        ]
+        if not events or events[-1].sequence < job.sequence:  # progress since: the job as it is now
+            events.append(JobEvent(job.sequence, EventKind.PROGRESS_UPDATED, job))
+        return events
+
+    def _event_for(self, event: JobEvent) -> JobEvent:
+        """A queued job's event says where it stands and why it waits (on a copy: events are shared)."""
+        if event.job.state is not JobState.QUEUED:
+            return event
+        return JobEvent(event.sequence, event.kind, self._annotated(event.job.copy()))
+
+    # -- stats ----------------------------------------------------------------------------------------
+
+    async def stats(self) -> QueueStats:
+        counts = await self.store.count()
+        status = self._status()
+        known = sorted(set(self.types.known) | {c.type for c in counts})
+        return QueueStats(
+            counts=counts,
+            queued_by_type=self.queue.queued_by_type(),
+            running_by_type={t: s.running for t, s in status.types.items() if s.running},
+            type_limits={t: s.limit for t, s in status.types.items() if s.limit is not None},
+            queued_by_priority=self.queue.queued_by_priority(),
+            running=status.running,
+            max_running=self.settings.max_running,
+            max_queued=self.settings.max_queued,
+            window=self.stats_window.figures(self.clock.monotonic()),
+            read_time=self.clock.now(),
+            draining=self.draining,
+            known_types=known,
+            workers_by_type={t: status.types[t].executors if t in status.types else 0 for t in known},
+            connected_workers=status.workers,
+            delayed=self.queue.delayed,
+        )

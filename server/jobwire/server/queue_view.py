@@ -1,0 +1,157 @@
+"""The queued jobs' ordering, kept from the change feed on every replica.
+
+Every replica needs it: for ``queue_position`` (a rank in the scheduler's sorted lists, O(T log n)), for
+``max_queued`` and the queue counts, and for wait reasons. On the dispatcher it is also the run queue
+(``pop_entry``). It holds only what ordering needs (id, type, priority, sort key; schedule time for
+delayed jobs), never the jobs: a queued job costs a few hundred bytes here, its params stay in the store.
+
+Jobs waiting for a ``schedule_time`` (a scheduled start or a retry back-off) wait in ``_delayed`` and
+enter the run order when their time comes (``promote_due``, driven by the replica's timer loop).
+
+Changes are applied idempotently by sequence (docs/architecture.md): a change older than what the view
+already holds for that job is ignored.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from jobwire.server.changes import JobChange
+from jobwire.server.scheduler import Entry, Scheduler
+from jobwire.server.state_machine import JobState
+from jobwire.server.stores.base import QueuedJob
+
+# How many departed jobs' last sequences are remembered, so that a late duplicate of a QUEUED change
+# cannot bring back a job that has left the queue.
+_GONE_MEMORY = 10_000
+
+
+class QueueView:
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self._sequences: dict[str, int] = {}  # every job in the view (ready or delayed)
+        self._delayed: dict[str, QueuedJob] = {}
+        self._due: list[tuple[float, str]] = []  # (schedule_time, job_id), stale entries skipped
+        self._gone: OrderedDict[str, int] = OrderedDict()
+
+    # --- filling it ------------------------------------------------------------------------------
+
+    def load(self, jobs: Iterable[QueuedJob], now: float) -> None:
+        """Add the store's queued jobs (oldest first, so FIFO ties keep submission order), skipping any
+        the feed has already told about (the feed may run ahead of the snapshot)."""
+        for job in jobs:
+            known = self._sequences.get(job.id, self._gone.get(job.id))
+            if known is None or job.sequence > known:
+                self._remove(job.id)
+                self._add(job, now)
+
+    def apply(self, change: JobChange, now: float) -> bool:
+        """Follow one change; True when a job became ready to run (the dispatcher may have work)."""
+        job_id = change.job_id
+        known = self._sequences.get(job_id, self._gone.get(job_id))
+        if known is not None and change.sequence <= known:
+            return False
+        self._remove(job_id)
+        if change.state is JobState.QUEUED:
+            info = QueuedJob(
+                job_id, change.type, change.priority, change.queue_time, change.schedule_time, change.sequence
+            )
+            return self._add(info, now)
+        self._forget(job_id, change.sequence)
+        return False
+
+    def _add(self, job: QueuedJob, now: float) -> bool:
+        self._sequences[job.id] = job.sequence
+        self._gone.pop(job.id, None)
+        if job.schedule_time is not None and job.schedule_time > now:
+            self._delayed[job.id] = job
+            heapq.heappush(self._due, (job.schedule_time, job.id))
+            return False
+        self.scheduler.push(job.id, job.type, job.priority, job.queue_time)
+        return True
+
+    def _remove(self, job_id: str) -> None:
+        if self._delayed.pop(job_id, None) is None:
+            self.scheduler.remove(job_id)
+
+    def _forget(self, job_id: str, sequence: int) -> None:
+        self._sequences.pop(job_id, None)
+        self._gone[job_id] = sequence
+        self._gone.move_to_end(job_id)
+        if len(self._gone) > _GONE_MEMORY:
+            self._gone.popitem(last=False)
+
+    # --- time ------------------------------------------------------------------------------------
+
+    def next_due(self) -> float | None:
+        """When the next delayed job may enter the run order."""
+        while self._due and self._delayed.get(self._due[0][1]) is None:
+            heapq.heappop(self._due)  # it left the queue (or was re-queued) meanwhile
+        return self._due[0][0] if self._due else None
+
+    def promote_due(self, now: float) -> int:
+        """Move every delayed job whose time has come into the run order; how many moved."""
+        moved = 0
+        while self._due and self._due[0][0] <= now:
+            due, job_id = heapq.heappop(self._due)
+            job = self._delayed.get(job_id)
+            if job is None or job.schedule_time != due:
+                continue
+            del self._delayed[job_id]
+            self.scheduler.push(job.id, job.type, job.priority, job.queue_time)
+            moved += 1
+        return moved
+
+    # --- the dispatcher's side -------------------------------------------------------------------
+
+    def pop_entry(self, types: Iterable[str]) -> tuple[Entry, int] | None:
+        """The next job an executor of ``types`` may start (counted as running), taken out of the view,
+        and the sequence of its QUEUED change (for ``restore``)."""
+        entry = self.scheduler.pop_entry(types)
+        if entry is None:
+            return None
+        sequence = self._sequences.get(entry[2], 0)
+        self._forget(entry[2], sequence)
+        return entry, sequence
+
+    def restore(self, entry: Entry, sequence: int) -> None:
+        """Undo ``pop_entry`` (its claim could not be written)."""
+        self._gone.pop(entry[2], None)
+        self._sequences[entry[2]] = sequence
+        self.scheduler.restore(entry)
+
+    # --- reading it ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._sequences)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._sequences
+
+    @property
+    def delayed(self) -> int:
+        return len(self._delayed)
+
+    def is_delayed(self, job_id: str) -> bool:
+        return job_id in self._delayed
+
+    def position(self, job_id: str) -> int:
+        """1-based place in the run order; 0 for a job not in it (delayed, or not queued)."""
+        return self.scheduler.position(job_id)
+
+    def queued_by_type(self) -> dict[str, int]:
+        counts = self.scheduler.queued_by_type()
+        for job in self._delayed.values():
+            counts[job.type] = counts.get(job.type, 0) + 1
+        return counts
+
+    def queued_by_priority(self) -> dict[int, int]:
+        counts = self.scheduler.queued_by_priority()
+        for job in self._delayed.values():
+            counts[job.priority] = counts.get(job.priority, 0) + 1
+        return counts
+
+    def sequence_of(self, job_id: str) -> int:
+        return self._sequences.get(job_id, 0)
