@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,14 @@ from jobwire.server.job import Job, JobIdGenerator
 from jobwire.server.state_machine import JobState
 from jobwire.server.stores.base import JobStore
 from jobwire.server.stores.memory import MemoryStore
+from jobwire.server.stores.postgres import PostgresStore
 from jobwire.server.stores.sqlite import SqliteStore
+from support.postgres import drop_schema, new_schema, require_postgres, store_url
 
 T0 = 1_700_000_000.0
 _ids = JobIdGenerator()
 
-BACKENDS = ("memory", "sqlite")
+BACKENDS = ("memory", "sqlite", "postgres")
 
 
 def make_job(**overrides: Any) -> Job:
@@ -45,6 +48,8 @@ def make_job_fixture() -> Callable[..., Job]:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "postgres":
+        require_postgres()
     return str(request.param)
 
 
@@ -55,12 +60,18 @@ def durable(backend: str) -> bool:
 
 
 @pytest.fixture
-def new_store(backend: str, tmp_path: Path) -> Callable[[], JobStore]:
-    """Makes an unopened store; for durable backends every call points at the same location."""
+def new_store(backend: str, tmp_path: Path) -> Iterator[Callable[[], JobStore]]:
+    """Makes an unopened store; for durable backends every call points at the same location (for
+    PostgreSQL, a schema of this test's own, dropped afterwards)."""
     if backend == "memory":
-        return MemoryStore
-    path = str(tmp_path / "jobs.db")
-    return lambda: SqliteStore(path)
+        yield MemoryStore
+    elif backend == "sqlite":
+        path = str(tmp_path / "jobs.db")
+        yield lambda: SqliteStore(path)
+    else:
+        schema = new_schema()
+        yield lambda: PostgresStore(store_url(schema))
+        asyncio.run(drop_schema(schema))
 
 
 @pytest.fixture
@@ -90,3 +101,19 @@ async def reopen(
     yield _reopen
     for s in opened:
         await s.close()
+
+
+@pytest.fixture
+async def epoch(store: JobStore) -> AsyncIterator[int]:
+    """The dispatcher epoch this test claims under: it joins the store's cluster as its dispatcher."""
+    cluster = store.cluster()
+    won: list[int] = []
+
+    async def on_leadership(value: int | None) -> None:
+        if value is not None:
+            won.append(value)
+
+    await cluster.join(lambda message: None, on_leadership)
+    assert won, "the test's replica did not become the dispatcher"
+    yield won[-1]
+    await cluster.leave()

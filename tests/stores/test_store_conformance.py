@@ -30,6 +30,7 @@ from jobwire.server.stores.base import (
 )
 from jobwire.server.stores.factory import open_store
 from jobwire.server.stores.memory import MemoryStore
+from jobwire.server.stores.postgres import PostgresStore
 from jobwire.server.stores.sqlite import MIGRATIONS, SqliteStore
 
 MakeJob = Callable[..., Job]
@@ -159,7 +160,9 @@ async def test_error_codes_round_trip_as_plain_ints(store: JobStore, make_job: M
         assert got.error.code == int(code) and type(got.error.code) is int
 
 
-async def test_computed_fields_are_never_stored(store: JobStore, reopen: Reopen, make_job: MakeJob) -> None:
+async def test_computed_fields_are_never_stored(
+    store: JobStore, reopen: Reopen, make_job: MakeJob, epoch: int
+) -> None:
     computed = {"queue_position": 3, "wait_reason": WaitReason.NO_WORKER, "wait_message": "no worker ☹"}
     job = make_job(**computed)
     expected = full_job_like(job)
@@ -167,7 +170,7 @@ async def test_computed_fields_are_never_stored(store: JobStore, reopen: Reopen,
     other = make_job(**computed)
     await store.insert(job)
     await store.insert(other)
-    [claimed] = await store.claim([Claim(other.id, "w", "r/s1", T0 + 30)], T0, 1)
+    [claimed] = await store.claim([Claim(other.id, "w", "r/s1", T0 + 30)], T0, epoch)
     assert claimed is not None
     readers: list[Callable[[JobStore], Awaitable[list[Job]]]] = [
         lambda s: s.list(JobQuery()),
@@ -389,7 +392,9 @@ async def test_concurrent_transitions_only_one_wins(store: JobStore, make_job: M
     assert await store.get(job.id) == winners[0]
 
 
-async def test_claim_starts_a_new_attempt_under_a_new_lease(store: JobStore, make_job: MakeJob) -> None:
+async def test_claim_starts_a_new_attempt_under_a_new_lease(
+    store: JobStore, make_job: MakeJob, epoch: int
+) -> None:
     fresh = make_job()
     retried = make_job(
         attempt=2, lease_epoch=4, error=JobError(2, "x", "Y"), result={"r": 1}, schedule_time=T0 + 5
@@ -403,7 +408,7 @@ async def test_claim_starts_a_new_attempt_under_a_new_lease(store: JobStore, mak
         Claim(running.id, "w-2", "r1/s2", T0 + 30),
         Claim("0" * 26, "w-3", "r1/s3", T0 + 30),
     ]
-    first, second, third, missing = await store.claim(claims, T0 + 1, 1)
+    first, second, third, missing = await store.claim(claims, T0 + 1, epoch)
     assert third is None and missing is None
     assert first is not None and second is not None
     assert (first.state, first.attempt, first.lease_epoch, first.sequence) == (JobState.RUNNING, 1, 1, 2)
@@ -424,13 +429,27 @@ async def test_claim_starts_a_new_attempt_under_a_new_lease(store: JobStore, mak
     assert await store.get(fresh.id) == first and await store.get(running.id) == running
 
 
-async def test_concurrent_claims_of_one_job_only_one_wins(store: JobStore, make_job: MakeJob) -> None:
+async def test_concurrent_claims_of_one_job_only_one_wins(
+    store: JobStore, make_job: MakeJob, epoch: int
+) -> None:
     job = make_job()
     await store.insert(job)
-    claims = [store.claim([Claim(job.id, f"w-{i}", f"r{i}/s", T0 + 30)], T0, 1) for i in range(5)]
+    claims = [store.claim([Claim(job.id, f"w-{i}", f"r{i}/s", T0 + 30)], T0, epoch) for i in range(5)]
     won = [c[0] for c in await asyncio.gather(*claims) if c[0] is not None]
     assert len(won) == 1
     assert await store.get(job.id) == won[0]
+
+
+async def test_a_claim_under_an_old_dispatcher_epoch_is_refused(
+    store: JobStore, make_job: MakeJob, epoch: int
+) -> None:
+    job = make_job()
+    await store.insert(job)
+    if store.shared:  # a single process has one dispatcher for ever: nothing to fence
+        assert await store.claim([Claim(job.id, "w", "r/s", T0 + 30)], T0, epoch - 1) == [None]
+        assert await store.get(job.id) == job
+    [claimed] = await store.claim([Claim(job.id, "w", "r/s", T0 + 30)], T0, epoch)
+    assert claimed is not None
 
 
 async def test_leases_are_renewed_only_while_current(store: JobStore, make_job: MakeJob) -> None:
@@ -525,13 +544,13 @@ async def until_fed(feed: Feed, count: int) -> None:
 
 
 async def test_every_change_reaches_the_feed_in_order_before_its_writer_returns(
-    store: JobStore, make_job: MakeJob
+    store: JobStore, make_job: MakeJob, epoch: int
 ) -> None:
     feed = Feed(store)
     job = make_job()
     await store.insert(job)
     assert feed.summary() == [(job.id, 1, ChangeKind.STATE, JobState.QUEUED)]
-    [claimed] = await store.claim([Claim(job.id, "w", "r/s", T0 + 30)], T0, 1)
+    [claimed] = await store.claim([Claim(job.id, "w", "r/s", T0 + 30)], T0, epoch)
     assert claimed is not None and feed.summary()[-1] == (job.id, 2, ChangeKind.STATE, JobState.RUNNING)
     assert await store.renew_leases([(job.id, claimed.lease_epoch)], T0 + 60) == [True]
     assert len(feed.changes) == 2  # a renewal is not a change
@@ -1206,11 +1225,24 @@ def test_open_store_sqlite_options() -> None:
 
 
 @pytest.mark.parametrize(
-    "url",
-    ["postgresql://u@localhost/jobwire", "postgres://localhost/db", "postgresql+psycopg://localhost/db"],
+    ("url", "schema", "dsn"),
+    [
+        ("postgresql://u@localhost/jobwire", "jobwire", "postgresql://u@localhost/jobwire"),
+        ("postgres://localhost:5433/db?schema=Tenant_2", "tenant_2", "postgresql://localhost:5433/db"),
+        ("postgresql://h/db?sslmode=disable&schema=s", "s", "postgresql://h/db?sslmode=disable"),
+    ],
 )
-def test_open_store_postgresql_not_yet(url: str) -> None:
-    with pytest.raises(ValueError, match="PostgreSQL store is not available yet"):
+def test_open_store_postgresql(url: str, schema: str, dsn: str) -> None:
+    store = open_store(url)
+    assert isinstance(store, PostgresStore)
+    assert (store.schema, store.options.dsn) == (schema, dsn)
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://h/db?schema=1bad", "postgresql://h/db?schema=a-b", "postgresql://h/db?pool_size=0"]
+)
+def test_open_store_postgresql_bad_options(url: str) -> None:
+    with pytest.raises(ValueError):
         open_store(url)
 
 
@@ -1220,6 +1252,7 @@ def test_open_store_postgresql_not_yet(url: str) -> None:
         "",
         "memory",
         "mysql://x/y",
+        "postgresql+psycopg://localhost/db",
         "sqlite://jobs.db",
         "sqlite:///",
         "sqlite:///:memory:",

@@ -124,6 +124,10 @@ class Cluster(abc.ABC):
     async def live_replicas(self) -> set[str]:
         """The replicas alive now (their in-process attempts are theirs; the others' are orphans)."""
 
+    def on_reset(self, callback: Callable[[], Awaitable[None]]) -> None:  # noqa: B027  (optional)
+        """Call ``callback`` when this replica lost touch with the others (and may have missed changes
+        and messages): what it derived from them must be rebuilt. A cluster of one never is."""
+
 
 class LocalCluster(Cluster):
     """A cluster of one process: it is the dispatcher from the start, and messages are calls."""

@@ -208,6 +208,12 @@ class EventHub:
             del self._logs[job_id]
         return len(expired)
 
+    def end_subscriptions(self) -> None:
+        """End the current watch streams (changes may have been missed): their clients resume."""
+        for log in self._logs.values():
+            for subscription in log.subscribers:
+                subscription.close()
+
     def close_all(self) -> None:
         """Close every subscription (the server is draining); new ones start closed."""
         self._closed = True

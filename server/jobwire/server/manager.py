@@ -162,6 +162,7 @@ class JobManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._live: set[str] = set()
         store.subscribe(self._on_changes)
+        self.cluster.on_reset(self._reset)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -212,6 +213,16 @@ class JobManager:
             extra={"replica": self.cluster.replica_id, "epoch": epoch, "running": len(active)},
         )
         self.cluster.send(DispatcherUp(epoch))
+
+    async def _reset(self) -> None:
+        """This replica lost touch with the others for a while: rebuild what it derived from the feed
+        and announce its executors again (the dispatcher may have taken it for dead)."""
+        self.queue.clear()
+        self.queue.load(await self.store.load_queue(), self.clock.now())
+        self.events.end_subscriptions()
+        await self.reload_types()
+        self.local.announce()
+        self.sessions.announce()
 
     def begin_drain(self) -> None:
         """Stop taking and starting work, at once: new submits, retries and worker sessions are refused,

@@ -38,6 +38,15 @@ class QueueView:
 
     # --- filling it ------------------------------------------------------------------------------
 
+    def clear(self) -> None:
+        """Forget everything (the feed broke: the view is rebuilt from the store)."""
+        for job_id in list(self._sequences):
+            self._remove(job_id)
+        self._sequences.clear()
+        self._delayed.clear()
+        self._due.clear()
+        self._gone.clear()
+
     def load(self, jobs: Iterable[QueuedJob], now: float) -> None:
         """Add the store's queued jobs (oldest first, so FIFO ties keep submission order), skipping any
         the feed has already told about (the feed may run ahead of the snapshot)."""

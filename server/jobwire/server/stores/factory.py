@@ -10,8 +10,8 @@ from jobwire.server.stores.sqlite import SqliteStore
 
 ACCEPTED_FORMS = (
     "memory:, sqlite:///relative/path.db, sqlite:////absolute/path.db "
-    "(optionally ?synchronous=NORMAL&max_batch=256&progress_flush_interval=0.2) "
-    "or a plain file path ending in .db"
+    "(optionally ?synchronous=NORMAL&max_batch=256&progress_flush_interval=0.05), "
+    "a plain file path ending in .db, or postgresql://USER@HOST:PORT/DB (optionally ?schema=NAME)"
 )
 
 
@@ -29,8 +29,10 @@ def open_store(url: str) -> JobStore:
     if url == "memory:":
         return MemoryStore()
     scheme = url.partition(":")[0].lower()
-    if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
-        raise ValueError(f"the PostgreSQL store is not available yet ({url!r}); use one of: {ACCEPTED_FORMS}")
+    if scheme in ("postgresql", "postgres"):
+        from jobwire.server.stores.postgres import PostgresStore, parse_url
+
+        return PostgresStore(parse_url(url))
     if scheme == "sqlite":
         prefix = "sqlite:///"
         if not url.startswith(prefix):
@@ -54,7 +56,7 @@ def _sqlite_store(path: str, query: str) -> SqliteStore:
     try:
         synchronous = options.pop("synchronous", "FULL")
         max_batch = int(options.pop("max_batch", "256"))
-        interval = float(options.pop("progress_flush_interval", "0.2"))
+        interval = float(options.pop("progress_flush_interval", "0.05"))
     except ValueError as exc:
         raise ValueError(f"bad SQLite store option: {exc}") from exc
     if options:
