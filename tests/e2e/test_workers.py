@@ -8,13 +8,8 @@ This file talks to the server through the generated stubs alone (no ``jobwire.cl
 
 from __future__ import annotations
 
-import json
-import os
 import queue
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,103 +22,16 @@ from google.rpc import code_pb2, error_details_pb2
 
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc, worker_service_pb2_grpc
 from jobwire.v1 import worker_service_pb2 as W
-from support.servers import TESTS_DIR, ServerProcess
+from support.servers import ServerProcess
+from support.workers import WAIT, WorkerProcess
 
 S = job_service_pb2
 J = job_pb2
 
 LEASE = "1s"  # short leases: a dead or frozen worker loses its job within about a second
-WAIT = 60.0  # upper bound of any single wait; the tests normally take a few seconds each
 
 
 # --- processes --------------------------------------------------------------------------------------
-
-
-class WorkerProcess:
-    """``python -m jobwire.cli worker`` as a child process, its JSON log lines collected."""
-
-    def __init__(self, target: str, worker_id: str, *extra_args: str, concurrency: int = 1) -> None:
-        self.worker_id = worker_id
-        self.args = [
-            sys.executable,
-            "-m",
-            "jobwire.cli",
-            "worker",
-            "--server",
-            target,
-            "--handlers",
-            "support.worker_handlers",
-            "--concurrency",
-            str(concurrency),
-            "--worker-id",
-            worker_id,
-            "--log-level",
-            "DEBUG",
-            *extra_args,
-        ]
-        self.process: subprocess.Popen[str] | None = None
-        self.logs: list[dict[str, Any]] = []
-        self._changed = threading.Condition()
-
-    def start(self) -> WorkerProcess:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH", "")]))
-        self.process = subprocess.Popen(
-            self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
-        )
-        threading.Thread(target=self._read_logs, daemon=True).start()
-        return self
-
-    def _read_logs(self) -> None:
-        assert self.process is not None and self.process.stderr is not None
-        for line in self.process.stderr:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                entry = {"message": line.rstrip()}
-            with self._changed:
-                self.logs.append(entry)
-                self._changed.notify_all()
-
-    def wait_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = WAIT) -> dict[str, Any]:
-        """The first log entry matching ``predicate``, waiting for it."""
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._changed:
-            while True:
-                for entry in self.logs[seen:]:
-                    if predicate(entry):
-                        return entry
-                seen = len(self.logs)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"{self.worker_id}: no such log line; last lines: {self.logs[-20:]}")
-                self._changed.wait(remaining)
-
-    def wait_registered(self, count: int = 1) -> None:
-        """Wait until the worker has registered ``count`` times (reconnections included)."""
-        deadline = time.monotonic() + WAIT
-        with self._changed:
-            while sum(1 for e in self.logs if e.get("message") == "worker registered") < count:
-                assert self.process is not None
-                assert self.process.poll() is None, f"{self.worker_id} exited: {self.logs[-20:]}"
-                remaining = deadline - time.monotonic()
-                assert remaining > 0, f"{self.worker_id} never registered: {self.logs[-20:]}"
-                self._changed.wait(min(remaining, 0.5))
-
-    def send_signal(self, sig: signal.Signals) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-
-    def wait_exit(self, timeout: float = WAIT) -> int:
-        assert self.process is not None
-        return self.process.wait(timeout)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(10)
 
 
 class Cluster:

@@ -1273,3 +1273,29 @@ async def test_job_types_can_be_forgotten(store: JobStore, reopen: Reopen) -> No
     reopened = await reopen(store)
     if reopened is not None:
         assert await reopened.load_job_types() == [worker_type("b")]
+
+
+async def test_a_shared_store_keeps_each_transition_for_watchers_elsewhere(
+    store: JobStore, make_job: MakeJob, epoch: int
+) -> None:
+    job = make_job(params={"p": [1, "two"]}, labels={"k": "v"})
+    await store.insert(job)
+    [claimed] = await store.claim([Claim(job.id, "w", "r/s", T0 + 30)], T0, epoch)
+    assert claimed is not None
+    store.record_progress(job.id, claimed.lease_epoch, Progress(50.0, "half"), T0 + 1)
+    expect = Expect(JobState.RUNNING, claimed.lease_epoch)
+    ended = await store.transition(job.id, expect, JobState.SUCCEEDED, {"result": {"ok": True}}, T0 + 2)
+    assert ended is not None
+    if not store.shared:  # a single process keeps this history in memory, not in the store
+        assert await store.read_changes(job.id, 0) is None
+        return
+    replayed = await store.read_changes(job.id, 1)
+    assert replayed is not None
+    assert [(c.sequence, c.state) for c in replayed] == [
+        (2, JobState.RUNNING),
+        (ended.sequence, JobState.SUCCEEDED),
+    ]
+    assert replayed[0] == claimed and replayed[1] == ended  # params included, as they were
+    assert await store.read_change(job.id, claimed.sequence) == claimed
+    assert await store.read_changes(job.id, ended.sequence) == []
+    assert await store.read_changes("0" * 26, 0) is None

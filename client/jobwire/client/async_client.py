@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 
 from jobwire.client import _core
+from jobwire.client.channels import open_aio_channel
 from jobwire.client.errors import JobFailedError, from_rpc_error
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
@@ -44,9 +45,9 @@ class AsyncJobwireClient:
         self.call_timeout = call_timeout
         self._metadata = _core.call_metadata(token)
         if channel_credentials is not None:
-            self._channel: Any = grpc.aio.secure_channel(target, channel_credentials)
+            self._channel: Any = open_aio_channel(target, channel_credentials)
         else:
-            self._channel = grpc.aio.insecure_channel(target)
+            self._channel = open_aio_channel(target)
         # The generated stub is the same class for both channel kinds; only its typing differs.
         self._stub = cast("JobServiceAsyncStub", job_service_pb2_grpc.JobServiceStub(self._channel))
 

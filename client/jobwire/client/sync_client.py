@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from jobwire.client import _core
+from jobwire.client.channels import open_channel
 from jobwire.client.errors import JobFailedError, from_rpc_error
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
@@ -36,9 +37,9 @@ class JobwireClient:
         self.call_timeout = call_timeout
         self._metadata = _core.call_metadata(token)
         if channel_credentials is not None:
-            self._channel: Any = grpc.secure_channel(target, channel_credentials)
+            self._channel: Any = open_channel(target, channel_credentials)
         else:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = open_channel(target)
         self._stub = job_service_pb2_grpc.JobServiceStub(self._channel)
 
     def __enter__(self) -> JobwireClient:

@@ -21,6 +21,7 @@ import grpc.aio
 from google.protobuf import json_format
 
 from jobwire.client._core import Backoff, call_metadata
+from jobwire.client.channels import open_aio_channel
 from jobwire.client.errors import JobwireError, from_rpc_error
 from jobwire.handlers.api import HandlerSpec, Progress
 from jobwire.handlers.runner import CancellableContext, HandlerRunner
@@ -182,10 +183,7 @@ class Worker:
             ("grpc.min_reconnect_backoff_ms", max(100, int(self._backoff.initial * 1000))),
             ("grpc.max_reconnect_backoff_ms", max(100, int(self._backoff.maximum * 1000))),
         ]
-        if self._credentials is not None:
-            channel = grpc.aio.secure_channel(self.target, self._credentials, options=options)
-        else:
-            channel = grpc.aio.insecure_channel(self.target, options=options)
+        channel = open_aio_channel(self.target, self._credentials, options)
         # The generated stub is the same class for both channel kinds; only its typing differs.
         self._stub = cast("WorkerServiceAsyncStub", worker_service_pb2_grpc.WorkerServiceStub(channel))
         log.info(

@@ -609,6 +609,9 @@ class PostgresStore(JobStore):
         now = time.time()
         try:
             async with conn.transaction():
+                # Progress first: a report made before an attempt's end lands before it.
+                if progress:
+                    outcomes.changes.extend(await self._flush_progress(conn, progress))
                 for op in batch:
                     if not isolate:
                         try:
@@ -626,8 +629,6 @@ class PostgresStore(JobStore):
                     else:
                         outcomes.results.append((op, result, None))
                         outcomes.changes.extend(changes)
-                if progress:
-                    outcomes.changes.extend(await self._flush_progress(conn, progress))
                 for payload in notify_payloads(
                     self._cluster.replica_id, [_change_summary(c) for c in outcomes.changes]
                 ):
@@ -725,15 +726,19 @@ class PostgresStore(JobStore):
         return [row_to_job(tuple(row)) for row in rows]
 
     async def read_changes(self, job_id: str, after_sequence: int) -> builtins.list[Job] | None:
-        kept = await self._fetch("SELECT changes_kept_from FROM jobs WHERE id = $1", job_id)
+        kept = await self._fetch("SELECT changes_kept_from, params FROM jobs WHERE id = $1", job_id)
         if not kept or after_sequence + 1 < kept[0][0]:
             return None
+        params = json.loads(kept[0][1])  # the snapshots leave them out: they never change
         rows = await self._fetch(
             "SELECT snapshot FROM job_changes WHERE job_id = $1 AND sequence > $2 ORDER BY sequence",
             job_id,
             after_sequence,
         )
-        return [row_to_job(json.loads(row[0])) for row in rows]
+        snapshots = [row_to_job(json.loads(row[0])) for row in rows]
+        for snapshot in snapshots:
+            snapshot.params = params
+        return snapshots
 
     async def read_change(self, job_id: str, sequence: int) -> Job | None:
         rows = await self._fetch(

@@ -674,6 +674,10 @@ class SqliteStore(JobStore):
         outcomes = _Outcomes()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            # Progress first: a report made before an attempt's end lands before it (the end is queued
+            # after the report), and a note from a lease that already ended is refused by its fence.
+            if progress:
+                outcomes.changes.extend(self._flush_progress(conn, progress))
             for op in batch:
                 if not isolate:
                     try:
@@ -695,9 +699,6 @@ class SqliteStore(JobStore):
                     conn.execute("RELEASE op")
                     outcomes.results.append((op, result, None))
                     outcomes.changes.extend(changes)
-            # After the ops: a note that lost its lease to a change in this batch changes nothing.
-            if progress:
-                outcomes.changes.extend(self._flush_progress(conn, progress))
             conn.execute("COMMIT")
         except Exception as exc:
             _log.exception("SQLite transaction of %d writes failed", len(batch))
