@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from jobwire.client.channels import open_aio_channel
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
 ECHO_METHOD = "/bench.Echo/Echo"
@@ -235,7 +236,7 @@ async def drive_load(
 
     ``probe`` (Jobwire only) returns (queued, finished) job counts; it is called at both ends of the window.
     """
-    async with grpc.aio.insecure_channel(server.target) as channel:
+    async with open_aio_channel(server.target) as channel:  # round robin when it names several servers
         call = channel.unary_unary(method)  # bytes in, bytes out: no client-side (de)serialization
         check(await call(payload, timeout=10))
         begin = time.perf_counter()

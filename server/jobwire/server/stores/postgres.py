@@ -189,12 +189,16 @@ _INSERT = (
     f"INSERT INTO jobs ({_COLS}) VALUES ({', '.join(f'${i + 1}' for i in range(len(COLUMNS)))}) "
     "ON CONFLICT DO NOTHING RETURNING id"
 )
+# Every claim of a batch in one statement: one row per claim from the arrays, each fenced by the epoch.
 _CLAIM = (
-    "WITH u AS (UPDATE jobs SET state = 2, attempt = GREATEST(attempt, 1), start_time = $1, error = NULL, "
-    "result = NULL, worker_id = $2, executor = $3, lease_epoch = lease_epoch + 1, lease_expire_time = $4, "
-    "schedule_time = NULL, update_time = $1, sequence = sequence + 1 "
-    "WHERE id = $5 AND state = 1 AND (SELECT epoch FROM dispatcher) = $6 "
-    f"RETURNING {_COLS}), c AS ({_LOG_CHANGE}) SELECT {_COLS} FROM u"
+    "WITH c AS (SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::float8[]) "
+    "AS c(id, worker_id, executor, lease_expire_time)), "
+    "u AS (UPDATE jobs j SET state = 2, attempt = GREATEST(j.attempt, 1), start_time = $1, error = NULL, "
+    "result = NULL, worker_id = c.worker_id, executor = c.executor, lease_epoch = j.lease_epoch + 1, "
+    "lease_expire_time = c.lease_expire_time, schedule_time = NULL, update_time = $1, "
+    "sequence = j.sequence + 1 FROM c WHERE j.id = c.id AND j.state = 1 "
+    f"AND (SELECT epoch FROM dispatcher) = $6 RETURNING {', '.join('j.' + c for c in COLUMNS)}), "
+    f"l AS ({_LOG_CHANGE}) SELECT {_COLS} FROM u"
 )
 _PROGRESS = (
     "UPDATE jobs SET progress = $1, update_time = $2, sequence = sequence + 1 "
@@ -326,21 +330,29 @@ def _change_from(summary: list[Any]) -> JobChange:
 
 
 def notify_payloads(origin: str, items: Sequence[Any]) -> list[str]:
-    """JSON payloads ``{"r": origin, "c": [...]}`` each under the NOTIFY limit (an item never splits)."""
+    """Payloads ``ORIGIN|[item, ...]``, each under the NOTIFY limit (an item never splits).
+
+    The origin comes first, outside the JSON, so that a replica skips its own messages without parsing.
+    """
     payloads: list[str] = []
     batch: list[str] = []
-    size = 0
-    head = json.dumps(origin)
+    size = len(origin) + 3
     for item in items:
         encoded = json.dumps(item, separators=(",", ":"))
-        if batch and size + len(encoded) + 40 + len(head) > NOTIFY_LIMIT:
-            payloads.append('{"r":' + head + ',"c":[' + ",".join(batch) + "]}")
-            batch, size = [], 0
+        if batch and size + len(encoded) + 1 > NOTIFY_LIMIT:
+            payloads.append(origin + "|[" + ",".join(batch) + "]")
+            batch, size = [], len(origin) + 3
         batch.append(encoded)
         size += len(encoded) + 1
     if batch:
-        payloads.append('{"r":' + head + ',"c":[' + ",".join(batch) + "]}")
+        payloads.append(origin + "|[" + ",".join(batch) + "]")
     return payloads
+
+
+def split_payload(payload: str) -> tuple[str, str]:
+    """(origin, the JSON list) of a payload made by ``notify_payloads``."""
+    origin, _, body = payload.partition("|")
+    return origin, body
 
 
 class PostgresStore(JobStore):
@@ -482,24 +494,16 @@ class PostgresStore(JobStore):
     async def claim(
         self, claims: Sequence[Claim], now: float, leader_epoch: int
     ) -> builtins.list[Job | None]:
+        ids = [c.job_id for c in claims]
+        workers = [c.worker_id for c in claims]
+        executors = [c.executor for c in claims]
+        leases = [c.lease_until for c in claims]
+
         async def apply(conn: asyncpg.Connection, at: float) -> tuple[list[Job | None], Changes]:
-            claimed: list[Job | None] = []
-            changes: Changes = []
-            for claim in claims:
-                row = await conn.fetchrow(
-                    _CLAIM,
-                    now,
-                    claim.worker_id,
-                    claim.executor,
-                    claim.lease_until,
-                    claim.job_id,
-                    leader_epoch,
-                )
-                job = None if row is None else row_to_job(tuple(row))
-                claimed.append(job)
-                if job is not None:
-                    changes.append(JobChange.of(job, ChangeKind.STATE))
-            return claimed, changes
+            rows = await conn.fetch(_CLAIM, now, ids, workers, executors, leases, leader_epoch)
+            by_id = {job.id: job for job in (row_to_job(tuple(row)) for row in rows)}
+            claimed = [by_id.get(job_id) for job_id in ids]
+            return claimed, [JobChange.of(job, ChangeKind.STATE) for job in claimed if job is not None]
 
         result: list[Job | None] = await self._submit(apply)
         return result
@@ -985,8 +989,14 @@ class PostgresCluster(Cluster):
     # --- messages ------------------------------------------------------------------------------------
 
     def send(self, message: Message) -> None:
+        """Delivered here at once (the dispatcher may be this replica), and to the others by NOTIFY."""
         self._outbox.append(_encode_message(message))
         self._outbox_wake.set()
+        if self._on_message is not None:
+            try:
+                self._on_message(message)
+            except Exception:
+                log.exception("handling a control message failed")
 
     async def _send_forever(self) -> None:
         while True:
@@ -1016,13 +1026,16 @@ class PostgresCluster(Cluster):
                     )
                     item = {"t": "stored", "id": row_id}
                     encoded = json.dumps(item)
-                payload = json.dumps({"r": self.replica_id, "m": item}, separators=(",", ":"))
+                payload = f"{self.replica_id}|{encoded}"
                 await conn.execute("SELECT pg_notify($1, $2)", self.store.control_channel, payload)
 
     def _on_control(self, connection: Any, pid: int, channel: str, payload: str) -> None:
+        origin, body = split_payload(payload)
+        if origin == self.replica_id:
+            return  # delivered when it was sent
         try:
-            data = json.loads(payload)["m"]
-        except (ValueError, KeyError, TypeError):
+            data = json.loads(body)
+        except ValueError:
             log.warning("ignoring an unreadable control message")
             return
         if data.get("t") == "stored":
@@ -1045,11 +1058,11 @@ class PostgresCluster(Cluster):
 
     def _on_changes(self, connection: Any, pid: int, channel: str, payload: str) -> None:
         """Another replica's committed changes (this replica's own were delivered at commit)."""
+        origin, body = split_payload(payload)
+        if origin == self.replica_id:
+            return
         try:
-            data = json.loads(payload)
-            if data["r"] == self.replica_id:
-                return
-            changes = [_change_from(item) for item in data["c"]]
+            changes = [_change_from(item) for item in json.loads(body)]
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable change notification")
             return
