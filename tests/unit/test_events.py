@@ -89,9 +89,19 @@ async def test_events_are_snapshots_not_live_objects() -> None:
     assert event is not None and event.job.progress is not None and event.job.progress.percent == 10
 
 
+def test_changes_of_jobs_nobody_watches_are_not_kept() -> None:
+    hub = EventHub(no_read)
+    job = make_job()
+    step(hub, job, ChangeKind.STATE, JobState.SUCCEEDED)
+    assert hub.replay(job.id, 0, up_to=job.sequence) is None
+    assert not hub._logs
+
+
 def test_replay_covers_the_gap_or_says_it_cannot() -> None:
     hub = EventHub(no_read, retain_per_job=5)
     job = make_job()
+    hub.unsubscribe(hub.subscribe(job.id))  # watched once: its changes are kept from then on
+    hub.subscribe(job.id)
     for _ in range(10):  # sequences 2..11; the last 5 (7..11) are retained
         step(hub, job, ChangeKind.PROGRESS)
     replayed = hub.replay(job.id, 6, up_to=11)
@@ -113,7 +123,9 @@ async def test_close_all_ends_waiting_watchers_and_new_ones() -> None:
 def test_sweep_drops_finished_unwatched_logs() -> None:
     hub = EventHub(no_read, retain_after_finish=10)
     job = make_job()
+    subscription = hub.subscribe(job.id)
     step(hub, job, ChangeKind.STATE, JobState.SUCCEEDED)
+    hub.unsubscribe(subscription)
     assert hub.sweep(now=5) == 0
     assert hub.sweep(now=10) == 1
     assert hub.replay(job.id, 1, up_to=2) is None

@@ -87,6 +87,9 @@ class Dispatcher:
         self._claiming: dict[str, _Claiming] = {}  # popped, claim not written yet
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._claims: set[asyncio.Task[None]] = set()  # batches being written
+        self._backoff = 0.025  # seconds to wait after a failed claim, doubling up to 2 s
+        self._backoff_until = 0.0
         self._status_due = False
         self._status_task: asyncio.Task[None] | None = None
         self.status = ClusterStatus()
@@ -110,7 +113,7 @@ class Dispatcher:
     async def stop(self) -> None:
         """Stop dispatching (this replica is no longer the dispatcher, or it is shutting down)."""
         self.epoch = None
-        for task in (self._task, self._status_task):
+        for task in (self._task, self._status_task, *self._claims):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -183,19 +186,19 @@ class Dispatcher:
     # -- dispatching ----------------------------------------------------------------------------------
 
     async def _dispatch_forever(self) -> None:
-        backoff = 0.05
+        """Pick and claim whenever something may have changed. A batch's claim is written in a task of
+        its own, so that the next batch need not wait for the previous one's commit: claims made while
+        the store is busy join its next group commit together."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            try:
-                while await self._dispatch_round():
-                    pass
-                backoff = 0.05
-            except Exception:
-                log.exception("dispatching failed; retrying in %.2f s", backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                self.wake()
+            if self._backoff_until > asyncio.get_running_loop().time():
+                await asyncio.sleep(self._backoff_until - asyncio.get_running_loop().time())
+            while self.epoch is not None and (picked := self._pick()):
+                task = asyncio.create_task(self._claim_batch(self.epoch, picked))
+                self._claims.add(task)
+                task.add_done_callback(self._claims.discard)
+                await asyncio.sleep(0)  # let the batch reach the store before picking the next one
 
     def _pick(self) -> list[_Claiming]:
         """Pop what may start now: one job per executor with credits per round, so work spreads out."""
@@ -217,14 +220,8 @@ class Dispatcher:
                 offered = True
         return picked
 
-    async def _dispatch_round(self) -> bool:
-        """Claim one batch; True if it claimed something (there may be more)."""
-        epoch = self.epoch
-        if epoch is None:
-            return False
-        picked = self._pick()
-        if not picked:
-            return False
+    async def _claim_batch(self, epoch: int, picked: list[_Claiming]) -> None:
+        """Write the claims of one batch, and count what was claimed."""
         now = self._clock.now()
         until = now + self._lease_duration
         claims = [
@@ -235,10 +232,17 @@ class Dispatcher:
         ]
         try:
             claimed = await self._store.claim(claims, now, epoch)
-        except BaseException:
+        except BaseException as error:
             for claiming in picked:
                 self._unclaim(claiming, restore=True)
-            raise
+            if not isinstance(error, Exception):
+                raise
+            self._backoff = min(self._backoff * 2, 2.0)
+            self._backoff_until = asyncio.get_running_loop().time() + self._backoff
+            log.exception("claiming %d jobs failed; dispatching again in %.2f s", len(picked), self._backoff)
+            self.wake()
+            return
+        self._backoff = 0.025
         scheduler = self._queue.scheduler
         for claiming, job in zip(picked, claimed, strict=True):
             job_id = claiming.entry[2]
@@ -256,7 +260,6 @@ class Dispatcher:
                 with contextlib.suppress(ValueError):
                     scheduler.release(job.type)
         self._status_changed()
-        return True
 
     def _unclaim(self, claiming: _Claiming, restore: bool) -> None:
         job_id = claiming.entry[2]

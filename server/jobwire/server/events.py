@@ -10,10 +10,11 @@ arrives while the previous undelivered event is also progress replaces it (lates
 most a handful of transitions, so a stalled reader holds at most a few events, and publishing never
 waits on a reader.
 
-Resuming with ``after_sequence`` needs the changes the watcher missed. A single process keeps each
-job's last ``retain_per_job`` events in memory (for ``retain_after_finish`` after the job ends); a shared
-store keeps the snapshots of state transitions itself (``JobStore.read_changes``), so a watcher whose
-replica died resumes on any other.
+Resuming with ``after_sequence`` needs the changes the watcher missed. A single process keeps, for each
+job that has been watched here, its last ``retain_per_job`` events in memory (for ``retain_after_finish``
+after the job ends): a job nobody watched costs nothing here. A shared store keeps the snapshots of
+state transitions itself (``JobStore.read_changes``), so a watcher whose replica died resumes on any
+other.
 """
 
 from __future__ import annotations
@@ -154,8 +155,10 @@ class EventHub:
     def on_changes(self, changes: Sequence[JobChange], now: float) -> None:
         """Hand committed changes to the watchers (and keep them, when this process keeps history)."""
         for change in changes:
+            log = self._logs.get(change.job_id)
+            if log is None:
+                continue  # never watched here: nobody to tell, and no resume point to keep
             if self.keep_history and change.job is not None:
-                log = self._log(change.job_id)
                 event = _event(change, change.job)  # the feed's snapshot is never changed again
                 log.events.append(event)
                 if change.state.is_terminal:
@@ -163,10 +166,9 @@ class EventHub:
                 for subscription in log.subscribers:
                     subscription.deliver(event)
                 continue
-            watched = self._logs.get(change.job_id)
-            if watched is not None and watched.subscribers:
+            if log.subscribers:
                 item: JobEvent | JobChange = change if change.job is None else _event(change, change.job)
-                for subscription in watched.subscribers:
+                for subscription in log.subscribers:
                     subscription.deliver(item)
 
     def subscribe(self, job_id: str) -> Subscription:
@@ -178,10 +180,11 @@ class EventHub:
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
+        """The watcher left; its job's log stays (while kept), for the watcher to resume from."""
         log = self._logs.get(subscription.job_id)
         if log is not None:
             log.subscribers.discard(subscription)
-            if not log.subscribers and not log.events:
+            if not log.subscribers and (not log.events or not self.keep_history):
                 del self._logs[subscription.job_id]
 
     def replay(self, job_id: str, after_sequence: int, up_to: int) -> list[JobEvent] | None:

@@ -85,6 +85,13 @@ def _basic(job: Job) -> Job:
     return snapshot
 
 
+def _with_lease(job: Job, until: float) -> Job:
+    """A copy whose lease lasts at least until ``until`` (stored jobs are replaced, not changed)."""
+    renewed = job.copy()
+    renewed.lease_expire_time = max(job.lease_expire_time or 0.0, until)
+    return renewed
+
+
 class MemoryStore(JobStore):
     """Jobs in dicts plus a sorted id list, so listing newest-first from a cursor is a bisect away."""
 
@@ -106,8 +113,10 @@ class MemoryStore(JobStore):
         self._listeners.append(listener)
 
     def _publish(self, job: Job, kind: ChangeKind) -> None:
+        """The stored object itself goes on the feed: stored jobs are replaced, never changed in place,
+        and listeners never change what the feed hands them."""
         if self._listeners:
-            changes = [JobChange.of(_snapshot(job), kind)]
+            changes = [JobChange.of(job, kind)]
             for listener in self._listeners:
                 listener(changes)
 
@@ -135,11 +144,11 @@ class MemoryStore(JobStore):
         stored = self._jobs.get(job_id)
         if stored is None or not expect.holds(stored):
             return None
-        updated = _snapshot(stored)
+        updated = stored.copy()
         for name, value in changes.items():
             setattr(updated, name, value)
         updated.state, updated.update_time, updated.sequence = target, now, stored.sequence + 1
-        updated = _snapshot(updated)  # the values given may be changed by the caller afterwards
+        updated = _snapshot(updated)  # owns its parts: the values given may be changed by the caller
         self._jobs[job_id] = updated
         self._publish(updated, ChangeKind.STATE)
         return _snapshot(updated)
@@ -174,7 +183,7 @@ class MemoryStore(JobStore):
         stored = self._jobs.get(job_id)
         if stored is None or stored.state not in ACTIVE_STATES or stored.lease_epoch != lease_epoch:
             return
-        updated = _snapshot(stored)
+        updated = stored.copy()
         updated.progress = Progress(
             progress.percent, progress.message, progress.current_step, progress.total_steps
         )
@@ -188,17 +197,17 @@ class MemoryStore(JobStore):
             stored = self._jobs.get(job_id)
             current = stored is not None and stored.state in ACTIVE_STATES and stored.lease_epoch == epoch
             if current and stored is not None:
-                stored.lease_expire_time = max(stored.lease_expire_time or 0.0, until)
+                self._jobs[job_id] = _with_lease(stored, until)
             renewed.append(current)
         return renewed
 
     async def refresh_remote_leases(self, until: float) -> int:
-        refreshed = 0
-        for stored in self._jobs.values():
-            if stored.state in ACTIVE_STATES and stored.worker_id != LOCAL_WORKER:
-                stored.lease_expire_time = max(stored.lease_expire_time or 0.0, until)
-                refreshed += 1
-        return refreshed
+        remote = [
+            job for job in self._jobs.values() if job.state in ACTIVE_STATES and job.worker_id != LOCAL_WORKER
+        ]
+        for stored in remote:
+            self._jobs[stored.id] = _with_lease(stored, until)
+        return len(remote)
 
     async def purge_expired(self, now: float) -> int:
         expired = [
