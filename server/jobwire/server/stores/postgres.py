@@ -34,7 +34,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -69,6 +69,7 @@ from jobwire.server.stores.base import (
     JobStore,
     QueuedJob,
 )
+from jobwire.server.stores.batches import Outcomes, ProgressNote
 from jobwire.server.stores.rows import (
     BASIC_COLUMNS,
     COLUMNS,
@@ -281,19 +282,6 @@ class _Op:
     future: asyncio.Future[Any]
 
 
-@dataclass(slots=True)
-class _ProgressNote:
-    lease_epoch: int
-    progress: Progress
-    time: float
-
-
-@dataclass(slots=True)
-class _Outcomes:
-    results: list[tuple[_Op, Any, BaseException | None]] = field(default_factory=list)
-    changes: Changes = field(default_factory=list)
-
-
 def _change_summary(change: JobChange) -> list[Any]:
     return [
         change.job_id,
@@ -369,7 +357,7 @@ class PostgresStore(JobStore):
         self._writer_conn: asyncpg.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
         self._ops: deque[_Op] = deque()
-        self._progress: dict[str, _ProgressNote] = {}
+        self._progress: dict[str, ProgressNote] = {}
         self._wake = asyncio.Event()
         self._flush_due = False
         self._accepting = False
@@ -511,11 +499,7 @@ class PostgresStore(JobStore):
     def record_progress(self, job_id: str, lease_epoch: int, progress: Progress, now: float) -> None:
         if not self._accepting:
             return
-        note = _ProgressNote(
-            lease_epoch,
-            Progress(progress.percent, progress.message, progress.current_step, progress.total_steps),
-            now,
-        )
+        note = ProgressNote.of(lease_epoch, progress, now)
         if not self._progress:
             asyncio.get_running_loop().call_later(self.options.progress_flush_interval, self._progress_timer)
         self._progress[job_id] = note
@@ -596,7 +580,7 @@ class PostgresStore(JobStore):
         self._flush_due = True
         self._wake.set()
 
-    async def _write(self, batch: list[_Op], progress: dict[str, _ProgressNote]) -> _Outcomes:
+    async def _write(self, batch: list[_Op], progress: dict[str, ProgressNote]) -> Outcomes[_Op]:
         """One transaction for the batch; if an op fails, again with a savepoint per op."""
         outcomes = await self._write_batch(batch, progress, isolate=False)
         if outcomes is None:
@@ -605,11 +589,11 @@ class PostgresStore(JobStore):
         return outcomes
 
     async def _write_batch(
-        self, batch: list[_Op], progress: dict[str, _ProgressNote], *, isolate: bool
-    ) -> _Outcomes | None:
+        self, batch: list[_Op], progress: dict[str, ProgressNote], *, isolate: bool
+    ) -> Outcomes[_Op] | None:
         conn = self._writer_conn
         assert conn is not None
-        outcomes = _Outcomes()
+        outcomes: Outcomes[_Op] = Outcomes()
         now = time.time()
         try:
             async with conn.transaction():
@@ -642,11 +626,11 @@ class PostgresStore(JobStore):
         except Exception as error:
             log.exception("PostgreSQL transaction of %d writes failed", len(batch))
             await self._reconnect_writer()
-            return _Outcomes([(op, None, error) for op in batch])
+            return Outcomes([(op, None, error) for op in batch])
         self.commits += 1
         return outcomes
 
-    async def _flush_progress(self, conn: asyncpg.Connection, progress: dict[str, _ProgressNote]) -> Changes:
+    async def _flush_progress(self, conn: asyncpg.Connection, progress: dict[str, ProgressNote]) -> Changes:
         changes: Changes = []
         for job_id, note in progress.items():
             row = await conn.fetchrow(

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from jobwire.handlers.api import Progress
@@ -43,6 +43,7 @@ from jobwire.server.stores.base import (
     JobStore,
     QueuedJob,
 )
+from jobwire.server.stores.batches import Outcomes, ProgressNote
 from jobwire.server.stores.rows import (
     BASIC_COLUMNS,
     COLUMNS,
@@ -323,21 +324,6 @@ class _Op(Generic[_T]):
     future: asyncio.Future[_T]
 
 
-@dataclass(slots=True)
-class _ProgressNote:
-    lease_epoch: int
-    progress: Progress
-    time: float
-
-
-@dataclass(slots=True)
-class _Outcomes:
-    """What one transaction did: each op's result or error, and the changes to publish."""
-
-    results: list[tuple[_Op[Any], Any, BaseException | None]] = field(default_factory=list)
-    changes: Changes = field(default_factory=list)
-
-
 def _settle_ready(ready: asyncio.Future[None], exc: BaseException | None) -> None:
     if ready.done():  # open() was cancelled
         return
@@ -438,7 +424,7 @@ class SqliteStore(JobStore):
         # Guards everything below it that the writer thread shares with the event loop thread.
         self._cond = threading.Condition()
         self._ops: deque[_Op[Any]] = deque()
-        self._progress: dict[str, _ProgressNote] = {}
+        self._progress: dict[str, ProgressNote] = {}
         self._progress_deadline = 0.0
         self._accepting = False
         self._stopping = False
@@ -557,11 +543,7 @@ class SqliteStore(JobStore):
 
     def record_progress(self, job_id: str, lease_epoch: int, progress: Progress, now: float) -> None:
         """Note the latest progress in a dict under a lock held only for microseconds; never does I/O."""
-        note = _ProgressNote(
-            lease_epoch,
-            Progress(progress.percent, progress.message, progress.current_step, progress.total_steps),
-            now,
-        )
+        note = ProgressNote.of(lease_epoch, progress, now)
         with self._cond:
             if not self._accepting:
                 return  # closed: the attempt is being abandoned anyway
@@ -621,12 +603,12 @@ class SqliteStore(JobStore):
                 leftover = list(self._ops)
                 self._ops.clear()
             if leftover:
-                failed = _Outcomes(
+                failed = Outcomes(
                     [(op, None, RuntimeError("the SQLite writer thread stopped")) for op in leftover]
                 )
                 self._settle(loop, failed)
 
-    def _next_batch(self) -> tuple[list[_Op[Any]], dict[str, _ProgressNote]]:
+    def _next_batch(self) -> tuple[list[_Op[Any]], dict[str, ProgressNote]]:
         """Wait for work: queued ops (take up to max_batch), or due progress; empty only when stopping."""
         with self._cond:
             while not self._ops:
@@ -648,7 +630,7 @@ class SqliteStore(JobStore):
         conn: sqlite3.Connection,
         loop: asyncio.AbstractEventLoop,
         batch: list[_Op[Any]],
-        progress: dict[str, _ProgressNote],
+        progress: dict[str, ProgressNote],
     ) -> None:
         """Run the batch in one transaction, then publish its changes and answer its callers.
 
@@ -666,12 +648,12 @@ class SqliteStore(JobStore):
         self,
         conn: sqlite3.Connection,
         batch: list[_Op[Any]],
-        progress: dict[str, _ProgressNote],
+        progress: dict[str, ProgressNote],
         *,
         isolate: bool,
-    ) -> _Outcomes | None:
+    ) -> Outcomes[_Op[Any]] | None:
         """One attempt at committing the batch; None (rolled back) if an op failed and not ``isolate``."""
-        outcomes = _Outcomes()
+        outcomes: Outcomes[_Op[Any]] = Outcomes()
         try:
             conn.execute("BEGIN IMMEDIATE")
             # Progress first: a report made before an attempt's end lands before it (the end is queued
@@ -707,12 +689,12 @@ class SqliteStore(JobStore):
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     _log.exception("SQLite rollback failed")
-            return _Outcomes([(op, None, exc) for op in batch])
+            return Outcomes([(op, None, exc) for op in batch])
         self.commits += 1
         return outcomes
 
     @staticmethod
-    def _flush_progress(conn: sqlite3.Connection, progress: dict[str, _ProgressNote]) -> Changes:
+    def _flush_progress(conn: sqlite3.Connection, progress: dict[str, ProgressNote]) -> Changes:
         changes: Changes = []
         conn.execute("SAVEPOINT progress")
         try:
@@ -730,12 +712,12 @@ class SqliteStore(JobStore):
         conn.execute("RELEASE progress")
         return changes
 
-    def _settle(self, loop: asyncio.AbstractEventLoop, outcomes: _Outcomes) -> None:
+    def _settle(self, loop: asyncio.AbstractEventLoop, outcomes: Outcomes[_Op[Any]]) -> None:
         """Hand a committed transaction to the event loop: one wake-up for the whole batch."""
         with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is closed, nobody waits any more
             loop.call_soon_threadsafe(self._resolve, outcomes)
 
-    def _resolve(self, outcomes: _Outcomes) -> None:
+    def _resolve(self, outcomes: Outcomes[_Op[Any]]) -> None:
         """On the loop: publish the changes first, then answer the callers (see the module docstring)."""
         if outcomes.changes:
             for listener in self._listeners:
