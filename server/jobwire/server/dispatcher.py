@@ -91,6 +91,7 @@ class Dispatcher:
         self._backoff = 0.025  # seconds to wait after a failed claim, doubling up to 2 s
         self._backoff_until = 0.0
         self._status_due = False
+        self._status_dirty = True
         self._status_task: asyncio.Task[None] | None = None
         self.status = ClusterStatus()
 
@@ -132,6 +133,7 @@ class Dispatcher:
 
     def types_changed(self) -> None:
         self._apply_limits()
+        self._status_changed()
         self.wake()
 
     # -- what the replicas say ----------------------------------------------------------------------
@@ -171,6 +173,7 @@ class Dispatcher:
                 if not counted and change.job_id not in self._claiming:
                     self._active[change.job_id] = change.type  # claimed by an earlier dispatcher
                     scheduler.mark_running(change.type)
+                    self._status_dirty = True
             elif counted:
                 job_type = self._active.pop(change.job_id)
                 with contextlib.suppress(ValueError):
@@ -218,6 +221,8 @@ class Dispatcher:
                 self._claiming[entry[2]] = claiming
                 picked.append(claiming)
                 offered = True
+        if picked:
+            self._status_dirty = True
         return picked
 
     async def _claim_batch(self, epoch: int, picked: list[_Claiming]) -> None:
@@ -273,7 +278,15 @@ class Dispatcher:
 
     # -- status ---------------------------------------------------------------------------------------
 
+    def current_status(self) -> ClusterStatus:
+        """The status as it is now (recomputed only after something changed)."""
+        if self._status_dirty:
+            self._status_dirty = False
+            self.status = self.compute_status()
+        return self.status
+
     def _status_changed(self) -> None:
+        self._status_dirty = True
         if self._status_due or not self.active:
             return
         self._status_due = True
@@ -283,8 +296,7 @@ class Dispatcher:
     async def _publish_status(self) -> None:
         await asyncio.sleep(STATUS_INTERVAL)
         self._status_due = False
-        self.status = self.compute_status()
-        self._cluster.send(StatusUpdate(self.status))
+        self._cluster.send(StatusUpdate(self.current_status()))
 
     def compute_status(self) -> ClusterStatus:
         scheduler = self._queue.scheduler

@@ -265,7 +265,7 @@ class JobManager:
 
     def status(self) -> ClusterStatus:
         """What the dispatcher knows of executors, credits, running counts and limits."""
-        return self.dispatcher.compute_status() if self.dispatcher.active else self._status
+        return self.dispatcher.current_status() if self.dispatcher.active else self._status
 
     @property
     def job_types(self) -> dict[str, JobType]:
