@@ -1230,6 +1230,11 @@ def test_open_store_sqlite_options() -> None:
         ("postgresql://u@localhost/jobwire", "jobwire", "postgresql://u@localhost/jobwire"),
         ("postgres://localhost:5433/db?schema=Tenant_2", "tenant_2", "postgresql://localhost:5433/db"),
         ("postgresql://h/db?sslmode=disable&schema=s", "s", "postgresql://h/db?sslmode=disable"),
+        (
+            "postgresql://h/db?connect_timeout=3&application_name=a",
+            "jobwire",
+            "postgresql://h/db?application_name=a",
+        ),
     ],
 )
 def test_open_store_postgresql(url: str, schema: str, dsn: str) -> None:

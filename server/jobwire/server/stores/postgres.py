@@ -245,6 +245,7 @@ class PostgresOptions:
     schema: str = DEFAULT_SCHEMA
     pool_size: int = 8
     progress_flush_interval: float = 0.05
+    connect_timeout: float = 10.0  # seconds; libpq's connect_timeout
     # Finished jobs' change snapshots are kept this long (seconds) for watchers resuming.
     keep_changes: float = 300.0
 
@@ -262,12 +263,13 @@ def parse_url(url: str) -> PostgresOptions:
     try:
         pool_size = int(query.pop("pool_size", "8"))
         interval = float(query.pop("progress_flush_interval", "0.05"))
+        timeout = float(query.pop("connect_timeout", "10"))  # the driver takes it as an argument
     except ValueError as error:
         raise ValueError(f"bad PostgreSQL store option: {error}") from None
-    if pool_size < 1 or interval <= 0:
-        raise ValueError("pool_size must be at least 1 and progress_flush_interval positive")
+    if pool_size < 1 or interval <= 0 or timeout <= 0:
+        raise ValueError("pool_size must be at least 1, progress_flush_interval and connect_timeout positive")
     dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query), parts.fragment))
-    return PostgresOptions(dsn, schema.lower(), pool_size, interval)
+    return PostgresOptions(dsn, schema.lower(), pool_size, interval, timeout)
 
 
 # --- the writer's queue -----------------------------------------------------------------------------------
@@ -368,9 +370,12 @@ class PostgresStore(JobStore):
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
+    def _server_settings(self) -> dict[str, str]:
+        return {"search_path": self.schema, "application_name": "jobwire"}
+
     async def _connect(self) -> asyncpg.Connection:
         return await asyncpg.connect(
-            self.options.dsn, server_settings={"search_path": self.schema, "application_name": "jobwire"}
+            self.options.dsn, timeout=self.options.connect_timeout, server_settings=self._server_settings()
         )
 
     async def open(self) -> None:
@@ -378,7 +383,7 @@ class PostgresStore(JobStore):
             return
         try:
             conn = await self._connect()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             raise RuntimeError(f"cannot connect to PostgreSQL: {error}") from error
         try:
             await _migrate(conn, self.schema)
@@ -388,7 +393,8 @@ class PostgresStore(JobStore):
             self.options.dsn,
             min_size=1,
             max_size=self.options.pool_size,
-            server_settings={"search_path": self.schema, "application_name": "jobwire"},
+            timeout=self.options.connect_timeout,
+            server_settings=self._server_settings(),
         )
         self._writer_conn = await self._connect()
         self._accepting, self._stopping = True, False
