@@ -135,7 +135,16 @@ def test_list_shows_services_through_reflection(grpcurl: Grpcurl) -> None:
     assert methods.returncode == 0, methods.stderr
     assert set(methods.stdout.split()) == {  # grpcurl 1.8.6 lists methods as Service.Method
         f"{SERVICE}.{name}"
-        for name in ("SubmitJob", "GetJob", "ListJobs", "CancelJob", "WatchJob", "GetQueueStats", "RetryJob")
+        for name in (
+            "SubmitJob",
+            "GetJob",
+            "ListJobs",
+            "CancelJob",
+            "WatchJob",
+            "GetQueueStats",
+            "RetryJob",
+            "ListJobAuditEntries",
+        )
     }
     assert "jobwire.v1.WorkerService" in services
 

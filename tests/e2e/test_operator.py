@@ -65,7 +65,7 @@ def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
         assert done.returncode == 1
         assert (
             done.stderr.strip()
-            == f"jobwire serve: cannot listen on [::]:{first.port}: the port is in use (--port)"
+            == f"jobwire serve: cannot listen on localhost:{first.port}: the port is in use (--port)"
         )
     finally:
         first.kill()

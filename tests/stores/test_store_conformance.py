@@ -284,7 +284,7 @@ async def test_duplicate_request_id_is_refused(store: JobStore, make_job: MakeJo
     with pytest.raises(DuplicateRequestId):
         await store.insert(second)
     assert await store.get(second.id) is None
-    assert await store.get_by_request_id("req-1") == first
+    assert await store.get_by_request_id("default", "req-1") == first
 
 
 async def test_empty_request_id_never_conflicts(store: JobStore, make_job: MakeJob) -> None:
@@ -293,7 +293,7 @@ async def test_empty_request_id_never_conflicts(store: JobStore, make_job: MakeJ
         await store.insert(job)
     for job in jobs:
         assert await store.get(job.id) == job
-    assert await store.get_by_request_id("") is None
+    assert await store.get_by_request_id("default", "") is None
 
 
 async def test_one_duplicate_in_concurrent_inserts_fails_only_itself(
@@ -313,8 +313,8 @@ async def test_get_by_request_id(store: JobStore, make_job: MakeJob) -> None:
     job = make_job(request_id="abc")
     await store.insert(make_job(request_id="other"))
     await store.insert(job)
-    assert await store.get_by_request_id("abc") == job
-    assert await store.get_by_request_id("missing") is None
+    assert await store.get_by_request_id("default", "abc") == job
+    assert await store.get_by_request_id("default", "missing") is None
 
 
 async def test_duplicate_id_is_refused(store: JobStore, make_job: MakeJob) -> None:
@@ -582,7 +582,8 @@ async def test_load_queue_and_load_active(store: JobStore, make_job: MakeJob) ->
     for job in (*queued, running, cancelling, make_job(state=JobState.SUCCEEDED)):
         await store.insert(job)
     assert await store.load_queue() == [
-        QueuedJob(j.id, j.type, j.priority, j.queue_time, j.schedule_time, j.sequence) for j in queued
+        QueuedJob(j.id, j.type, j.priority, j.queue_time, j.schedule_time, j.sequence, j.tenant)
+        for j in queued
     ]
     active = await store.load_active()
     assert [j.id for j in active] == [running.id, cancelling.id]
@@ -737,10 +738,10 @@ async def test_purge_frees_the_request_id(store: JobStore, make_job: MakeJob) ->
     old = make_job(state=JobState.SUCCEEDED, request_id="again", expire_time=T0)
     await store.insert(old)
     assert await store.purge_expired(T0) == 1
-    assert await store.get_by_request_id("again") is None
+    assert await store.get_by_request_id("default", "again") is None
     new = make_job(request_id="again")
     await store.insert(new)
-    assert await store.get_by_request_id("again") == new
+    assert await store.get_by_request_id("default", "again") == new
 
 
 async def test_count_groups_by_state_type_and_priority(store: JobStore, make_job: MakeJob) -> None:
@@ -946,9 +947,9 @@ async def test_sqlite_schema_is_versioned_and_open_is_repeatable(tmp_path: Path,
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 3
         indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert {"jobs_request_id", "jobs_state_id", "jobs_expire_time"} <= indexes
+        assert {"jobs_tenant_request_id", "jobs_state_id", "jobs_expire_time", "job_audit_job_id"} <= indexes
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert {"jobs", "job_types"} <= tables
+        assert {"jobs", "job_types", "job_audit", "tenant_rates"} <= tables
     finally:
         conn.close()
 
@@ -1092,7 +1093,7 @@ async def test_sqlite_migrates_a_version_1_database_in_place(tmp_path: Path, mak
         assert got is not None
         assert (got.retry_policy, got.schedule_time, got.attempts) == (RetryPolicy(), None, ())
         assert (got.worker_id, got.lease_expire_time, got.lease_epoch, got.attempt_base) == ("", None, 0, 0)
-        assert await store.get_by_request_id("req-old") == expected_finished
+        assert await store.get_by_request_id("default", "req-old") == expected_finished
         assert await store.load_active() == [expected_running]
         assert await store.load_job_types() == []
         # The migrated rows take the new fields, and the new table works.

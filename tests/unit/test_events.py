@@ -70,7 +70,9 @@ async def test_changes_without_a_snapshot_are_read_in_turn_and_unreadable_progre
     hub = EventHub(read, keep_history=False)
     subscription = hub.subscribe(job.id)
     for sequence, kind in ((2, ChangeKind.STATE), (3, ChangeKind.PROGRESS), (4, ChangeKind.STATE)):
-        change = JobChange(job.id, sequence, kind, JobState.RUNNING, "t", 5, 0.0, None, 1, "r/s", 0.0)
+        change = JobChange(
+            job.id, sequence, kind, JobState.RUNNING, "t", 5, 0.0, None, 1, "r/s", 0.0, "default"
+        )
         hub.on_changes([change], now=0.0)
     first, second = await subscription.next(), await subscription.next()
     assert first is not None and second is not None

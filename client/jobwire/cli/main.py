@@ -1,7 +1,8 @@
 """The ``jobwire`` command: argument parsing and command dispatch over the sync SDK.
 
 Parsing of values lives in ``parsing``, presentation in ``render``; this module wires them to
-:class:`jobwire.client.JobwireClient`, and ``worker`` to :class:`jobwire.worker.Worker`. Exit codes: 0
+:class:`jobwire.client.JobwireClient`, and ``worker`` to :class:`jobwire.worker.Worker`; ``serve`` and
+``token`` are handed over to the server package, imported only then. Exit codes: 0
 success (for ``worker``: stopped gracefully); 1 a watched job FAILED or was CANCELLED (for ``worker``:
 the server refused it); 2 bad usage or an error from the server; 130 interrupted.
 """
@@ -34,11 +35,75 @@ EXIT_INTERRUPTED = 130
 
 Command = Callable[[JobwireClient, argparse.Namespace], int]
 
+# Connection options that take a value: the word after them is never the subcommand.
+VALUE_OPTIONS = ("--server", "--token", "--tls-ca", "--tls-cert", "--tls-key")
+# Every option the top-level parser knows, for naming unknown ones when no subcommand is given.
+TOP_LEVEL_OPTIONS = (*VALUE_OPTIONS, "--tls", "--no-tls", "--json", "-h", "--help")
+# Subcommands whose flags belong to the server package: handed over before the normal parsing.
+SERVER_COMMANDS = ("serve", "token")
+
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+
+
+def _env_flag(value: str | None) -> bool:
+    """An on/off environment variable: 1, true, yes or on (any case) mean on; anything else off."""
+    return (value or "").strip().lower() in _TRUE_WORDS
+
+
+def _add_tls_options(parser: argparse.ArgumentParser, environ: Mapping[str, str], *, top: bool) -> None:
+    """--tls/--tls-ca/--tls-cert/--tls-key; defaults from $JOBWIRE_TLS* on the top-level parser only
+    (the copies after the subcommand default to SUPPRESS, like --server's)."""
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=default(_env_flag(environ.get("JOBWIRE_TLS"))),
+        help="connect over TLS, trusting the system's roots unless --tls-ca says otherwise "
+        "(default: on when $JOBWIRE_TLS=1; implied by any --tls-* file)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        metavar="PATH",
+        default=default(environ.get("JOBWIRE_TLS_CA") or None),
+        help="PEM file of the CA that signs the server's certificate; implies --tls "
+        "(default: $JOBWIRE_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="PATH",
+        default=default(environ.get("JOBWIRE_TLS_CERT") or None),
+        help="PEM client certificate, for mutual TLS; needs --tls-key (default: $JOBWIRE_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        metavar="PATH",
+        default=default(environ.get("JOBWIRE_TLS_KEY") or None),
+        help="PEM private key of --tls-cert (default: $JOBWIRE_TLS_KEY)",
+    )
+
+
+_ENV_NAMES = {"--tls-cert": "JOBWIRE_TLS_CERT", "--tls-key": "JOBWIRE_TLS_KEY"}
+
+
+def _check_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A client certificate without its key (or the reverse) is bad usage, said with the flags' names."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        given, missing = ("--tls-cert", "--tls-key") if args.tls_cert else ("--tls-key", "--tls-cert")
+        parser.error(f"{given} needs {missing} (or ${_ENV_NAMES[missing]}): mutual TLS takes both")
+
+
+def _tls_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The TLS keyword arguments of JobwireClient and Worker, from the parsed options."""
+    return {"tls": args.tls, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+
 
 def _add_connection_options(
     parser: argparse.ArgumentParser, environ: Mapping[str, str], *, top: bool
 ) -> None:
-    """--server/--token/--json, accepted before the subcommand and after it.
+    """--server/--token/--tls*/--json, accepted before the subcommand and after it.
 
     The copies on subcommands default to SUPPRESS so that they only override the top-level value
     when actually given.
@@ -59,6 +124,7 @@ def _add_connection_options(
         default=default(environ.get("JOBWIRE_TOKEN") or None),
         help="bearer token sent with every call (default: $JOBWIRE_TOKEN)",
     )
+    _add_tls_options(parser, environ, top=top)
     parser.add_argument(
         "--json",
         action="store_true",
@@ -68,8 +134,8 @@ def _add_connection_options(
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    """The full parser. ``serve`` is only a placeholder here: its flags belong to the server package,
-    which is imported only when ``serve`` actually runs."""
+    """The full parser. ``serve`` and ``token`` are only placeholders here: their flags belong to the
+    server package, which is imported only when one of them actually runs."""
     env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="jobwire", description="Submit, watch, list and cancel Jobwire jobs, or run the server."
@@ -83,6 +149,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "serve",
         add_help=False,  # `jobwire serve --help` is answered by the server's own parser
         help="run the Jobwire server (see: jobwire serve --help)",
+    )
+    sub.add_parser(
+        "token",
+        add_help=False,  # `jobwire token --help` is answered by the server's own parser
+        help="issue or inspect bearer tokens; needs the server package (see: jobwire token --help)",
     )
 
     p = sub.add_parser("submit", parents=[common], help="submit a job")
@@ -126,17 +197,30 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     p.add_argument("--type", action="append", dest="types", metavar="TYPE", help="repeatable")
     p.add_argument("--label", action="append", type=label_arg, metavar="KEY=VALUE", help="repeatable")
+    p.add_argument(
+        "--tenant",
+        action="append",
+        dest="tenants",
+        metavar="TENANT",
+        help="only this tenant's jobs; repeatable (admins: others see only their own tenant)",
+    )
     p.add_argument("--limit", type=int, default=20, metavar="N", help="rows to show (default 20; 0 = all)")
     p.set_defaults(handler=cmd_list)
 
     p = sub.add_parser("cancel", parents=[common], help="cancel a job")
     p.add_argument("job_id", metavar="JOB_ID")
     p.add_argument("--reason", default="", metavar="TEXT", help="recorded on the job")
+    p.add_argument("--request-id", metavar="ID", help="id of this request, recorded in the job's audit trail")
     p.set_defaults(handler=cmd_cancel)
 
     p = sub.add_parser("retry", parents=[common], help="queue a failed or cancelled job again")
     p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--request-id", metavar="ID", help="id of this request, recorded in the job's audit trail")
     p.set_defaults(handler=cmd_retry)
+
+    p = sub.add_parser("audit", parents=[common], help="show a job's audit trail: who did what, and when")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.set_defaults(handler=cmd_audit)
 
     p = sub.add_parser("watch", parents=[common], help="follow a job until it finishes")
     p.add_argument("job_id", metavar="JOB_ID")
@@ -194,11 +278,12 @@ def _add_worker_parser(sub: Any, env: Mapping[str, str]) -> None:
         "for it, until SIGTERM or SIGINT (which drain: running jobs get --drain-grace seconds to "
         "finish, then are handed back).",
     )
-    # Only --server and --token: the top-level parser already resolves $JOBWIRE_SERVER/$JOBWIRE_TOKEN.
+    # Only --server, --token and --tls*: the top-level parser already resolves their $JOBWIRE_* defaults.
     p.add_argument(
         "--server", metavar="HOST:PORT", type=_target_arg, default=argparse.SUPPRESS, help="server address"
     )
     p.add_argument("--token", default=argparse.SUPPRESS, help="bearer token")
+    _add_tls_options(p, env, top=False)
     p.add_argument(
         "--handlers",
         metavar="MOD1,MOD2",
@@ -257,14 +342,19 @@ def _run_worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     if not handlers:
         parser.error(f"worker: no @handler functions found in {', '.join(modules)}")
     configure_logging(args.log_format, args.log_level)
-    worker = Worker(
-        args.server,
-        handlers,
-        concurrency=args.concurrency,
-        worker_id=args.worker_id,
-        token=args.token,
-        drain_grace=args.drain_grace,
-    )
+    try:
+        worker = Worker(
+            args.server,
+            handlers,
+            concurrency=args.concurrency,
+            worker_id=args.worker_id,
+            token=args.token,
+            drain_grace=args.drain_grace,
+            **_tls_kwargs(args),
+        )
+    except JobwireError as exc:  # an unreadable TLS file: said before anything connects
+        _print_error(exc)
+        return EXIT_ERROR
     code = worker.run_forever()
     stuck = worker.handler_threads_busy
     if stuck:
@@ -338,7 +428,7 @@ def cmd_get(client: JobwireClient, args: argparse.Namespace) -> int:
 
 
 def cmd_retry(client: JobwireClient, args: argparse.Namespace) -> int:
-    job = client.retry(args.job_id)
+    job = client.retry(args.job_id, request_id=args.request_id)
     if args.json:
         render.print_json(render.to_dict(job))
     else:
@@ -355,6 +445,7 @@ def cmd_list(client: JobwireClient, args: argparse.Namespace) -> int:
         types=args.types,
         labels=labels_dict(args.label),
         page_size=min(limit, 100) if limit else 100,
+        tenants=args.tenants,
     )
     jobs = list(itertools.islice(jobs_iter, limit))
     if args.json:
@@ -365,11 +456,20 @@ def cmd_list(client: JobwireClient, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(client: JobwireClient, args: argparse.Namespace) -> int:
-    job = client.cancel(args.job_id, args.reason)
+    job = client.cancel(args.job_id, args.reason, request_id=args.request_id)
     if args.json:
         render.print_json(render.to_dict(job))
     else:
         render.make_console().print(render.job_summary_table(job))
+    return EXIT_OK
+
+
+def cmd_audit(client: JobwireClient, args: argparse.Namespace) -> int:
+    entries = list(client.audit(args.job_id))
+    if args.json:
+        render.print_json([render.to_dict(entry) for entry in entries])
+    else:
+        render.make_console().print(render.audit_table(entries))
     return EXIT_OK
 
 
@@ -386,23 +486,42 @@ def cmd_stats(client: JobwireClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _serve(parser: argparse.ArgumentParser, serve_argv: Sequence[str]) -> int:
-    """Hand ``jobwire serve`` over to the server package, imported only now."""
+def _hand_over(
+    parser: argparse.ArgumentParser, command: str, module: str, description: str, argv: Sequence[str]
+) -> int:
+    """Hand a command that belongs to the server package (``serve``; ``token``, since tokens are signed
+    with the server's keys) over to it, imported only now."""
     # importlib rather than an import statement: the client distribution must work, and type-check,
     # without the server package.
     try:
-        server_cli = importlib.import_module("jobwire.server.cli")
-        add_serve_arguments: Callable[[argparse.ArgumentParser], None] = server_cli.add_serve_arguments
-        run_serve: Callable[[argparse.Namespace], int] = server_cli.run_serve
+        server_module = importlib.import_module(module)
+        add_arguments: Callable[[argparse.ArgumentParser], None] = getattr(
+            server_module, f"add_{command}_arguments"
+        )
+        run: Callable[[argparse.Namespace], int] = getattr(server_module, f"run_{command}")
     except (ImportError, AttributeError) as exc:
         print(
-            f"error: `jobwire serve` needs the Jobwire server package (jobwire.server.cli): {exc}",
+            f"error: `jobwire {command}` needs the Jobwire server package ({module}): {exc}",
             file=sys.stderr,
         )
         return EXIT_ERROR
-    serve_parser = argparse.ArgumentParser(prog=f"{parser.prog} serve", description="Run the Jobwire server.")
-    add_serve_arguments(serve_parser)
-    return run_serve(serve_parser.parse_args(list(serve_argv)))
+    command_parser = argparse.ArgumentParser(prog=f"{parser.prog} {command}", description=description)
+    add_arguments(command_parser)
+    return run(command_parser.parse_args(list(argv)))
+
+
+def _serve(parser: argparse.ArgumentParser, serve_argv: Sequence[str]) -> int:
+    return _hand_over(parser, "serve", "jobwire.server.cli", "Run the Jobwire server.", serve_argv)
+
+
+def _token(parser: argparse.ArgumentParser, token_argv: Sequence[str]) -> int:
+    return _hand_over(
+        parser,
+        "token",
+        "jobwire.server.token_cli",
+        "Issue Jobwire bearer tokens and manage their keys.",
+        token_argv,
+    )
 
 
 def _command_position(argv: Sequence[str]) -> int | None:
@@ -410,7 +529,7 @@ def _command_position(argv: Sequence[str]) -> int | None:
     index = 0
     while index < len(argv):
         word = argv[index]
-        if word in ("--server", "--token"):
+        if word in VALUE_OPTIONS:
             index += 2
         elif word.startswith("-"):
             index += 1
@@ -433,11 +552,17 @@ def _target_arg(text: str) -> str:
 
 
 def _print_error(err: JobwireError) -> None:
-    """The error once: its message, then any field violation the message does not already say."""
+    """The error once: its message, then any field or quota violation the message does not already
+    say, and how long the server asks to wait before retrying."""
     print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
     for field, description in err.field_violations:
         if f"{field}: {description}" not in err.message:
             print(f"  {field}: {description}", file=sys.stderr)
+    for subject, description in err.quota_violations:
+        if description not in err.message:
+            print(f"  {subject}: {description}", file=sys.stderr)
+    if err.retry_delay is not None:
+        print(f"  retry after {render.fmt_seconds(err.retry_delay)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,20 +571,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command_at = _command_position(argv)
     if command_at is None:  # no command: name what is wrong before saying one is needed
-        known = ("--server", "--token", "--json", "-h", "--help")
-        unknown = [w for w in argv if w.startswith("-") and w.split("=", 1)[0] not in known]
+        unknown = [w for w in argv if w.startswith("-") and w.split("=", 1)[0] not in TOP_LEVEL_OPTIONS]
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if command_at is not None and argv[command_at] == "serve":
-        # The server's flags belong to its own parser; what comes before `serve` is checked here.
+    if command_at is not None and argv[command_at] in SERVER_COMMANDS:
+        # The server's flags belong to its own parser; what comes before the command is checked here.
         parser.parse_args(argv[: command_at + 1])
-        return _serve(parser, argv[command_at + 1 :])
+        hand_over = _serve if argv[command_at] == "serve" else _token
+        return hand_over(parser, argv[command_at + 1 :])
     args = parser.parse_args(argv)
+    _check_tls(parser, args)
     if args.command == "worker":
         return _run_worker(parser, args)
     handler: Command = args.handler
     try:
-        with JobwireClient(args.server, token=args.token) as client:
+        with JobwireClient(args.server, token=args.token, **_tls_kwargs(args)) as client:
             return handler(client, args)
     except UsageError as exc:
         parser.error(str(exc))

@@ -191,12 +191,24 @@ def fmt_attempt(job: job_pb2.Job) -> str:
     return f"{job.attempt} of {allowed}"
 
 
+# What a wait reason means, for servers that send no wait_message with it.
+_WAIT_HINTS: dict[int, str] = {
+    job_pb2.WAIT_REASON_TENANT_LIMIT: "its tenant runs as many jobs as its quota allows",
+}
+
+
 def fmt_wait(job: job_pb2.Job) -> str:
-    """Why a queued job waits, e.g. "no worker: no connected worker takes type x"."""
+    """Why a queued job waits, e.g. "no worker: no connected worker takes type x" or "tenant limit:
+    ..."."""
     if not job.wait_reason:
         return "-"
-    name = job_pb2.WaitReason.Name(job.wait_reason).removeprefix("WAIT_REASON_").lower().replace("_", " ")
-    return f"{name}: {job.wait_message}" if job.wait_message else name
+    try:
+        enum_name = job_pb2.WaitReason.Name(job.wait_reason)
+    except ValueError:  # a reason newer than this client
+        enum_name = f"reason {job.wait_reason}"
+    name = enum_name.removeprefix("WAIT_REASON_").lower().replace("_", " ")
+    message = job.wait_message or _WAIT_HINTS.get(job.wait_reason, "")
+    return f"{name}: {message}" if message else name
 
 
 def attempts_table(job: job_pb2.Job) -> Table:
@@ -223,6 +235,10 @@ def job_detail_table(job: job_pb2.Job) -> Table:
     table.add_row("type", job.type)
     table.add_row("state", styled_state(job.state))
     table.add_row("priority", str(job.priority))
+    if job.tenant:
+        table.add_row("tenant", job.tenant)
+    if job.created_by:
+        table.add_row("created by", job.created_by)
     table.add_row("attempt", fmt_attempt(job))
     table.add_row("progress", fmt_progress(job))
     if job.state == job_pb2.JOB_STATE_QUEUED:
@@ -257,9 +273,14 @@ def job_detail_table(job: job_pb2.Job) -> Table:
 
 
 def jobs_table(jobs: Iterable[job_pb2.Job]) -> Table:
-    """One row per job, for ``list``."""
+    """One row per job, for ``list``; a TENANT column only when the jobs span several tenants (an
+    admin's view), since for everyone else it would repeat one name on every row."""
+    jobs = list(jobs)
+    with_tenant = len({job.tenant for job in jobs}) > 1
     table = Table(box=box.SIMPLE_HEAD)
     table.add_column("ID", no_wrap=True)
+    if with_tenant:
+        table.add_column("TENANT", overflow="fold")
     table.add_column("TYPE", overflow="fold")
     table.add_column("STATE", no_wrap=True)
     table.add_column("PRI", justify="right")
@@ -267,8 +288,9 @@ def jobs_table(jobs: Iterable[job_pb2.Job]) -> Table:
     table.add_column("CREATED", no_wrap=True)
     table.add_column("LABELS", overflow="fold")
     for job in jobs:
+        cells: list[str | Text] = [job.id, job.tenant or "-"] if with_tenant else [job.id]
         table.add_row(
-            job.id,
+            *cells,
             job.type,
             styled_state(job.state),
             str(job.priority),
@@ -279,9 +301,64 @@ def jobs_table(jobs: Iterable[job_pb2.Job]) -> Table:
     return table
 
 
+def audit_table(entries: Iterable[job_pb2.AuditEntry]) -> Table:
+    """A job's audit trail, oldest first, for ``audit``."""
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("TIME", no_wrap=True)
+    table.add_column("ACTION", no_wrap=True)
+    table.add_column("PRINCIPAL", overflow="fold")
+    table.add_column("REQUEST ID", overflow="fold")
+    table.add_column("PEER", overflow="fold")
+    table.add_column("DETAIL", overflow="fold")
+    for entry in entries:
+        table.add_row(
+            fmt_time(entry.time, entry.HasField("time")),
+            entry.action or "-",
+            entry.principal or "-",
+            entry.request_id or "-",
+            entry.peer or "-",
+            entry.detail or "-",
+        )
+    return table
+
+
+def _limit(value: float) -> str:
+    """A quota for display: "-" for 0, which means no limit."""
+    return f"{value:g}" if value else "-"
+
+
+def tenants_table(stats: job_service_pb2.GetQueueStatsResponse) -> Table | None:
+    """Each tenant's share of the queue and its quotas, or None when that says nothing new: a single
+    tenant without quotas (the counts above are already its own)."""
+    rows = list(stats.tenant_stats)
+    quotas = any(t.max_queued or t.max_running or t.submit_rate for t in rows)
+    if len(rows) <= 1 and not quotas:
+        return None
+    table = Table(title="jobs by tenant", box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("TENANT")
+    table.add_column("QUEUED", justify="right")
+    table.add_column("RUNNING", justify="right")
+    table.add_column("WEIGHT", justify="right")
+    table.add_column("MAX QUEUED", justify="right")
+    table.add_column("MAX RUNNING", justify="right")
+    table.add_column("SUBMITS/MIN", justify="right")
+    for ts in sorted(rows, key=lambda t: t.tenant):
+        table.add_row(
+            ts.tenant or "-",
+            str(ts.queued),
+            str(ts.running),
+            f"{ts.weight:g}" if ts.weight else "-",
+            _limit(ts.max_queued),
+            _limit(ts.max_running),
+            _limit(ts.submit_rate),
+        )
+    return table
+
+
 def stats_view(stats: job_service_pb2.GetQueueStatsResponse) -> Group:
     """Queue statistics as a few small tables, for ``stats``."""
     overview = _kv_table("queue")
+    overview.add_row("scope", f"tenant {stats.tenant}" if stats.tenant else "all tenants")
     overview.add_row("running", f"{stats.running} / {stats.max_running or '-'}")
     overview.add_row("max queued", str(stats.max_queued or "-"))
     overview.add_row("draining", "yes" if stats.draining else "no")
@@ -325,7 +402,10 @@ def stats_view(stats: job_service_pb2.GetQueueStatsResponse) -> Group:
     if not stats.priority_counts:
         priorities.add_row("-", "0")
 
-    return Group(overview, states, types, priorities)
+    tenants = tenants_table(stats)
+    if tenants is None:
+        return Group(overview, states, types, priorities)
+    return Group(overview, states, types, tenants, priorities)
 
 
 def outcome_text(job: job_pb2.Job) -> Text:

@@ -8,9 +8,13 @@ Usage::
         job = client.submit("demo.sleep", {"seconds": 2})
         done = client.wait(job.id, timeout=60, raise_on_failure=True)
         print(job_result(done))
+
+TLS: ``JobwireClient("jobs.example:443", tls=True)`` (system roots), or ``tls_ca="ca.pem"`` for a private
+CA, plus ``tls_cert``/``tls_key`` for mutual TLS; ``tls_credentials()`` builds the same credentials.
 """
 
 from jobwire.client.async_client import AsyncJobwireClient
+from jobwire.client.channels import tls_credentials
 from jobwire.client.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -60,4 +64,5 @@ __all__ = [
     "job_result",
     "parse_state",
     "state_name",
+    "tls_credentials",
 ]

@@ -34,6 +34,7 @@ DEFAULT_PAGE_SIZE = 100
 Metadata = tuple[tuple[str, str], ...]
 Timeout = float | datetime.timedelta
 StateFilter = Iterable[int | str] | int | str | None
+NameFilter = Iterable[str] | str | None
 
 
 def call_metadata(token: str | None) -> Metadata:
@@ -123,15 +124,19 @@ def build_list_request(
     page_size: int = DEFAULT_PAGE_SIZE,
     page_token: str = "",
     with_payload: bool = False,
+    tenants: NameFilter = None,
 ) -> job_service_pb2.ListJobsRequest:
     """The ListJobsRequest for one page; states may be numbers or names such as "queued".
 
-    A single state or type may be given bare instead of in a list.
+    A single state, type or tenant may be given bare instead of in a list. ``tenants`` is for admins
+    (who see every tenant's jobs); other callers may name only their own tenant.
     """
     if isinstance(states, int | str):
         states = [states]
     if isinstance(types, str):
         types = [types]
+    if isinstance(tenants, str):
+        tenants = [tenants]
     try:
         state_numbers = [parse_state(s) for s in states or ()]
     except ValueError as exc:
@@ -143,12 +148,40 @@ def build_list_request(
         types=list(types or ()),
         labels=dict(labels or {}),
         view=job_pb2.JOB_VIEW_FULL if with_payload else job_pb2.JOB_VIEW_BASIC,
+        tenants=list(tenants or ()),
     )
     if create_time_start is not None:
         request.create_time_start.CopyFrom(to_timestamp(create_time_start))
     if create_time_end is not None:
         request.create_time_end.CopyFrom(to_timestamp(create_time_end))
     return request
+
+
+def build_cancel_request(
+    job_id: str, reason: str = "", request_id: str | None = None
+) -> job_service_pb2.CancelJobRequest:
+    """The CancelJobRequest; ``request_id`` (optional) is recorded in the job's audit trail."""
+    return job_service_pb2.CancelJobRequest(job_id=job_id, reason=reason, request_id=request_id or "")
+
+
+def build_retry_request(job_id: str, request_id: str | None = None) -> job_service_pb2.RetryJobRequest:
+    """The RetryJobRequest; ``request_id`` (optional) is recorded in the job's audit trail."""
+    return job_service_pb2.RetryJobRequest(job_id=job_id, request_id=request_id or "")
+
+
+def build_audit_request(
+    job_id: str, *, page_size: int = DEFAULT_PAGE_SIZE, page_token: str = ""
+) -> job_service_pb2.ListJobAuditEntriesRequest:
+    """The ListJobAuditEntriesRequest for one page of a job's audit trail.
+
+    A negative page size is refused here, before any call (the server would say INVALID_ARGUMENT).
+    """
+    if page_size < 0:
+        problem = f"must be 0 (the server's default) or more, got {page_size}"
+        raise InvalidArgumentError(f"page_size: {problem}", field_violations=[("page_size", problem)])
+    return job_service_pb2.ListJobAuditEntriesRequest(
+        job_id=job_id, page_size=page_size, page_token=page_token
+    )
 
 
 def timeout_seconds(timeout: Timeout | None) -> float | None:

@@ -16,7 +16,7 @@ import grpc
 import grpc.aio
 
 from jobwire.client import _core
-from jobwire.client.channels import open_aio_channel
+from jobwire.client.channels import open_aio_channel, select_credentials
 from jobwire.client.errors import JobFailedError, from_rpc_error
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
@@ -29,8 +29,14 @@ __all__ = ["AsyncJobwireClient"]
 class AsyncJobwireClient:
     """asyncio client for the Jobwire JobService; create it inside a running event loop.
 
-    Every method raises a :class:`jobwire.client.JobwireError` subclass on failure. ``list_jobs``
-    and ``watch`` are async iterators; the rest are coroutines.
+    Every method raises a :class:`jobwire.client.JobwireError` subclass on failure. ``list_jobs``,
+    ``watch`` and ``audit`` are async iterators; the rest are coroutines.
+
+    The channel is plaintext unless TLS is asked for: ``tls=True`` (the system's trusted roots), or any
+    of ``tls_ca`` (PEM file of the CA that signs the server's certificate), ``tls_cert`` and ``tls_key``
+    (a client certificate and its key, together, for mutual TLS). ``channel_credentials``, when given,
+    wins over all of them. Unreadable PEM files raise InvalidArgumentError here, not on the first call.
+    ``token`` is sent as ``authorization: Bearer <token>`` on every call.
     """
 
     def __init__(
@@ -40,14 +46,18 @@ class AsyncJobwireClient:
         token: str | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
         call_timeout: float | None = _core.DEFAULT_CALL_TIMEOUT,
+        tls: bool = False,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.target = target
         self.call_timeout = call_timeout
         self._metadata = _core.call_metadata(token)
-        if channel_credentials is not None:
-            self._channel: Any = open_aio_channel(target, channel_credentials)
-        else:
-            self._channel = open_aio_channel(target)
+        credentials = select_credentials(
+            channel_credentials, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+        )
+        self._channel: Any = open_aio_channel(target, credentials)
         # The generated stub is the same class for both channel kinds; only its typing differs.
         self._stub = cast("JobServiceAsyncStub", job_service_pb2_grpc.JobServiceStub(self._channel))
 
@@ -133,10 +143,12 @@ class AsyncJobwireClient:
         page_size: int = _core.DEFAULT_PAGE_SIZE,
         page_token: str = "",
         with_payload: bool = False,
+        tenants: _core.NameFilter = None,
     ) -> tuple[list[job_pb2.Job], str]:
         """One page of jobs, newest first, and the token of the next page ("" on the last).
 
         Jobs come without params and result unless ``with_payload`` (the server's full view).
+        ``tenants`` (admins only) keeps the jobs of these tenants.
         """
         request = _core.build_list_request(
             states=states,
@@ -147,6 +159,7 @@ class AsyncJobwireClient:
             page_size=page_size,
             page_token=page_token,
             with_payload=with_payload,
+            tenants=tenants,
         )
         return await self._list_page(request)
 
@@ -164,8 +177,13 @@ class AsyncJobwireClient:
         create_time_end: datetime.datetime | None = None,
         page_size: int = _core.DEFAULT_PAGE_SIZE,
         with_payload: bool = False,
+        tenants: _core.NameFilter = None,
     ) -> AsyncIterator[job_pb2.Job]:
-        """Every matching job, newest first, fetching pages lazily as the caller iterates."""
+        """Every matching job, newest first, fetching pages lazily as the caller iterates.
+
+        ``tenants`` (one name or several) is for admins, who otherwise see every tenant's jobs; other
+        callers see only their own tenant's and may name only it (another is PERMISSION_DENIED).
+        """
         request = _core.build_list_request(
             states=states,
             types=types,
@@ -174,6 +192,7 @@ class AsyncJobwireClient:
             create_time_end=create_time_end,
             page_size=page_size,
             with_payload=with_payload,
+            tenants=tenants,
         )
         while True:
             jobs, token = await self._list_page(request)
@@ -183,19 +202,44 @@ class AsyncJobwireClient:
                 return
             request.page_token = token
 
-    async def cancel(self, job_id: str, reason: str = "") -> job_pb2.Job:
-        """Cancel a job; returns it CANCELLED, or CANCELLING while its handler stops."""
+    async def cancel(self, job_id: str, reason: str = "", *, request_id: str | None = None) -> job_pb2.Job:
+        """Cancel a job; returns it CANCELLED, or CANCELLING while its handler stops.
+
+        ``request_id`` (optional) is recorded in the job's audit trail, to trace the call.
+        """
         response: job_service_pb2.CancelJobResponse = await self._call(
-            self._stub.CancelJob, job_service_pb2.CancelJobRequest(job_id=job_id, reason=reason)
+            self._stub.CancelJob, _core.build_cancel_request(job_id, reason, request_id)
         )
         return response.job
 
-    async def retry(self, job_id: str) -> job_pb2.Job:
-        """Queue a FAILED or CANCELLED job again, with a fresh budget of attempts."""
+    async def retry(self, job_id: str, *, request_id: str | None = None) -> job_pb2.Job:
+        """Queue a FAILED or CANCELLED job again, with a fresh budget of attempts.
+
+        ``request_id`` (optional) is recorded in the job's audit trail, to trace the call.
+        """
         response: job_service_pb2.RetryJobResponse = await self._call(
-            self._stub.RetryJob, job_service_pb2.RetryJobRequest(job_id=job_id)
+            self._stub.RetryJob, _core.build_retry_request(job_id, request_id)
         )
         return response.job
+
+    async def audit(
+        self, job_id: str, *, page_size: int = _core.DEFAULT_PAGE_SIZE
+    ) -> AsyncIterator[job_pb2.AuditEntry]:
+        """Every entry of the job's audit trail (who did what, when, from where), oldest first.
+
+        Pages of ``page_size`` are fetched lazily as the caller iterates; NotFoundError surfaces on
+        the first step for a job the caller cannot see.
+        """
+        request = _core.build_audit_request(job_id, page_size=page_size)
+        while True:
+            response: job_service_pb2.ListJobAuditEntriesResponse = await self._call(
+                self._stub.ListJobAuditEntries, request
+            )
+            for entry in response.entries:
+                yield entry
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
 
     async def stats(self) -> job_service_pb2.GetQueueStatsResponse:
         """Queue counts and timings."""

@@ -2,7 +2,8 @@
 
 Every failed RPC surfaces as a :class:`JobwireError` subclass chosen by its gRPC status code, with the
 AIP-193 details the server puts in the ``grpc-status-details-bin`` trailer already decoded: the
-``google.rpc.ErrorInfo`` reason and metadata, and the ``google.rpc.BadRequest`` field violations.
+``google.rpc.ErrorInfo`` reason and metadata, the ``google.rpc.BadRequest`` field violations, the
+``google.rpc.QuotaFailure`` violations and the ``google.rpc.RetryInfo`` delay.
 Callers branch on the class or on ``reason``, never on raw grpc errors or message text.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from google.rpc.error_details_pb2 import BadRequest, ErrorInfo, RetryInfo
+from google.rpc.error_details_pb2 import BadRequest, ErrorInfo, QuotaFailure, RetryInfo
 from google.rpc.status_pb2 import Status
 from grpc_status import rpc_status
 
@@ -50,7 +51,9 @@ class JobwireError(Exception):
 
     ``code`` is a ``grpc.StatusCode``; ``reason``, ``domain`` and ``metadata`` come from the
     ``google.rpc.ErrorInfo`` detail ("" / {} when the server sent none); ``field_violations`` lists
-    ``(field, description)`` pairs from ``google.rpc.BadRequest``; ``retry_delay`` is the seconds
+    ``(field, description)`` pairs from ``google.rpc.BadRequest``; ``quota_violations`` lists
+    ``(subject, description)`` pairs from ``google.rpc.QuotaFailure`` (e.g. ``("tenant:acme", "at
+    most 100 jobs queued")``, mostly on ResourceExhaustedError); ``retry_delay`` is the seconds
     a ``google.rpc.RetryInfo`` asks to wait before retrying (None without one); ``status`` is the
     decoded rich status, if any.
     """
@@ -68,6 +71,7 @@ class JobwireError(Exception):
         field_violations: Iterable[tuple[str, str]] = (),
         retry_delay: float | None = None,
         status: Status | None = None,
+        quota_violations: Iterable[tuple[str, str]] = (),
     ) -> None:
         super().__init__(message)
         self.code: Any = code if code is not None else self.default_code
@@ -76,6 +80,7 @@ class JobwireError(Exception):
         self.domain = domain
         self.metadata: dict[str, str] = dict(metadata or {})
         self.field_violations: list[tuple[str, str]] = list(field_violations)
+        self.quota_violations: list[tuple[str, str]] = list(quota_violations)
         self.retry_delay = retry_delay
         self.status = status
 
@@ -106,7 +111,8 @@ class FailedPreconditionError(JobwireError):
 
 
 class ResourceExhaustedError(JobwireError):
-    """The server's queue is full; retry later."""
+    """The server's queue is full, or the caller's tenant is over a quota (its queued jobs or its submit
+    rate: see ``quota_violations``); retry later, after ``retry_delay`` when the server gave one."""
 
     default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -162,6 +168,7 @@ class JobFailedError(JobwireError):
             field_violations=parsed.field_violations,
             retry_delay=parsed.retry_delay,
             status=error if job.HasField("error") else None,
+            quota_violations=parsed.quota_violations,
         )
         self.job = job
 
@@ -182,7 +189,7 @@ _CLASS_BY_CODE: dict[Any, type[JobwireError]] = {
 class _Details:
     """The decoded ``details`` of a google.rpc.Status."""
 
-    __slots__ = ("domain", "field_violations", "metadata", "reason", "retry_delay")
+    __slots__ = ("domain", "field_violations", "metadata", "quota_violations", "reason", "retry_delay")
 
     def __init__(self) -> None:
         self.retry_delay: float | None = None
@@ -190,10 +197,12 @@ class _Details:
         self.domain = ""
         self.metadata: dict[str, str] = {}
         self.field_violations: list[tuple[str, str]] = []
+        self.quota_violations: list[tuple[str, str]] = []
 
 
 def _parse_details(details: Iterable[Any]) -> _Details:
-    """Pick ErrorInfo and BadRequest out of a Status's ``Any`` details, ignoring the rest."""
+    """Pick ErrorInfo, BadRequest, QuotaFailure and RetryInfo out of a Status's ``Any`` details, ignoring
+    the rest."""
     parsed = _Details()
     for detail in details:
         if detail.Is(ErrorInfo.DESCRIPTOR):
@@ -207,6 +216,10 @@ def _parse_details(details: Iterable[Any]) -> _Details:
             bad = BadRequest()
             detail.Unpack(bad)
             parsed.field_violations.extend((v.field, v.description) for v in bad.field_violations)
+        elif detail.Is(QuotaFailure.DESCRIPTOR):
+            quota = QuotaFailure()
+            detail.Unpack(quota)
+            parsed.quota_violations.extend((v.subject, v.description) for v in quota.violations)
         elif detail.Is(RetryInfo.DESCRIPTOR):
             retry = RetryInfo()
             detail.Unpack(retry)
@@ -253,6 +266,7 @@ def from_status(status: Status) -> JobwireError:
         field_violations=parsed.field_violations,
         retry_delay=parsed.retry_delay,
         status=status,
+        quota_violations=parsed.quota_violations,
     )
 
 
@@ -276,4 +290,5 @@ def from_rpc_error(err: grpc.RpcError) -> JobwireError:
         field_violations=parsed.field_violations,
         retry_delay=parsed.retry_delay,
         status=status,
+        quota_violations=parsed.quota_violations,
     )

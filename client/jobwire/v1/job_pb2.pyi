@@ -144,6 +144,8 @@ class _WaitReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WaitReason
     """Every worker that takes its type is busy (no free capacity)."""
     WAIT_REASON_DRAINING: _WaitReason.ValueType  # 7
     """The server is draining and starts no new work."""
+    WAIT_REASON_TENANT_LIMIT: _WaitReason.ValueType  # 8
+    """Its tenant runs as many jobs as its quota allows."""
 
 class WaitReason(_WaitReason, metaclass=_WaitReasonEnumTypeWrapper):
     """Why a queued job is not running yet."""
@@ -168,6 +170,8 @@ WAIT_REASON_NO_CAPACITY: WaitReason.ValueType  # 6
 """Every worker that takes its type is busy (no free capacity)."""
 WAIT_REASON_DRAINING: WaitReason.ValueType  # 7
 """The server is draining and starts no new work."""
+WAIT_REASON_TENANT_LIMIT: WaitReason.ValueType  # 8
+"""Its tenant runs as many jobs as its quota allows."""
 Global___WaitReason: _TypeAlias = WaitReason  # noqa: Y015
 
 @_typing.final
@@ -268,6 +272,8 @@ class Job(_message.Message):
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     ATTEMPTS_IN_BUDGET_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier: 26 characters of lowercase Crockford base32
     (URL-safe), roughly sortable by creation time. Never reused.
@@ -314,6 +320,16 @@ class Job(_message.Message):
     """How many attempts of the current retry budget have started: `attempt`
     less the attempts made before the last RetryJob (RetryJob grants a fresh
     budget of retry_policy.max_attempts). 0 while the job has never started.
+    """
+    tenant: _builtins.str
+    """The tenant the job belongs to, set by the server from the caller's
+    credential (never from the request): "default" when authentication is
+    off. Only callers of this tenant (and admins) can see the job; to anyone
+    else it does not exist.
+    """
+    created_by: _builtins.str
+    """Who submitted the job: the subject of the caller's credential (a token's
+    `sub`, a client certificate's common name), or "anonymous".
     """
     @_builtins.property
     def params(self) -> _struct_pb2.Struct:
@@ -438,14 +454,71 @@ class Job(_message.Message):
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
         lease_epoch: _builtins.int = ...,
         attempts_in_budget: _builtins.int = ...,
+        tenant: _builtins.str = ...,
+        created_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "lease_expire_time", b"lease_expire_time", "params", b"params", "progress", b"progress", "result", b"result", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "start_time", b"start_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "attempts_in_budget", b"attempts_in_budget", "cancel_reason", b"cancel_reason", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "id", b"id", "labels", b"labels", "lease_epoch", b"lease_epoch", "lease_expire_time", b"lease_expire_time", "params", b"params", "priority", b"priority", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "start_time", b"start_time", "state", b"state", "timeout", b"timeout", "type", b"type", "update_time", b"update_time", "wait_message", b"wait_message", "wait_reason", b"wait_reason", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "attempts_in_budget", b"attempts_in_budget", "cancel_reason", b"cancel_reason", "create_time", b"create_time", "created_by", b"created_by", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "id", b"id", "labels", b"labels", "lease_epoch", b"lease_epoch", "lease_expire_time", b"lease_expire_time", "params", b"params", "priority", b"priority", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "start_time", b"start_time", "state", b"state", "tenant", b"tenant", "timeout", b"timeout", "type", b"type", "update_time", b"update_time", "wait_message", b"wait_message", "wait_reason", b"wait_reason", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class AuditEntry(_message.Message):
+    """One recorded change to a job: who did what, when, from where."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    action: _builtins.str
+    """What happened: "submitted", "cancel requested", "cancelled", "retried",
+    "attempt started", "attempt succeeded", "attempt failed", "attempt
+    released", "attempt abandoned", "lease expired", "timed out".
+    """
+    principal: _builtins.str
+    """Who did it: the caller's subject (with its tenant and role, as
+    "subject (tenant/role)"), a worker's id for an attempt's start and
+    outcome, or "jobwire" for what the server decided itself (an expired
+    lease, a time-out, a forced cancellation).
+    """
+    request_id: _builtins.str
+    """The request_id the call carried, if any."""
+    peer: _builtins.str
+    """The caller's address, as the server saw it (empty for the server's own
+    decisions).
+    """
+    detail: _builtins.str
+    """More about it, e.g. the attempt number and its outcome, or the cancel
+    reason. At most 1,024 characters.
+    """
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        action: _builtins.str = ...,
+        principal: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        peer: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "detail", b"detail", "peer", b"peer", "principal", b"principal", "request_id", b"request_id", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEntry: _TypeAlias = AuditEntry  # noqa: Y015
 
 @_typing.final
 class RetryPolicy(_message.Message):

@@ -275,6 +275,7 @@ class ListJobsRequest(_message.Message):
     CREATE_TIME_START_FIELD_NUMBER: _builtins.int
     CREATE_TIME_END_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of jobs to return: default 50 when 0, at most 1,000
     (larger values are treated as 1,000). Negative is INVALID_ARGUMENT.
@@ -313,6 +314,13 @@ class ListJobsRequest(_message.Message):
     def create_time_end(self) -> _timestamp_pb2.Timestamp:
         """Only jobs created before this time (exclusive)."""
 
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only jobs of these tenants; at most 100. Admins may name any tenant
+        (empty: every tenant); other callers see only their own tenant's jobs
+        and may name only it (another is PERMISSION_DENIED).
+        """
+
     def __init__(
         self,
         *,
@@ -324,10 +332,11 @@ class ListJobsRequest(_message.Message):
         create_time_start: _timestamp_pb2.Timestamp | None = ...,
         create_time_end: _timestamp_pb2.Timestamp | None = ...,
         view: _job_pb2.JobView.ValueType = ...,
+        tenants: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time_end", b"create_time_end", "create_time_start", b"create_time_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_end", b"create_time_end", "create_time_start", b"create_time_start", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "types", b"types", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_end", b"create_time_end", "create_time_start", b"create_time_start", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "tenants", b"tenants", "types", b"types", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -369,21 +378,27 @@ class CancelJobRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Required. The job's id."""
     reason: _builtins.str
     """Optional reason, at most 1,024 characters, recorded on the job as
     `cancel_reason` and in its error message.
     """
+    request_id: _builtins.str
+    """Optional id of this request (AIP-155), at most 128 characters: recorded
+    in the job's audit trail.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -619,6 +634,8 @@ class GetQueueStatsResponse(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     CONNECTED_WORKERS_FIELD_NUMBER: _builtins.int
     DELAYED_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    TENANT_STATS_FIELD_NUMBER: _builtins.int
     running: _builtins.int
     """Jobs running now across all types."""
     max_running: _builtins.int
@@ -640,6 +657,10 @@ class GetQueueStatsResponse(_message.Message):
     delayed: _builtins.int
     """Queued jobs waiting for a schedule_time or a retry back-off (counted in
     the QUEUED state count too).
+    """
+    tenant: _builtins.str
+    """The tenant the job counts above cover: the caller's own, or empty for an
+    admin, whose figures cover every tenant.
     """
     @_builtins.property
     def state_counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateCount]:
@@ -673,6 +694,12 @@ class GetQueueStatsResponse(_message.Message):
     def read_time(self) -> _timestamp_pb2.Timestamp:
         """When these figures were taken."""
 
+    @_builtins.property
+    def tenant_stats(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantStats]:
+        """Per tenant: the caller's own for other callers; for an admin, every
+        tenant with queued or running jobs or with quotas of its own.
+        """
+
     def __init__(
         self,
         *,
@@ -691,14 +718,68 @@ class GetQueueStatsResponse(_message.Message):
         draining: _builtins.bool = ...,
         connected_workers: _builtins.int = ...,
         delayed: _builtins.int = ...,
+        tenant: _builtins.str = ...,
+        tenant_stats: _abc.Iterable[Global___TenantStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["mean_queue_wait", b"mean_queue_wait", "mean_run_time", b"mean_run_time", "read_time", b"read_time", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_workers", b"connected_workers", "delayed", b"delayed", "draining", b"draining", "finished_in_window", b"finished_in_window", "max_queued", b"max_queued", "max_running", b"max_running", "mean_queue_wait", b"mean_queue_wait", "mean_run_time", b"mean_run_time", "priority_counts", b"priority_counts", "read_time", b"read_time", "running", b"running", "state_counts", b"state_counts", "success_rate", b"success_rate", "type_stats", b"type_stats", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected_workers", b"connected_workers", "delayed", b"delayed", "draining", b"draining", "finished_in_window", b"finished_in_window", "max_queued", b"max_queued", "max_running", b"max_running", "mean_queue_wait", b"mean_queue_wait", "mean_run_time", b"mean_run_time", "priority_counts", b"priority_counts", "read_time", b"read_time", "running", b"running", "state_counts", b"state_counts", "success_rate", b"success_rate", "tenant", b"tenant", "tenant_stats", b"tenant_stats", "type_stats", b"type_stats", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetQueueStatsResponse: _TypeAlias = GetQueueStatsResponse  # noqa: Y015
+
+@_typing.final
+class TenantStats(_message.Message):
+    """A tenant's share of the queue, and its quotas."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    MAX_QUEUED_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_FIELD_NUMBER: _builtins.int
+    SUBMIT_RATE_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """The tenant."""
+    queued: _builtins.int
+    """Its jobs waiting in the queue (scheduled and backing-off ones included)."""
+    running: _builtins.int
+    """Its jobs running now (RUNNING or CANCELLING)."""
+    weight: _builtins.float
+    """Its weight in fair sharing: when several tenants have jobs waiting at
+    the same priority, each gets starts in proportion to its weight.
+    """
+    max_queued: _builtins.int
+    """The most jobs it may have queued at once; 0 means no tenant limit (the
+    server's max_queued still applies).
+    """
+    max_running: _builtins.int
+    """The most jobs it may have running at once; 0 means no tenant limit."""
+    submit_rate: _builtins.int
+    """How many jobs it may submit per minute (a token bucket holding a
+    minute's worth); 0 means no limit.
+    """
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        queued: _builtins.int = ...,
+        running: _builtins.int = ...,
+        weight: _builtins.float = ...,
+        max_queued: _builtins.int = ...,
+        max_running: _builtins.int = ...,
+        submit_rate: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_queued", b"max_queued", "max_running", b"max_running", "queued", b"queued", "running", b"running", "submit_rate", b"submit_rate", "tenant", b"tenant", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantStats: _TypeAlias = TenantStats  # noqa: Y015
 
 @_typing.final
 class RetryJobRequest(_message.Message):
@@ -707,16 +788,22 @@ class RetryJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Required. The job's id."""
+    request_id: _builtins.str
+    """Optional id of this request (AIP-155), at most 128 characters: recorded
+    in the job's audit trail.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -745,3 +832,65 @@ class RetryJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetryJobResponse: _TypeAlias = RetryJobResponse  # noqa: Y015
+
+@_typing.final
+class ListJobAuditEntriesRequest(_message.Message):
+    """Request for ListJobAuditEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Required. The job's id."""
+    page_size: _builtins.int
+    """Maximum number of entries to return: default 100 when 0, at most 1,000
+    (larger values are treated as 1,000). Negative is INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """Opaque token from a previous ListJobAuditEntriesResponse.next_page_token
+    for the same job, to fetch the next page.
+    """
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobAuditEntriesRequest: _TypeAlias = ListJobAuditEntriesRequest  # noqa: Y015
+
+@_typing.final
+class ListJobAuditEntriesResponse(_message.Message):
+    """Response for ListJobAuditEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page, or empty when this is the last page."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.AuditEntry]:
+        """The job's audit entries, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[_job_pb2.AuditEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobAuditEntriesResponse: _TypeAlias = ListJobAuditEntriesResponse  # noqa: Y015

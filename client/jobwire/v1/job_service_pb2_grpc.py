@@ -33,6 +33,21 @@ class JobServiceStub:
     details hold a google.rpc.ErrorInfo (domain "jobwire.dev", a `reason` such
     as "JOB_NOT_FOUND") and, for bad input, a google.rpc.BadRequest naming each
     offending field. Bad input is always INVALID_ARGUMENT, never INTERNAL.
+
+    Authentication. A server started with authentication on verifies every
+    call: a bearer token in the `authorization: Bearer <token>` metadata, or a
+    client certificate (mutual TLS). Missing, malformed, expired or wrongly
+    signed credentials get UNAUTHENTICATED; a caller whose role does not allow
+    the call gets PERMISSION_DENIED. Roles: `admin` (everything, every
+    tenant), `submitter` (submit, read, cancel and retry its tenant's jobs),
+    `viewer` (read its tenant's jobs), `worker` (WorkerService only).
+
+    Tenants. Every job belongs to the tenant of the caller that submitted it
+    (never to one named in the request). Callers other than admins see only
+    their own tenant's jobs: another tenant's job is NOT_FOUND for every call,
+    never listed, and request_id deduplication and page tokens are scoped to
+    the tenant. With authentication off every caller is an admin of the
+    tenant "default".
     """
 
     def __init__(self, channel):
@@ -71,6 +86,11 @@ class JobServiceStub:
                 request_serializer=jobwire_dot_v1_dot_job__service__pb2.GetQueueStatsRequest.SerializeToString,
                 response_deserializer=jobwire_dot_v1_dot_job__service__pb2.GetQueueStatsResponse.FromString,
                 _registered_method=True)
+        self.ListJobAuditEntries = channel.unary_unary(
+                '/jobwire.v1.JobService/ListJobAuditEntries',
+                request_serializer=jobwire_dot_v1_dot_job__service__pb2.ListJobAuditEntriesRequest.SerializeToString,
+                response_deserializer=jobwire_dot_v1_dot_job__service__pb2.ListJobAuditEntriesResponse.FromString,
+                _registered_method=True)
         self.RetryJob = channel.unary_unary(
                 '/jobwire.v1.JobService/RetryJob',
                 request_serializer=jobwire_dot_v1_dot_job__service__pb2.RetryJobRequest.SerializeToString,
@@ -86,13 +106,31 @@ class JobServiceServicer:
     details hold a google.rpc.ErrorInfo (domain "jobwire.dev", a `reason` such
     as "JOB_NOT_FOUND") and, for bad input, a google.rpc.BadRequest naming each
     offending field. Bad input is always INVALID_ARGUMENT, never INTERNAL.
+
+    Authentication. A server started with authentication on verifies every
+    call: a bearer token in the `authorization: Bearer <token>` metadata, or a
+    client certificate (mutual TLS). Missing, malformed, expired or wrongly
+    signed credentials get UNAUTHENTICATED; a caller whose role does not allow
+    the call gets PERMISSION_DENIED. Roles: `admin` (everything, every
+    tenant), `submitter` (submit, read, cancel and retry its tenant's jobs),
+    `viewer` (read its tenant's jobs), `worker` (WorkerService only).
+
+    Tenants. Every job belongs to the tenant of the caller that submitted it
+    (never to one named in the request). Callers other than admins see only
+    their own tenant's jobs: another tenant's job is NOT_FOUND for every call,
+    never listed, and request_id deduplication and page tokens are scoped to
+    the tenant. With authentication off every caller is an admin of the
+    tenant "default".
     """
 
     def SubmitJob(self, request, context):
         """Accepts a job and returns it at once in state QUEUED, after it has been
         durably stored. Errors: INVALID_ARGUMENT (unknown type, bad field,
-        request_id reused with a different request), RESOURCE_EXHAUSTED (the
-        queue is at its configured limit), UNAVAILABLE (the server is draining).
+        request_id reused with a different request), PERMISSION_DENIED (the
+        caller may not submit, or not this type), RESOURCE_EXHAUSTED (the queue
+        is at its configured limit, or the caller's tenant is over a quota: its
+        queued jobs or its submit rate; the details hold a google.rpc.QuotaFailure
+        and a google.rpc.RetryInfo), UNAVAILABLE (the server is draining).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,6 +188,18 @@ class JobServiceServicer:
 
     def GetQueueStats(self, request, context):
         """Returns counts and timings of the queue, for dashboards and autoscalers.
+        With authentication on, a caller sees its own tenant's jobs; an admin
+        sees every tenant's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobAuditEntries(self, request, context):
+        """Lists a job's audit trail: every change, who made it, when and from
+        where, oldest first (AIP-158 pages). Kept as long as the job (its most
+        recent 1,000 entries at least). Readable by whoever may read the job.
+        Errors: NOT_FOUND, INVALID_ARGUMENT (bad page_token or page_size).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -199,6 +249,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     request_deserializer=jobwire_dot_v1_dot_job__service__pb2.GetQueueStatsRequest.FromString,
                     response_serializer=jobwire_dot_v1_dot_job__service__pb2.GetQueueStatsResponse.SerializeToString,
             ),
+            'ListJobAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobAuditEntries,
+                    request_deserializer=jobwire_dot_v1_dot_job__service__pb2.ListJobAuditEntriesRequest.FromString,
+                    response_serializer=jobwire_dot_v1_dot_job__service__pb2.ListJobAuditEntriesResponse.SerializeToString,
+            ),
             'RetryJob': grpc.unary_unary_rpc_method_handler(
                     servicer.RetryJob,
                     request_deserializer=jobwire_dot_v1_dot_job__service__pb2.RetryJobRequest.FromString,
@@ -220,6 +275,21 @@ class JobService:
     details hold a google.rpc.ErrorInfo (domain "jobwire.dev", a `reason` such
     as "JOB_NOT_FOUND") and, for bad input, a google.rpc.BadRequest naming each
     offending field. Bad input is always INVALID_ARGUMENT, never INTERNAL.
+
+    Authentication. A server started with authentication on verifies every
+    call: a bearer token in the `authorization: Bearer <token>` metadata, or a
+    client certificate (mutual TLS). Missing, malformed, expired or wrongly
+    signed credentials get UNAUTHENTICATED; a caller whose role does not allow
+    the call gets PERMISSION_DENIED. Roles: `admin` (everything, every
+    tenant), `submitter` (submit, read, cancel and retry its tenant's jobs),
+    `viewer` (read its tenant's jobs), `worker` (WorkerService only).
+
+    Tenants. Every job belongs to the tenant of the caller that submitted it
+    (never to one named in the request). Callers other than admins see only
+    their own tenant's jobs: another tenant's job is NOT_FOUND for every call,
+    never listed, and request_id deduplication and page tokens are scoped to
+    the tenant. With authentication off every caller is an admin of the
+    tenant "default".
     """
 
     @staticmethod
@@ -374,6 +444,33 @@ class JobService:
             '/jobwire.v1.JobService/GetQueueStats',
             jobwire_dot_v1_dot_job__service__pb2.GetQueueStatsRequest.SerializeToString,
             jobwire_dot_v1_dot_job__service__pb2.GetQueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobwire.v1.JobService/ListJobAuditEntries',
+            jobwire_dot_v1_dot_job__service__pb2.ListJobAuditEntriesRequest.SerializeToString,
+            jobwire_dot_v1_dot_job__service__pb2.ListJobAuditEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,21 @@ class JobServiceStub:
     details hold a google.rpc.ErrorInfo (domain "jobwire.dev", a `reason` such
     as "JOB_NOT_FOUND") and, for bad input, a google.rpc.BadRequest naming each
     offending field. Bad input is always INVALID_ARGUMENT, never INTERNAL.
+
+    Authentication. A server started with authentication on verifies every
+    call: a bearer token in the `authorization: Bearer <token>` metadata, or a
+    client certificate (mutual TLS). Missing, malformed, expired or wrongly
+    signed credentials get UNAUTHENTICATED; a caller whose role does not allow
+    the call gets PERMISSION_DENIED. Roles: `admin` (everything, every
+    tenant), `submitter` (submit, read, cancel and retry its tenant's jobs),
+    `viewer` (read its tenant's jobs), `worker` (WorkerService only).
+
+    Tenants. Every job belongs to the tenant of the caller that submitted it
+    (never to one named in the request). Callers other than admins see only
+    their own tenant's jobs: another tenant's job is NOT_FOUND for every call,
+    never listed, and request_id deduplication and page tokens are scoped to
+    the tenant. With authentication off every caller is an admin of the
+    tenant "default".
     """
 
     @_typing.overload
@@ -43,8 +58,11 @@ class JobServiceStub:
     SubmitJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.SubmitJobRequest, _job_service_pb2.SubmitJobResponse]
     """Accepts a job and returns it at once in state QUEUED, after it has been
     durably stored. Errors: INVALID_ARGUMENT (unknown type, bad field,
-    request_id reused with a different request), RESOURCE_EXHAUSTED (the
-    queue is at its configured limit), UNAVAILABLE (the server is draining).
+    request_id reused with a different request), PERMISSION_DENIED (the
+    caller may not submit, or not this type), RESOURCE_EXHAUSTED (the queue
+    is at its configured limit, or the caller's tenant is over a quota: its
+    queued jobs or its submit rate; the details hold a google.rpc.QuotaFailure
+    and a google.rpc.RetryInfo), UNAVAILABLE (the server is draining).
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]
     """Returns one job. Errors: NOT_FOUND (no such job, or it was purged after
@@ -81,7 +99,16 @@ class JobServiceStub:
     server is draining; reconnect, possibly to another replica).
     """
     GetQueueStats: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetQueueStatsRequest, _job_service_pb2.GetQueueStatsResponse]
-    """Returns counts and timings of the queue, for dashboards and autoscalers."""
+    """Returns counts and timings of the queue, for dashboards and autoscalers.
+    With authentication on, a caller sees its own tenant's jobs; an admin
+    sees every tenant's.
+    """
+    ListJobAuditEntries: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListJobAuditEntriesRequest, _job_service_pb2.ListJobAuditEntriesResponse]
+    """Lists a job's audit trail: every change, who made it, when and from
+    where, oldest first (AIP-158 pages). Kept as long as the job (its most
+    recent 1,000 entries at least). Readable by whoever may read the job.
+    Errors: NOT_FOUND, INVALID_ARGUMENT (bad page_token or page_size).
+    """
     RetryJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.RetryJobRequest, _job_service_pb2.RetryJobResponse]
     """Puts a FAILED or CANCELLED job back in the queue for a new attempt, with
     a fresh budget of retry_policy.max_attempts attempts. Retrying a QUEUED,
@@ -99,14 +126,32 @@ class JobServiceAsyncStub(JobServiceStub):
     details hold a google.rpc.ErrorInfo (domain "jobwire.dev", a `reason` such
     as "JOB_NOT_FOUND") and, for bad input, a google.rpc.BadRequest naming each
     offending field. Bad input is always INVALID_ARGUMENT, never INTERNAL.
+
+    Authentication. A server started with authentication on verifies every
+    call: a bearer token in the `authorization: Bearer <token>` metadata, or a
+    client certificate (mutual TLS). Missing, malformed, expired or wrongly
+    signed credentials get UNAUTHENTICATED; a caller whose role does not allow
+    the call gets PERMISSION_DENIED. Roles: `admin` (everything, every
+    tenant), `submitter` (submit, read, cancel and retry its tenant's jobs),
+    `viewer` (read its tenant's jobs), `worker` (WorkerService only).
+
+    Tenants. Every job belongs to the tenant of the caller that submitted it
+    (never to one named in the request). Callers other than admins see only
+    their own tenant's jobs: another tenant's job is NOT_FOUND for every call,
+    never listed, and request_id deduplication and page tokens are scoped to
+    the tenant. With authentication off every caller is an admin of the
+    tenant "default".
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.SubmitJobRequest, _job_service_pb2.SubmitJobResponse]  # type: ignore[assignment]
     """Accepts a job and returns it at once in state QUEUED, after it has been
     durably stored. Errors: INVALID_ARGUMENT (unknown type, bad field,
-    request_id reused with a different request), RESOURCE_EXHAUSTED (the
-    queue is at its configured limit), UNAVAILABLE (the server is draining).
+    request_id reused with a different request), PERMISSION_DENIED (the
+    caller may not submit, or not this type), RESOURCE_EXHAUSTED (the queue
+    is at its configured limit, or the caller's tenant is over a quota: its
+    queued jobs or its submit rate; the details hold a google.rpc.QuotaFailure
+    and a google.rpc.RetryInfo), UNAVAILABLE (the server is draining).
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """Returns one job. Errors: NOT_FOUND (no such job, or it was purged after
@@ -143,7 +188,16 @@ class JobServiceAsyncStub(JobServiceStub):
     server is draining; reconnect, possibly to another replica).
     """
     GetQueueStats: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetQueueStatsRequest, _job_service_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
-    """Returns counts and timings of the queue, for dashboards and autoscalers."""
+    """Returns counts and timings of the queue, for dashboards and autoscalers.
+    With authentication on, a caller sees its own tenant's jobs; an admin
+    sees every tenant's.
+    """
+    ListJobAuditEntries: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListJobAuditEntriesRequest, _job_service_pb2.ListJobAuditEntriesResponse]  # type: ignore[assignment]
+    """Lists a job's audit trail: every change, who made it, when and from
+    where, oldest first (AIP-158 pages). Kept as long as the job (its most
+    recent 1,000 entries at least). Readable by whoever may read the job.
+    Errors: NOT_FOUND, INVALID_ARGUMENT (bad page_token or page_size).
+    """
     RetryJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.RetryJobRequest, _job_service_pb2.RetryJobResponse]  # type: ignore[assignment]
     """Puts a FAILED or CANCELLED job back in the queue for a new attempt, with
     a fresh budget of retry_policy.max_attempts attempts. Retrying a QUEUED,
@@ -160,6 +214,21 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     details hold a google.rpc.ErrorInfo (domain "jobwire.dev", a `reason` such
     as "JOB_NOT_FOUND") and, for bad input, a google.rpc.BadRequest naming each
     offending field. Bad input is always INVALID_ARGUMENT, never INTERNAL.
+
+    Authentication. A server started with authentication on verifies every
+    call: a bearer token in the `authorization: Bearer <token>` metadata, or a
+    client certificate (mutual TLS). Missing, malformed, expired or wrongly
+    signed credentials get UNAUTHENTICATED; a caller whose role does not allow
+    the call gets PERMISSION_DENIED. Roles: `admin` (everything, every
+    tenant), `submitter` (submit, read, cancel and retry its tenant's jobs),
+    `viewer` (read its tenant's jobs), `worker` (WorkerService only).
+
+    Tenants. Every job belongs to the tenant of the caller that submitted it
+    (never to one named in the request). Callers other than admins see only
+    their own tenant's jobs: another tenant's job is NOT_FOUND for every call,
+    never listed, and request_id deduplication and page tokens are scoped to
+    the tenant. With authentication off every caller is an admin of the
+    tenant "default".
     """
 
     @_abc_1.abstractmethod
@@ -170,8 +239,11 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_job_service_pb2.SubmitJobResponse, _abc.Awaitable[_job_service_pb2.SubmitJobResponse]]:
         """Accepts a job and returns it at once in state QUEUED, after it has been
         durably stored. Errors: INVALID_ARGUMENT (unknown type, bad field,
-        request_id reused with a different request), RESOURCE_EXHAUSTED (the
-        queue is at its configured limit), UNAVAILABLE (the server is draining).
+        request_id reused with a different request), PERMISSION_DENIED (the
+        caller may not submit, or not this type), RESOURCE_EXHAUSTED (the queue
+        is at its configured limit, or the caller's tenant is over a quota: its
+        queued jobs or its submit rate; the details hold a google.rpc.QuotaFailure
+        and a google.rpc.RetryInfo), UNAVAILABLE (the server is draining).
         """
 
     @_abc_1.abstractmethod
@@ -238,7 +310,22 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _job_service_pb2.GetQueueStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.GetQueueStatsResponse, _abc.Awaitable[_job_service_pb2.GetQueueStatsResponse]]:
-        """Returns counts and timings of the queue, for dashboards and autoscalers."""
+        """Returns counts and timings of the queue, for dashboards and autoscalers.
+        With authentication on, a caller sees its own tenant's jobs; an admin
+        sees every tenant's.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobAuditEntries(
+        self,
+        request: _job_service_pb2.ListJobAuditEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListJobAuditEntriesResponse, _abc.Awaitable[_job_service_pb2.ListJobAuditEntriesResponse]]:
+        """Lists a job's audit trail: every change, who made it, when and from
+        where, oldest first (AIP-158 pages). Kept as long as the job (its most
+        recent 1,000 entries at least). Readable by whoever may read the job.
+        Errors: NOT_FOUND, INVALID_ARGUMENT (bad page_token or page_size).
+        """
 
     @_abc_1.abstractmethod
     def RetryJob(

@@ -67,6 +67,13 @@ class WorkerServiceStub:
     again, and sends a Heartbeat with the tokens of the jobs it still runs:
     leases that have not expired are kept, so work survives a brief
     disconnection or a server restart.
+
+    Authentication (when the server has it on, see JobService): a worker
+    connects with a `worker` credential, which gives it only jobs of its own
+    tenant, and only of the types the credential allows when it names some;
+    it may declare only such types, and not a type another tenant declared
+    or one the server runs itself. An `admin` credential makes a shared worker
+    that takes jobs of every tenant. Other roles get PERMISSION_DENIED.
     """
 
     def __init__(self, channel):
@@ -124,12 +131,20 @@ class WorkerServiceServicer:
     again, and sends a Heartbeat with the tokens of the jobs it still runs:
     leases that have not expired are kept, so work survives a brief
     disconnection or a server restart.
+
+    Authentication (when the server has it on, see JobService): a worker
+    connects with a `worker` credential, which gives it only jobs of its own
+    tenant, and only of the types the credential allows when it names some;
+    it may declare only such types, and not a type another tenant declared
+    or one the server runs itself. An `admin` credential makes a shared worker
+    that takes jobs of every tenant. Other roles get PERMISSION_DENIED.
     """
 
     def Connect(self, request_iterator, context):
         """One worker session (see the service comment). The server ends the stream
         with UNAVAILABLE when it drains, INVALID_ARGUMENT for a protocol
-        violation (first message not RegisterWorker, a bad declaration).
+        violation (first message not RegisterWorker, a bad declaration),
+        UNAUTHENTICATED or PERMISSION_DENIED (see above).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -193,6 +208,13 @@ class WorkerService:
     again, and sends a Heartbeat with the tokens of the jobs it still runs:
     leases that have not expired are kept, so work survives a brief
     disconnection or a server restart.
+
+    Authentication (when the server has it on, see JobService): a worker
+    connects with a `worker` credential, which gives it only jobs of its own
+    tenant, and only of the types the credential allows when it names some;
+    it may declare only such types, and not a type another tenant declared
+    or one the server runs itself. An `admin` credential makes a shared worker
+    that takes jobs of every tenant. Other roles get PERMISSION_DENIED.
     """
 
     @staticmethod

@@ -68,6 +68,13 @@ class WorkerServiceStub:
     again, and sends a Heartbeat with the tokens of the jobs it still runs:
     leases that have not expired are kept, so work survives a brief
     disconnection or a server restart.
+
+    Authentication (when the server has it on, see JobService): a worker
+    connects with a `worker` credential, which gives it only jobs of its own
+    tenant, and only of the types the credential allows when it names some;
+    it may declare only such types, and not a type another tenant declared
+    or one the server runs itself. An `admin` credential makes a shared worker
+    that takes jobs of every tenant. Other roles get PERMISSION_DENIED.
     """
 
     @_typing.overload
@@ -77,7 +84,8 @@ class WorkerServiceStub:
     Connect: _grpc.StreamStreamMultiCallable[_worker_service_pb2.ConnectRequest, _worker_service_pb2.ConnectResponse]
     """One worker session (see the service comment). The server ends the stream
     with UNAVAILABLE when it drains, INVALID_ARGUMENT for a protocol
-    violation (first message not RegisterWorker, a bad declaration).
+    violation (first message not RegisterWorker, a bad declaration),
+    UNAUTHENTICATED or PERMISSION_DENIED (see above).
     """
 
 @_typing.type_check_only
@@ -123,13 +131,21 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     again, and sends a Heartbeat with the tokens of the jobs it still runs:
     leases that have not expired are kept, so work survives a brief
     disconnection or a server restart.
+
+    Authentication (when the server has it on, see JobService): a worker
+    connects with a `worker` credential, which gives it only jobs of its own
+    tenant, and only of the types the credential allows when it names some;
+    it may declare only such types, and not a type another tenant declared
+    or one the server runs itself. An `admin` credential makes a shared worker
+    that takes jobs of every tenant. Other roles get PERMISSION_DENIED.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Connect: _aio.StreamStreamMultiCallable[_worker_service_pb2.ConnectRequest, _worker_service_pb2.ConnectResponse]  # type: ignore[assignment]
     """One worker session (see the service comment). The server ends the stream
     with UNAVAILABLE when it drains, INVALID_ARGUMENT for a protocol
-    violation (first message not RegisterWorker, a bad declaration).
+    violation (first message not RegisterWorker, a bad declaration),
+    UNAUTHENTICATED or PERMISSION_DENIED (see above).
     """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -174,6 +190,13 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     again, and sends a Heartbeat with the tokens of the jobs it still runs:
     leases that have not expired are kept, so work survives a brief
     disconnection or a server restart.
+
+    Authentication (when the server has it on, see JobService): a worker
+    connects with a `worker` credential, which gives it only jobs of its own
+    tenant, and only of the types the credential allows when it names some;
+    it may declare only such types, and not a type another tenant declared
+    or one the server runs itself. An `admin` credential makes a shared worker
+    that takes jobs of every tenant. Other roles get PERMISSION_DENIED.
     """
 
     @_abc_1.abstractmethod
@@ -184,7 +207,8 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_worker_service_pb2.ConnectResponse], _abc.AsyncIterator[_worker_service_pb2.ConnectResponse]]:
         """One worker session (see the service comment). The server ends the stream
         with UNAVAILABLE when it drains, INVALID_ARGUMENT for a protocol
-        violation (first message not RegisterWorker, a bad declaration).
+        violation (first message not RegisterWorker, a bad declaration),
+        UNAUTHENTICATED or PERMISSION_DENIED (see above).
         """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

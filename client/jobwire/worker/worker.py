@@ -21,7 +21,7 @@ import grpc.aio
 from google.protobuf import json_format
 
 from jobwire.client._core import Backoff, call_metadata
-from jobwire.client.channels import open_aio_channel
+from jobwire.client.channels import open_aio_channel, select_credentials
 from jobwire.client.errors import JobwireError, from_rpc_error
 from jobwire.handlers.api import HandlerSpec, Progress
 from jobwire.handlers.runner import CancellableContext, HandlerRunner
@@ -115,6 +115,12 @@ class Worker:
 
     ``await worker.run()`` until ``await worker.stop()``; or ``worker.run_forever()`` from a script,
     which stops gracefully on SIGTERM/SIGINT (a second signal skips the drain's wait).
+
+    The connection is plaintext unless TLS is asked for: ``tls=True`` (the system's trusted roots), or
+    any of ``tls_ca`` (PEM file of the CA that signs the server's certificate), ``tls_cert`` and
+    ``tls_key`` (a client certificate and its key, together, for mutual TLS: the server may take the
+    worker's identity from it). ``channel_credentials``, when given, wins over all of them. Unreadable
+    PEM files raise InvalidArgumentError here, before anything connects.
     """
 
     def __init__(
@@ -128,6 +134,10 @@ class Worker:
         drain_grace: float = 30.0,
         channel_credentials: grpc.ChannelCredentials | None = None,
         reconnect_backoff: tuple[float, float] = (0.1, 5.0),
+        tls: bool = False,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         if not handlers:
             raise ValueError("a worker needs at least one handler")
@@ -144,7 +154,9 @@ class Worker:
         self.worker_id = worker_id or default_worker_id()
         self.drain_grace = drain_grace
         self._metadata = call_metadata(token)
-        self._credentials = channel_credentials
+        self._credentials = select_credentials(
+            channel_credentials, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+        )
         self._backoff = Backoff(initial=initial, multiplier=2.0, maximum=maximum, jitter=0.2)
         self._session = WorkerSession(self.worker_id, self.handlers, concurrency)
         self._tasks: dict[Lease, asyncio.Task[None]] = {}

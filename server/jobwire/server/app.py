@@ -15,14 +15,16 @@ from grpc_reflection.v1alpha import _async as reflection_async
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from jobwire.handlers.api import HandlerSpec, load_handlers
+from jobwire.server.api.authentication import Authenticator
 from jobwire.server.api.health import Health
 from jobwire.server.api.job_service import JobServiceServicer
 from jobwire.server.api.registration import add_servicer
 from jobwire.server.api.worker_service import WorkerServiceServicer
 from jobwire.server.clock import Clock
-from jobwire.server.config import ServerConfig
+from jobwire.server.config import ServerConfig, is_loopback
 from jobwire.server.manager import JobManager
 from jobwire.server.stores.factory import open_store
+from jobwire.server.tokens import KeyFileError, KeyRing, TokenVerifier
 from jobwire.v1 import job_service_pb2, worker_service_pb2
 
 log = logging.getLogger("jobwire.server")
@@ -36,6 +38,8 @@ MAX_MESSAGE_BYTES = 4 << 20
 IN_FLIGHT_GRACE = 10.0
 # On stop, how long new calls are answered UNAVAILABLE (at least) before the listener stops.
 REFUSE_WINDOW = 1.0
+# How often the auth key file is looked at for changes (a rotation reaches every replica this fast).
+KEY_RELOAD_INTERVAL = 5.0
 
 SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
@@ -76,14 +80,19 @@ class JobwireServer:
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self.authenticator = Authenticator()
+        self._key_reloader: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Recover jobs, then listen. Returns the bound port; StartupError if either cannot be done."""
         if self._server is not None:
             return self.port
         port: int
-        address = f"{self.config.host}:{self.config.port}"
-        _check_port_free(self.config.host, self.config.port)  # before the store: fail fast, and quietly
+        host = self.config.listen_host
+        address = f"{host}:{self.config.port}"
+        _check_port_free(host, self.config.port)  # before the store: fail fast, and quietly
+        self.authenticator = _authenticator(self.config)
+        credentials = _server_credentials(self.config)
         try:
             await self.manager.start()
         except StartupError:
@@ -91,8 +100,10 @@ class JobwireServer:
         except Exception as error:  # whatever the store raised: the operator needs one clear line
             raise StartupError(f"cannot open the store {self.config.store}: {error}") from error
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        add_servicer(JobServiceServicer(self.manager), JOB_SERVICE_DESCRIPTOR, server)
-        add_servicer(WorkerServiceServicer(self.manager), WORKER_SERVICE_DESCRIPTOR, server)
+        add_servicer(JobServiceServicer(self.manager), JOB_SERVICE_DESCRIPTOR, server, self.authenticator)
+        add_servicer(
+            WorkerServiceServicer(self.manager), WORKER_SERVICE_DESCRIPTOR, server, self.authenticator
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _add_reflection(
             server,
@@ -102,8 +113,11 @@ class JobwireServer:
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             ],
         )
-        try:
-            port = server.add_insecure_port(address)  # grpcio 1.85 raises; older versions returned 0
+        try:  # grpcio 1.85 raises; older versions returned 0
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
         except RuntimeError:
             port = 0
         if port == 0:
@@ -116,6 +130,9 @@ class JobwireServer:
         self._server, self.port = server, port
         for service in ("", JOB_SERVICE, WORKER_SERVICE_DESCRIPTOR.full_name):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._log_security(host)
+        if self.authenticator.tokens is not None:
+            self._key_reloader = asyncio.create_task(self._reload_keys_forever(), name="jobwire-key-reload")
         log.info(
             "jobwire listening",
             extra={
@@ -124,9 +141,52 @@ class JobwireServer:
                 "store": self.config.store,
                 "job_types": sorted(self.manager.handlers),
                 "max_running": self.config.max_running,
+                "authentication": self.authenticator.enabled,
+                "tls": credentials is not None,
             },
         )
         return port
+
+    def _log_security(self, host: str) -> None:
+        """Say at start-up who can reach this server and how they are checked."""
+        config, tokens = self.config, self.authenticator.tokens
+        if not self.authenticator.enabled:
+            if is_loopback(host):
+                log.warning(
+                    "authentication is off: listening on loopback only (%s), and every caller is an admin; "
+                    "turn it on with --auth-key-file (see README, Security)",
+                    host,
+                )
+            else:
+                log.warning(
+                    "authentication is off and --insecure is set: anyone who reaches %s can read and change "
+                    "every job",
+                    host,
+                )
+            return
+        ways = []
+        if tokens is not None:
+            ways.append(f"bearer tokens ({len(tokens.keyring.verifying_keys)} verifying keys)")
+        if config.tls_client_ca:
+            ways.append("client certificates")
+        log.info("authentication is on: %s", " and ".join(ways))
+        if tokens is not None and not config.tls_cert and not is_loopback(host):
+            log.warning(
+                "bearer tokens travel in plaintext: serve TLS (--tls-cert, --tls-key) unless a proxy "
+                "terminates TLS in front of this server"
+            )
+
+    async def _reload_keys_forever(self) -> None:
+        """Pick up a rotated key file, so that rotation needs no restart."""
+        tokens = self.authenticator.tokens
+        assert tokens is not None
+        while True:
+            await asyncio.sleep(KEY_RELOAD_INTERVAL)
+            try:
+                if tokens.reload_if_changed():
+                    log.info("auth keys reloaded: %d verifying keys", len(tokens.keyring.verifying_keys))
+            except KeyFileError as error:
+                log.error("auth key file not reloaded (the previous keys stay in use): %s", error)
 
     async def stop(self, grace: float | None = None, delay: float = 0.0) -> None:
         """Drain, in the order load balancers can follow:
@@ -160,9 +220,44 @@ class JobwireServer:
             await asyncio.sleep(REFUSE_WINDOW - refused_for)
         if self._server is not None:
             await self._server.stop(grace=IN_FLIGHT_GRACE)
+        if self._key_reloader is not None:
+            self._key_reloader.cancel()
         await self.manager.close()
         log.info("jobwire stopped")
         self._stopped.set()
+
+
+def _authenticator(config: ServerConfig) -> Authenticator:
+    """Tokens verified with the key file's keys, and client certificates, as configured."""
+    tokens = None
+    if config.auth_key_file:
+        try:
+            tokens = TokenVerifier(KeyRing.load(config.auth_key_file))
+        except KeyFileError as error:
+            raise StartupError(str(error)) from None
+    return Authenticator(tokens, certificates=bool(config.tls_client_ca))
+
+
+def _read(path: str, flag: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise StartupError(f"{flag} {path}: {error.strerror}") from None
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS, and with a client CA mutual TLS (client certificates required), or None for plaintext."""
+    if not config.tls_cert:
+        return None
+    key, chain = _read(config.tls_key, "--tls-key"), _read(config.tls_cert, "--tls-cert")
+    for data, flag in ((key, "--tls-key"), (chain, "--tls-cert")):
+        if b"-----BEGIN" not in data:
+            raise StartupError(f"{flag}: not a PEM file")
+    client_ca = _read(config.tls_client_ca, "--tls-client-ca") if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 from jobwire.handlers.api import HandlerSpec, JobCancelled, NonRetryableError, Progress
 from jobwire.handlers.runner import HandlerRunner
+from jobwire.server import audit
+from jobwire.server.audit import SERVER, Actor, AuditEntry
 from jobwire.server.changes import JobChange
 from jobwire.server.clock import Clock
 from jobwire.server.cluster import Cluster, Credits, ExecutorDown, ExecutorInfo, ExecutorUp
@@ -135,6 +137,30 @@ def decide(job: Job, outcome: Outcome, now: float, ending: Ending) -> tuple[JobS
     return target, changes
 
 
+# Failures the audit trail names by what happened rather than "attempt failed".
+_FAILURE_ACTIONS = {"LEASE_EXPIRED": audit.LEASE_EXPIRED, "ATTEMPT_TIMEOUT": audit.TIMED_OUT}
+
+
+def audit_entry(job: Job, outcome: Outcome, target: JobState, now: float, actor: Actor) -> AuditEntry:
+    """The audit trail's record of an attempt's end (``job`` as decided): what it meant, in words."""
+    attempt = f"attempt {job.attempt}"
+    if target is JobState.CANCELLED:
+        why = outcome.error.message if isinstance(outcome, Failed | Abandoned) else "it completed"
+        return actor.entry(job.id, now, audit.CANCELLED, f"{attempt} stopped: {why}")
+    if isinstance(outcome, Succeeded):
+        return actor.entry(job.id, now, audit.ATTEMPT_SUCCEEDED, attempt)
+    detail = f"{attempt}: {outcome.error.reason}: {outcome.error.message}"
+    if isinstance(outcome, Abandoned):
+        action = audit.ATTEMPT_RELEASED if actor is not SERVER else audit.ATTEMPT_ABANDONED
+        return actor.entry(job.id, now, action, f"{detail}; queued again as attempt {job.attempt + 1}")
+    if target is JobState.QUEUED:
+        wait = max(0.0, (job.schedule_time or now) - now)
+        detail += f"; attempt {job.attempt + 1} may start in {wait:.1f}s"
+    else:
+        detail += "; the job failed"
+    return actor.entry(job.id, now, _FAILURE_ACTIONS.get(outcome.error.reason, audit.ATTEMPT_FAILED), detail)
+
+
 async def end_attempt(
     store: JobStore,
     job: Job,
@@ -142,6 +168,7 @@ async def end_attempt(
     now: float,
     ending: Ending,
     *,
+    actor: Actor = SERVER,
     lease_expired_by: float | None = None,
 ) -> Job | None:
     """Write the end of the attempt ``job`` holds (its lease epoch); the job after it, or None if refused.
@@ -149,6 +176,7 @@ async def end_attempt(
     ``job`` may be stale (cancelled or renewed since it was read): when the compare-and-set fails, the
     job is read again and, while the same lease still holds it, decided again.
     With ``lease_expired_by``, only an attempt whose lease has expired by then is ended.
+    ``actor`` ended it (a worker, or the server itself), for the audit trail.
     """
     epoch = job.lease_epoch
     current: Job | None = job
@@ -162,7 +190,10 @@ async def end_attempt(
         target, changes = decide(current, outcome, now, ending)
         check_transition(current.state, target)
         expect = Expect(current.state, epoch, lease_expired_by)
-        updated = await store.transition(job.id, expect, target, changes, now)
+        decided = current.copy()
+        decided.schedule_time = changes.get("schedule_time")
+        entry = audit_entry(decided, outcome, target, now, actor)
+        updated = await store.transition(job.id, expect, target, changes, now, entry)
         if updated is not None:
             return updated
         current = await store.get(job.id)

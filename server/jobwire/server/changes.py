@@ -2,9 +2,10 @@
 
 Every replica hears every change, in commit order (see docs/architecture.md, "The change feed"). The
 fields are what the consumers need without reading the store: the queue view (state, type, priority,
-times), the dispatcher (lease epoch, executor), the executors (which one a claim names). ``job`` is the
-whole job after the change when the store has it at hand (always for SQLite and memory, and for a
-replica's own writes on PostgreSQL); otherwise a consumer that needs more reads it from the store.
+times, tenant), the dispatcher (lease epoch, executor, tenant), the executors (which one a claim names).
+``job`` is the whole job after the change when the store has it at hand (always for SQLite and memory,
+and for a replica's own writes on PostgreSQL); otherwise a consumer that needs more reads it from the
+store.
 
 Consumers must be idempotent by ``(job_id, sequence)``: a replica may hear a change twice.
 """
@@ -39,6 +40,7 @@ class JobChange:
     lease_epoch: int
     executor: str
     start_time: float | None
+    tenant: str
     job: Job | None = None
 
     @classmethod
@@ -55,6 +57,7 @@ class JobChange:
             job.lease_epoch,
             job.executor,
             job.start_time,
+            job.tenant,
             job if with_job else None,
         )
 

@@ -30,6 +30,12 @@ class ExecutorInfo:
     id: str  # "<replica>/local" or "<replica>/<session>"
     worker_id: str  # what a job it runs shows as worker_id: "local", or the worker's own id
     types: frozenset[str]
+    # The only tenant whose jobs it may run (a tenant's worker); None for every tenant's (in-process
+    # handlers, an admin's worker).
+    tenant: str | None = None
+    # Who it is, for the audit trail of the attempts it starts: its credential, and its address.
+    principal: str = "jobwire"
+    peer: str = ""
 
     @property
     def replica(self) -> str:
@@ -54,6 +60,11 @@ class ClusterStatus:
     executors: int = 0
     workers: int = 0  # worker sessions (executors that are not in-process handlers)
     running: int = 0
+    # Running jobs per tenant and type (for tenant limits and per-tenant statistics).
+    tenants: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def tenant_running(self, tenant: str) -> int:
+        return sum(self.tenants.get(tenant, {}).values())
 
 
 # --- messages ------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Precedence: flag > environment variable > default. Durations accept plain second
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -16,6 +17,7 @@ from jobwire.client.durations import parse_duration
 from jobwire.server.job import RetryPolicy
 from jobwire.server.manager import ManagerSettings
 from jobwire.server.stores.factory import check_store_url
+from jobwire.server.tenants import TenantPolicies, TenantQuota, load_tenants_file
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -90,6 +92,37 @@ def parse_store(text: str) -> str:
     return text
 
 
+def parse_file(text: str) -> str:
+    """A file that must exist and be readable now (a key, a certificate, the tenants file)."""
+    path = text.strip()
+    if not path:
+        return ""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{path}: not readable")
+    return path
+
+
+def parse_limit(text: str) -> int | None:
+    """A per-tenant limit: a whole number, 0 or 'none' for no limit."""
+    value = text.strip().lower()
+    if value in ("", "0", "none", "off"):
+        return None
+    return _positive_int(value)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (only this machine can connect)."""
+    bare = host.strip().strip("[]")
+    if bare.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Option:
     """How one config field is read from flags and the environment."""
@@ -97,11 +130,12 @@ class Option:
     flag: str
     parse: Callable[[str], Any]
     help: str
+    switch: bool = False  # a flag that may be given bare (``--insecure``), meaning true
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "[::]"
+    host: str = ""  # "": loopback when authentication is off, every interface when it is on
     port: int = 50051
     store: str = "sqlite:///jobwire.db"
     handlers: list[str] = field(default_factory=list)
@@ -123,6 +157,37 @@ class ServerConfig:
     retry_max_backoff: float = 300.0
     log_format: str = "json"
     log_level: str = "INFO"
+    auth_key_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    insecure: bool = False
+    tenants_file: str = ""
+    tenant_max_queued: int | None = None
+    tenant_max_running: int | None = None
+    tenant_submit_rate: int | None = None
+
+    @property
+    def authentication(self) -> bool:
+        """Whether callers must prove who they are (bearer tokens, client certificates, or both)."""
+        return bool(self.auth_key_file or self.tls_client_ca)
+
+    @property
+    def listen_host(self) -> str:
+        """Where to listen: ``--host``, else loopback only while anyone who connects is trusted."""
+        if self.host:
+            return self.host
+        return "[::]" if self.authentication or self.insecure else "localhost"
+
+    def tenant_policies(self) -> TenantPolicies:
+        """The tenants' quotas: the ``--tenant-*`` defaults, and the tenants file's overrides."""
+        default = TenantQuota(
+            max_queued=self.tenant_max_queued,
+            max_running=self.tenant_max_running,
+            submit_rate=self.tenant_submit_rate,
+        )
+        overrides = load_tenants_file(self.tenants_file, default) if self.tenants_file else {}
+        return TenantPolicies(default, overrides)
 
     def manager_settings(self) -> ManagerSettings:
         return ManagerSettings(
@@ -141,6 +206,7 @@ class ServerConfig:
                 initial_backoff=self.retry_initial_backoff,
                 max_backoff=self.retry_max_backoff,
             ),
+            tenants=self.tenant_policies(),
         )
 
     def handler_modules(self) -> list[str]:
@@ -163,10 +229,25 @@ class ServerConfig:
             raise ValueError("retry backoffs must be positive, the maximum at least the initial one")
         if self.log_format not in ("json", "text"):
             raise ValueError("log-format must be json or text")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
+        if self.host and not is_loopback(self.host) and not self.authentication and not self.insecure:
+            raise ValueError(
+                f"--host {self.host}: listening beyond this machine without authentication lets anyone "
+                "who reaches the port read and change every job; turn authentication on "
+                "(--auth-key-file, --tls-client-ca) or say --insecure"
+            )
+        self.tenant_policies()  # a bad tenants file is one clear line now, not a failure later
 
 
 OPTIONS: dict[str, Option] = {
-    "host": Option("--host", str, "address to listen on (default [::], all interfaces)"),
+    "host": Option(
+        "--host",
+        str,
+        "address to listen on (default: localhost while authentication is off, else [::], every interface)",
+    ),
     "port": Option("--port", parse_port, "port to listen on; 0 picks a free one (default 50051)"),
     "store": Option("--store", parse_store, "sqlite:///path.db (default sqlite:///jobwire.db) or memory:"),
     "handlers": Option("--handlers", parse_modules, "comma-separated modules with @handler functions"),
@@ -199,6 +280,36 @@ OPTIONS: dict[str, Option] = {
     "retry_max_backoff": Option("--retry-max-backoff", parse_duration, "default longest retry delay"),
     "log_format": Option("--log-format", parse_log_format, "json (default) or text"),
     "log_level": Option("--log-level", parse_log_level, "DEBUG, INFO (default), WARNING, ERROR"),
+    "auth_key_file": Option(
+        "--auth-key-file",
+        parse_file,
+        "turn authentication on: verify bearer tokens with the keys in this file (made by `jobwire "
+        "token keygen`; reloaded when it changes)",
+    ),
+    "tls_cert": Option("--tls-cert", parse_file, "serve TLS with this certificate chain (PEM)"),
+    "tls_key": Option("--tls-key", parse_file, "the private key of --tls-cert (PEM)"),
+    "tls_client_ca": Option(
+        "--tls-client-ca",
+        parse_file,
+        "mutual TLS: require client certificates signed by these CAs (PEM); a certificate's CN is the "
+        "subject, O the tenant, OU the role",
+    ),
+    "insecure": Option(
+        "--insecure",
+        parse_bool,
+        "allow listening beyond loopback with authentication off (anyone who reaches the port is an admin)",
+        switch=True,
+    ),
+    "tenants_file": Option("--tenants-file", parse_file, "per-tenant weights and quotas (TOML; see README)"),
+    "tenant_max_queued": Option(
+        "--tenant-max-queued", parse_limit, "queued jobs a tenant may have (default: no tenant limit)"
+    ),
+    "tenant_max_running": Option(
+        "--tenant-max-running", parse_limit, "running jobs a tenant may have (default: no tenant limit)"
+    ),
+    "tenant_submit_rate": Option(
+        "--tenant-submit-rate", parse_limit, "jobs a tenant may submit per minute (default: no limit)"
+    ),
 }
 
 
@@ -208,7 +319,10 @@ def env_name(field_name: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, option in OPTIONS.items():
-        parser.add_argument(option.flag, dest=name, default=None, help=f"{option.help} [{env_name(name)}]")
+        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if option.switch else {}
+        parser.add_argument(
+            option.flag, dest=name, default=None, help=f"{option.help} [{env_name(name)}]", **extra
+        )
 
 
 def load_config(

@@ -83,7 +83,7 @@ class Dispatcher:
         self._on_claimed = on_claimed  # the lease keeper arms the new attempt's timers
         self.epoch: int | None = None  # set while this replica is the dispatcher
         self._executors: dict[str, _Executor] = {}
-        self._active: dict[str, str] = {}  # job id -> type, of every attempt counted as running
+        self._active: dict[str, tuple[str, str]] = {}  # job id -> (type, tenant), of attempts running
         self._claiming: dict[str, _Claiming] = {}  # popped, claim not written yet
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -104,9 +104,9 @@ class Dispatcher:
     def start(self, epoch: int, active_jobs: list[Job]) -> None:
         """Dispatch from now on, counting the attempts the store holds as running."""
         self.epoch = epoch
-        self._active = {job.id: job.type for job in active_jobs}
+        self._active = {job.id: (job.type, job.tenant) for job in active_jobs}
         self._executors.clear()
-        self._queue.scheduler.set_running(Counter(self._active.values()))
+        self._queue.scheduler.set_running(Counter((tenant, t) for t, tenant in self._active.values()))
         self._apply_limits()
         self._task = asyncio.create_task(self._dispatch_forever(), name="jobwire-dispatcher")
         self.wake()
@@ -171,13 +171,14 @@ class Dispatcher:
             counted = change.job_id in self._active
             if change.state.is_active:
                 if not counted and change.job_id not in self._claiming:
-                    self._active[change.job_id] = change.type  # claimed by an earlier dispatcher
-                    scheduler.mark_running(change.type)
+                    # claimed by an earlier dispatcher
+                    self._active[change.job_id] = (change.type, change.tenant)
+                    scheduler.mark_running(change.type, change.tenant)
                     self._status_dirty = True
             elif counted:
-                job_type = self._active.pop(change.job_id)
+                job_type, tenant = self._active.pop(change.job_id)
                 with contextlib.suppress(ValueError):
-                    scheduler.release(job_type)
+                    scheduler.release(job_type, tenant)
                 freed = True
         if freed:
             self._status_changed()
@@ -207,12 +208,14 @@ class Dispatcher:
         """Pop what may start now: one job per executor with credits per round, so work spreads out."""
         picked: list[_Claiming] = []
         offered = True
+        now = self._clock.now()
         while offered and len(picked) < MAX_CLAIMS:
             offered = False
             for executor in list(self._executors.values()):
                 if executor.credits <= 0 or len(picked) >= MAX_CLAIMS:
                     continue
-                popped = self._queue.pop_entry(executor.info.types)
+                info = executor.info
+                popped = self._queue.pop_entry(info.types, info.tenant, now)
                 if popped is None:
                     continue
                 entry, sequence = popped
@@ -231,7 +234,12 @@ class Dispatcher:
         until = now + self._lease_duration
         claims = [
             Claim(
-                c.entry[2], c.executor.info.worker_id, c.executor.info.id, None if c.executor.local else until
+                c.entry[2],
+                c.executor.info.worker_id,
+                c.executor.info.id,
+                None if c.executor.local else until,
+                c.executor.info.principal,
+                c.executor.info.peer,
             )
             for c in picked
         ]
@@ -257,13 +265,13 @@ class Dispatcher:
                 continue
             if job_id in self._active:
                 continue  # the feed already counted it
-            self._active[job_id] = job.type
+            self._active[job_id] = (job.type, job.tenant)
             if job.state.is_active:
                 self._on_claimed(job)
             else:  # it already ended (its end reached the feed before the claim returned)
                 del self._active[job_id]
                 with contextlib.suppress(ValueError):
-                    scheduler.release(job.type)
+                    scheduler.release(job.type, job.tenant)
         self._status_changed()
 
     def _unclaim(self, claiming: _Claiming, restore: bool) -> None:
@@ -274,7 +282,7 @@ class Dispatcher:
             self._queue.restore(claiming.entry, claiming.sequence)
         else:
             with contextlib.suppress(ValueError):
-                self._queue.scheduler.release(claiming.entry[3])
+                self._queue.scheduler.release(claiming.entry[3], claiming.entry[5])
 
     # -- status ---------------------------------------------------------------------------------------
 
@@ -322,4 +330,5 @@ class Dispatcher:
             executors=len(self._executors),
             workers=sum(1 for e in self._executors.values() if not e.local),
             running=scheduler.running,
+            tenants=scheduler.running_by_tenant(),
         )

@@ -77,6 +77,43 @@ class QueueFull(JobwireError):
     """The queue is full: too many jobs are waiting."""
 
 
+class Unauthenticated(JobwireError):
+    """The call carries no valid credentials.
+
+    ``reason`` says which check failed (it becomes ErrorInfo.reason): CREDENTIALS_MISSING,
+    TOKEN_MALFORMED, TOKEN_EXPIRED, TOKEN_UNKNOWN_KEY, TOKEN_BAD_SIGNATURE, TOKEN_INVALID,
+    CERTIFICATE_INVALID.
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        reason: str = "UNAUTHENTICATED",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.reason = reason
+
+
+class PermissionDenied(JobwireError):
+    """The caller's role or credential does not allow this."""
+
+
+class QuotaExceeded(JobwireError):
+    """The caller's tenant is over one of its quotas (queued jobs, running jobs, submit rate).
+
+    ``subject`` and ``description`` become a google.rpc.QuotaFailure violation; ``retry_after`` (seconds)
+    a google.rpc.RetryInfo.
+    """
+
+    def __init__(self, message: str, *, subject: str, description: str, retry_after: float) -> None:
+        super().__init__(message, metadata={"quota_subject": subject})
+        self.subject = subject
+        self.description = description
+        self.retry_after = retry_after
+
+
 class Draining(JobwireError):
     """The server is draining and accepts no new work."""
 

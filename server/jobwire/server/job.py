@@ -114,6 +114,7 @@ class WaitReason(enum.IntEnum):
     TYPE_LIMIT = 5
     NO_CAPACITY = 6
     DRAINING = 7
+    TENANT_LIMIT = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +171,10 @@ class Job:
     lease_epoch: int = 0
     # Attempts before the last RetryJob; the retry budget counts attempts since then.
     attempt_base: int = 0
+    # Whose job it is: set from the submitter's credential, never from the request (access.py).
+    tenant: str = "default"
+    # Who submitted it: the subject of the submitter's credential.
+    created_by: str = ""
     # Computed on read (never stored): the run-order position and why a queued job waits.
     queue_position: int = 0
     wait_reason: WaitReason = WaitReason.NONE
@@ -218,6 +223,8 @@ class Job:
             lease_expire_time=self.lease_expire_time,
             lease_epoch=self.lease_epoch,
             attempt_base=self.attempt_base,
+            tenant=self.tenant,
+            created_by=self.created_by,
         )
 
 

@@ -3,6 +3,10 @@
 A type is declared by an in-process handler (``@handler``) or by a remote worker when it registers.
 Worker-declared types are stored, so that after a restart jobs of a type whose workers are all down can
 still be submitted: they wait (wait reason NO_WORKER) until a worker of that type connects.
+
+Type names are one namespace for the whole deployment. A type declared by a tenant's worker belongs to
+that tenant: only its jobs may be of that type, and no other tenant can redeclare it. In-process types
+and those admin workers declare are shared by every tenant.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ class JobType:
     retry: RetryDefaults = field(default_factory=RetryDefaults)
     # When a worker last declared it (seconds since the epoch); 0 for in-process handlers.
     last_seen: float = 0.0
+    # The tenant whose workers declared it: only that tenant's jobs may be of this type, and no other
+    # tenant may redeclare it. "" for a shared type: in-process handlers' and admin workers', open to
+    # every tenant.
+    tenant: str = ""
+
+    def visible_to(self, tenant: str) -> bool:
+        """Whether jobs of ``tenant`` may be of this type."""
+        return not self.tenant or self.tenant == tenant
 
     @classmethod
     def from_handler(cls, spec: HandlerSpec) -> JobType:
@@ -84,6 +96,10 @@ class TypeRegistry:
 
     def get(self, name: str) -> JobType | None:
         return self.known.get(name)
+
+    def visible(self, tenant: str | None) -> list[str]:
+        """The names jobs of ``tenant`` may use (None: every name), sorted."""
+        return sorted(name for name, t in self.known.items() if tenant is None or t.visible_to(tenant))
 
     def __contains__(self, name: object) -> bool:
         return name in self.known

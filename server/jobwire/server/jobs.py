@@ -10,11 +10,15 @@ streams (the event hub). Changes callers start run to completion even if the cal
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from jobwire.server import audit
+from jobwire.server.access import LOCAL_CALLER, Action, Caller, Principal
 from jobwire.server.attempts import cancelled_changes, terminal_changes
+from jobwire.server.audit import AuditEntry
 from jobwire.server.clock import Clock
 from jobwire.server.cluster import ClusterStatus
 from jobwire.server.completion import InFlight, completes
@@ -25,6 +29,7 @@ from jobwire.server.errors import (
     JobNotFound,
     JobwireError,
     QueueFull,
+    QuotaExceeded,
     RequestIdReused,
     UnknownJobType,
     WatchPositionLost,
@@ -35,7 +40,17 @@ from jobwire.server.job_types import TypeRegistry, resolve_retry_policy
 from jobwire.server.queue_view import QueueView
 from jobwire.server.state_machine import JobState, check_transition
 from jobwire.server.stats import StatsWindow, WindowFigures
-from jobwire.server.stores.base import DuplicateRequestId, Expect, JobCount, JobQuery, JobStore
+from jobwire.server.stores.base import (
+    DuplicateRequestId,
+    Expect,
+    JobCount,
+    JobFilter,
+    JobQuery,
+    JobStore,
+    RateLimited,
+    SubmitRate,
+)
+from jobwire.server.tenants import TenantPolicies, TenantQuota
 from jobwire.server.validation import SubmitRequest, check, fingerprint, submit_violations
 
 log = logging.getLogger("jobwire.jobs")
@@ -50,11 +65,22 @@ class OperationSettings:
     retention: float
     max_running: int
     retry_policy: RetryPolicy
+    tenants: TenantPolicies
+
+
+@dataclass(frozen=True, slots=True)
+class TenantFigures:
+    """One tenant's share of the queue, and its settings."""
+
+    tenant: str
+    queued: int
+    running: int
+    quota: TenantQuota
 
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
-    """A snapshot for GetQueueStats."""
+    """A snapshot for GetQueueStats: of one tenant's jobs (``tenant``), or of all (``tenant`` None)."""
 
     counts: list[JobCount]
     queued_by_type: dict[str, int]
@@ -71,6 +97,8 @@ class QueueStats:
     workers_by_type: dict[str, int]
     connected_workers: int
     delayed: int
+    tenant: str | None
+    tenants: list[TenantFigures]
 
 
 def _name_some(names: list[str], limit: int = 20) -> str:
@@ -105,6 +133,7 @@ class JobOperations:
         self._reload_types = reload_types
         self._ids = JobIdGenerator()
         self._inserting = 0
+        self._inserting_by_tenant: Counter[str] = Counter()
         self.draining = False
         # State changes asked for by callers, each running to its end even if its caller gives up.
         self.in_flight = InFlight()
@@ -112,23 +141,31 @@ class JobOperations:
     # -- submit ---------------------------------------------------------------------------------------
 
     @completes
-    async def submit(self, request: SubmitRequest) -> Job:
-        """Store a new job durably (the dispatcher hears of it through the feed); returns it QUEUED."""
+    async def submit(self, request: SubmitRequest, caller: Caller = LOCAL_CALLER) -> Job:
+        """Store a new job of the caller's tenant durably (the dispatcher hears of it through the feed);
+        returns it QUEUED."""
+        principal = caller.principal
+        principal.require(Action.SUBMIT)
         if self.draining:
             raise Draining()
         check(submit_violations(request))
-        job_type = self.types.get(request.type)
+        principal.require_type(request.type)
+        tenant = principal.tenant
+        job_type = self._type_for(request.type, tenant)
         if job_type is None and self.store.shared:
             await self._reload_types()  # declared through another replica a moment ago?
-            job_type = self.types.get(request.type)
+            job_type = self._type_for(request.type, tenant)
         if job_type is None:
-            known = f"known types: {_name_some(sorted(self.types.known)) or '(none registered)'}"
+            visible = self.types.visible(tenant)
+            known = f"known types: {_name_some(visible) or '(none registered)'}"
             raise UnknownJobType(
                 f"unknown job type {request.type!r}; {known}",
                 [FieldViolation("type", f"no handler or worker has declared {request.type!r}; {known}")],
             )
         if len(self.queue) + self._inserting >= self.settings.max_queued:
             raise QueueFull(f"the queue is full ({self.settings.max_queued} jobs waiting); retry later")
+        quota = self.settings.tenants.quota(tenant)
+        self._check_queued_quota(tenant, quota, self._inserting_by_tenant[tenant])
         priority = PRIORITY_DEFAULT if request.priority is None else request.priority
         now = self.clock.now()
         schedule_time = (
@@ -149,19 +186,55 @@ class JobOperations:
             timeout=request.timeout,
             retry_policy=resolve_retry_policy(request.retry, job_type.retry, self.settings.retry_policy),
             schedule_time=schedule_time,
+            tenant=tenant,
+            created_by=principal.subject,
         )
         acknowledged = job.copy()
+        entry = caller.actor(request.request_id).entry(
+            job.id, now, audit.SUBMITTED, f"type {job.type}, priority {priority}"
+        )
+        rate = SubmitRate(quota.submit_rate) if quota.submit_rate else None
         self._inserting += 1
+        self._inserting_by_tenant[tenant] += 1
         try:
-            await self.store.insert(job)
+            await self.store.insert(job, entry, rate)
         except DuplicateRequestId:
             return await self._existing_for_request(job)
+        except RateLimited as limited:
+            if job.request_id:  # a retry of a request already accepted is answered, not limited
+                existing = await self.store.get_by_request_id(tenant, job.request_id)
+                if existing is not None:
+                    return await self._existing_for_request(job)
+            raise QuotaExceeded(
+                f"tenant {tenant} may submit {quota.submit_rate} jobs per minute; retry in "
+                f"{limited.retry_after:.1f}s",
+                subject=f"tenant:{tenant}",
+                description=f"submit rate: at most {quota.submit_rate} jobs per minute",
+                retry_after=limited.retry_after,
+            ) from None
         finally:
             self._inserting -= 1
+            self._inserting_by_tenant[tenant] -= 1
+            if not self._inserting_by_tenant[tenant]:
+                del self._inserting_by_tenant[tenant]
         return acknowledged
 
+    def _type_for(self, name: str, tenant: str) -> Any:
+        """The job type ``name`` if jobs of ``tenant`` may use it (another tenant's type is unknown)."""
+        job_type = self.types.get(name)
+        return job_type if job_type is not None and job_type.visible_to(tenant) else None
+
+    def _check_queued_quota(self, tenant: str, quota: TenantQuota, extra: int) -> None:
+        if quota.max_queued is not None and self.queue.queued_in(tenant) + extra >= quota.max_queued:
+            raise QuotaExceeded(
+                f"tenant {tenant} has {quota.max_queued} jobs queued, its limit; retry later",
+                subject=f"tenant:{tenant}",
+                description=f"queued jobs: at most {quota.max_queued}",
+                retry_after=1.0,
+            )
+
     async def _existing_for_request(self, job: Job) -> Job:
-        existing = await self.store.get_by_request_id(job.request_id)
+        existing = await self.store.get_by_request_id(job.tenant, job.request_id)
         if existing is None:
             raise JobwireError("the job of this request_id vanished while it was being read; retry")
         if existing.request_fingerprint != job.request_fingerprint:
@@ -173,20 +246,40 @@ class JobOperations:
 
     # -- reads ----------------------------------------------------------------------------------------
 
-    async def get(self, job_id: str) -> Job:
-        """The job as it is now, with why it waits and where it stands if queued."""
+    async def _read(self, job_id: str, principal: Principal) -> Job:
+        """The stored job, if the principal may see it: another tenant's job does not exist for it."""
         job = await self.store.get(job_id)
-        if job is None:
+        if job is None or not principal.sees(job.tenant):
             raise JobNotFound(f"job {job_id!r} not found")
-        return self._annotated(job)
+        return job
 
-    async def list_jobs(self, query: JobQuery) -> tuple[list[Job], bool]:
-        """One page, newest first, and whether more pages follow."""
+    async def get(self, job_id: str, caller: Caller = LOCAL_CALLER) -> Job:
+        """The job as it is now, with why it waits and where it stands if queued."""
+        caller.principal.require(Action.READ)
+        return self._annotated(await self._read(job_id, caller.principal))
+
+    def listing_filter(self, job_filter: JobFilter, caller: Caller) -> JobFilter:
+        """``job_filter`` as it applies to the caller: only the tenants it may see (PermissionDenied for a
+        caller that may not read, or names another tenant)."""
+        caller.principal.require(Action.READ)
+        return replace(job_filter, tenants=caller.principal.scope_tenants(job_filter.tenants))
+
+    async def list_jobs(self, query: JobQuery, caller: Caller = LOCAL_CALLER) -> tuple[list[Job], bool]:
+        """One page, newest first, and whether more pages follow (only tenants the caller may see)."""
+        job_filter = self.listing_filter(query.filter, caller)
         rows = await self.store.list(
-            JobQuery(query.filter, query.limit + 1, query.before_id, query.with_payload)
+            JobQuery(job_filter, query.limit + 1, query.before_id, query.with_payload)
         )
         more = len(rows) > query.limit
         return [self._annotated(job) for job in rows[: query.limit]], more
+
+    async def audit(
+        self, job_id: str, after_id: int, limit: int, caller: Caller = LOCAL_CALLER
+    ) -> list[AuditEntry]:
+        """The job's audit entries after ``after_id``, oldest first, for whoever may read the job."""
+        caller.principal.require(Action.READ)
+        await self._read(job_id, caller.principal)
+        return await self.store.list_audit(job_id, after_id, limit)
 
     def _annotated(self, job: Job) -> Job:
         """Fill in the queue position and wait reason of a queued job (computed, never stored)."""
@@ -203,11 +296,18 @@ class JobOperations:
             if job.attempts:
                 return WaitReason.RETRY_BACKOFF, f"attempt {job.attempt} starts in {when} (retry back-off)"
             return WaitReason.SCHEDULED, f"scheduled to start in {when}"
-        status = self._status().types.get(job.type)
+        cluster = self._status()
+        status = cluster.types.get(job.type)
         if status is None or not status.executors:
             return WaitReason.NO_WORKER, f"no connected worker takes type {job.type}"
         if status.limit is not None and status.running >= status.limit:
             return WaitReason.TYPE_LIMIT, f"type {job.type} is at its limit of {status.limit} running jobs"
+        tenant_limit = self.settings.tenants.max_running(job.tenant)
+        if tenant_limit is not None and cluster.tenant_running(job.tenant) >= tenant_limit:
+            return (
+                WaitReason.TENANT_LIMIT,
+                f"tenant {job.tenant} is at its limit of {tenant_limit} running jobs",
+            )
         if status.free <= 0:
             return WaitReason.NO_CAPACITY, f"every executor of type {job.type} is busy"
         return WaitReason.QUEUED, f"position {job.queue_position} in the run order"
@@ -215,44 +315,51 @@ class JobOperations:
     # -- cancel and retry ------------------------------------------------------------------------------
 
     @completes
-    async def cancel(self, job_id: str, reason: str = "") -> Job:
+    async def cancel(
+        self, job_id: str, reason: str = "", caller: Caller = LOCAL_CALLER, request_id: str = ""
+    ) -> Job:
         """Cancel a queued job at once, or ask a running one to stop (its holder hears it on the feed)."""
+        caller.principal.require(Action.CANCEL)
+        actor = caller.actor(request_id)
         for _ in range(_CAS_TRIES):
-            job = await self.store.get(job_id)
-            if job is None:
-                raise JobNotFound(f"job {job_id!r} not found")
+            job = await self._read(job_id, caller.principal)
             now = self.clock.now()
             if job.state is JobState.QUEUED:
                 changes = {"cancel_reason": reason, **cancelled_changes(reason)}
                 changes.update(terminal_changes(now, self.settings.retention))
-                target = JobState.CANCELLED
+                target, action = JobState.CANCELLED, audit.CANCELLED
             elif job.state is JobState.RUNNING:
-                changes, target = {"cancel_reason": reason}, JobState.CANCELLING
+                changes, target, action = (
+                    {"cancel_reason": reason},
+                    JobState.CANCELLING,
+                    audit.CANCEL_REQUESTED,
+                )
             elif job.state in (JobState.CANCELLING, JobState.CANCELLED):
                 return self._annotated(job)
             else:
                 raise JobAlreadyFinished(f"job {job.id} cannot be cancelled: it is already {job.state.name}")
             check_transition(job.state, target)
-            updated = await self.store.transition(job.id, Expect(job.state), target, changes, now)
+            entry = actor.entry(job.id, now, action, reason and f"reason: {reason}")
+            updated = await self.store.transition(job.id, Expect(job.state), target, changes, now, entry)
             if updated is not None:
                 return self._annotated(updated)
         raise JobwireError(f"job {job_id} kept changing while it was being cancelled; retry")
 
     @completes
-    async def retry(self, job_id: str) -> Job:
+    async def retry(self, job_id: str, caller: Caller = LOCAL_CALLER, request_id: str = "") -> Job:
         """Queue a FAILED or CANCELLED job again with a fresh attempt budget."""
+        caller.principal.require(Action.RETRY)
         if self.draining:
             raise Draining()
         for _ in range(_CAS_TRIES):
-            job = await self.store.get(job_id)
-            if job is None:
-                raise JobNotFound(f"job {job_id!r} not found")
+            job = await self._read(job_id, caller.principal)
             if job.state is JobState.SUCCEEDED:
                 raise JobAlreadyFinished(f"job {job_id} cannot be retried: it already SUCCEEDED")
             if not job.state.is_terminal:  # not finished: nothing to do
                 return self._annotated(job)
             if len(self.queue) >= self.settings.max_queued:
                 raise QueueFull(f"the queue is full ({self.settings.max_queued} jobs waiting); retry later")
+            self._check_queued_quota(job.tenant, self.settings.tenants.quota(job.tenant), 0)
             now = self.clock.now()
             changes = {
                 "attempt": job.attempt + 1,
@@ -268,21 +375,29 @@ class JobOperations:
                 "worker_id": "",
                 "executor": "",
             }
-            updated = await self.store.transition(job.id, Expect(job.state), JobState.QUEUED, changes, now)
+            entry = caller.actor(request_id).entry(
+                job.id, now, audit.RETRIED, f"from {job.state.name}; attempt {job.attempt + 1} queued"
+            )
+            updated = await self.store.transition(
+                job.id, Expect(job.state), JobState.QUEUED, changes, now, entry
+            )
             if updated is not None:
                 return self._annotated(updated)
         raise JobwireError(f"job {job_id} kept changing while it was being retried; retry")
 
     # -- watch ----------------------------------------------------------------------------------------
 
-    async def watch(self, job_id: str, after_sequence: int = 0) -> AsyncIterator[JobEvent]:
+    async def watch(
+        self, job_id: str, after_sequence: int = 0, caller: Caller = LOCAL_CALLER
+    ) -> AsyncIterator[JobEvent]:
         """The job's snapshot (or the changes after ``after_sequence``), then each change until it ends.
 
         Raises Draining when the server shuts down first: the client reconnects with the last sequence.
         """
+        caller.principal.require(Action.READ)
         subscription = self.hub.subscribe(job_id)  # before the snapshot, so nothing falls between
         try:
-            job = await self.get(job_id)
+            job = await self.get(job_id, caller)
             if after_sequence < 0 or after_sequence > job.sequence:
                 raise WatchPositionLost(
                     f"after_sequence {after_sequence} is outside 0..{job.sequence} for job {job_id}"
@@ -342,24 +457,49 @@ class JobOperations:
 
     # -- stats ----------------------------------------------------------------------------------------
 
-    async def stats(self) -> QueueStats:
-        counts = await self.store.count()
+    async def stats(self, caller: Caller = LOCAL_CALLER) -> QueueStats:
+        """The queue's figures: of the caller's tenant, or of every tenant for an admin."""
+        principal = caller.principal
+        principal.require(Action.READ)
+        tenant = None if principal.all_tenants else principal.tenant
+        counts = await self.store.count(frozenset() if tenant is None else frozenset({tenant}))
         status = self._status()
-        known = sorted(set(self.types.known) | {c.type for c in counts})
+        if tenant is None:
+            running_by_type = {t: s.running for t, s in status.types.items() if s.running}
+            running = status.running
+        else:
+            running_by_type = dict(status.tenants.get(tenant, {}))
+            running = status.tenant_running(tenant)
+        known = sorted(set(self.types.visible(tenant)) | {c.type for c in counts})
         return QueueStats(
             counts=counts,
-            queued_by_type=self.queue.queued_by_type(),
-            running_by_type={t: s.running for t, s in status.types.items() if s.running},
+            queued_by_type=self.queue.queued_by_type(tenant),
+            running_by_type=running_by_type,
             type_limits={t: s.limit for t, s in status.types.items() if s.limit is not None},
-            queued_by_priority=self.queue.queued_by_priority(),
-            running=status.running,
+            queued_by_priority=self.queue.queued_by_priority(tenant),
+            running=running,
             max_running=self.settings.max_running,
             max_queued=self.settings.max_queued,
-            window=self.stats_window.figures(self.clock.monotonic()),
+            window=self.stats_window.figures(self.clock.monotonic(), tenant),
             read_time=self.clock.now(),
             draining=self.draining,
             known_types=known,
             workers_by_type={t: status.types[t].executors if t in status.types else 0 for t in known},
             connected_workers=status.workers,
-            delayed=self.queue.delayed,
+            delayed=self.queue.delayed if tenant is None else self.queue.delayed_in(tenant),
+            tenant=tenant,
+            tenants=self._tenant_figures(tenant, status),
         )
+
+    def _tenant_figures(self, tenant: str | None, status: ClusterStatus) -> list[TenantFigures]:
+        """Per tenant: just the caller's own, or (admins) every tenant with jobs or settings of its own."""
+        queued = self.queue.queued_by_tenant()
+        policies = self.settings.tenants
+        if tenant is not None:
+            names = [tenant]
+        else:
+            names = sorted(set(queued) | set(status.tenants) | set(policies.overrides))
+        return [
+            TenantFigures(name, queued.get(name, 0), status.tenant_running(name), policies.quota(name))
+            for name in names
+        ]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from jobwire.handlers.api import HandlerSpec, Progress
 from jobwire.handlers.runner import HandlerRunner
+from jobwire.server.access import LOCAL_CALLER, Action, Caller, Principal
 from jobwire.server.attempts import (
     Abandoned,
     Ending,
@@ -28,12 +29,13 @@ from jobwire.server.attempts import (
     Outcome,
     Succeeded,
 )
+from jobwire.server.audit import AuditEntry
 from jobwire.server.changes import JobChange
 from jobwire.server.clock import Clock, SystemClock
 from jobwire.server.cluster import ClusterStatus, DispatcherUp, Message, StatusUpdate, TypesChanged
 from jobwire.server.completion import InFlight, completes
 from jobwire.server.dispatcher import Dispatcher
-from jobwire.server.errors import Draining, FieldViolation, InvalidArgument, TooManyJobTypes
+from jobwire.server.errors import Draining, FieldViolation, InvalidArgument, PermissionDenied, TooManyJobTypes
 from jobwire.server.events import EventHub, JobEvent
 from jobwire.server.job import Job, RetryPolicy
 from jobwire.server.job_types import MAX_KNOWN_TYPES, JobType, TypeRegistry
@@ -44,6 +46,7 @@ from jobwire.server.queue_view import QueueView
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.stats import StatsWindow
 from jobwire.server.stores.base import JobQuery, JobStore
+from jobwire.server.tenants import TenantPolicies
 from jobwire.server.validation import SubmitRequest, job_type_violations
 from jobwire.server.workers import LeaseToken, SessionSettings, WorkerSession, WorkerSessions
 
@@ -69,6 +72,7 @@ class ManagerSettings:
     handler_threads: int | None = None
     lease_duration: float = 30.0
     retry_policy: RetryPolicy = field(default_factory=lambda: RetryPolicy(max_attempts=3))
+    tenants: TenantPolicies = field(default_factory=TenantPolicies)
 
 
 class JobManager:
@@ -92,7 +96,7 @@ class JobManager:
         self.types = TypeRegistry(
             {name: JobType.from_handler(spec) for name, spec in self.handlers.items()}, settings.type_limits
         )
-        self.queue = QueueView(Scheduler(aging_interval=settings.aging_interval))
+        self.queue = QueueView(Scheduler(aging_interval=settings.aging_interval, tenants=settings.tenants))
         self.events = EventHub(
             store.read_change,
             keep_history=not store.shared,
@@ -149,7 +153,11 @@ class JobManager:
             self.types,
             self.stats_window,
             OperationSettings(
-                settings.max_queued, settings.retention, settings.max_running, settings.retry_policy
+                settings.max_queued,
+                settings.retention,
+                settings.max_running,
+                settings.retry_policy,
+                settings.tenants,
             ),
             clock,
             self.status,
@@ -369,47 +377,91 @@ class JobManager:
 
     # -- the job API (JobOperations) ------------------------------------------------------------------
 
-    async def submit(self, request: SubmitRequest) -> Job:
-        return await self.jobs.submit(request)
+    async def submit(self, request: SubmitRequest, caller: Caller = LOCAL_CALLER) -> Job:
+        return await self.jobs.submit(request, caller)
 
-    async def get(self, job_id: str) -> Job:
-        return await self.jobs.get(job_id)
+    async def get(self, job_id: str, caller: Caller = LOCAL_CALLER) -> Job:
+        return await self.jobs.get(job_id, caller)
 
-    async def list_jobs(self, query: JobQuery) -> tuple[list[Job], bool]:
-        return await self.jobs.list_jobs(query)
+    async def list_jobs(self, query: JobQuery, caller: Caller = LOCAL_CALLER) -> tuple[list[Job], bool]:
+        return await self.jobs.list_jobs(query, caller)
 
-    async def cancel(self, job_id: str, reason: str = "") -> Job:
-        return await self.jobs.cancel(job_id, reason)
+    async def cancel(
+        self, job_id: str, reason: str = "", caller: Caller = LOCAL_CALLER, request_id: str = ""
+    ) -> Job:
+        return await self.jobs.cancel(job_id, reason, caller, request_id)
 
-    async def retry(self, job_id: str) -> Job:
-        return await self.jobs.retry(job_id)
+    async def retry(self, job_id: str, caller: Caller = LOCAL_CALLER, request_id: str = "") -> Job:
+        return await self.jobs.retry(job_id, caller, request_id)
 
-    def watch(self, job_id: str, after_sequence: int = 0) -> AsyncIterator[JobEvent]:
-        return self.jobs.watch(job_id, after_sequence)
+    def watch(
+        self, job_id: str, after_sequence: int = 0, caller: Caller = LOCAL_CALLER
+    ) -> AsyncIterator[JobEvent]:
+        return self.jobs.watch(job_id, after_sequence, caller)
 
-    async def stats(self) -> QueueStats:
-        return await self.jobs.stats()
+    async def stats(self, caller: Caller = LOCAL_CALLER) -> QueueStats:
+        return await self.jobs.stats(caller)
+
+    async def audit(
+        self, job_id: str, after_id: int = 0, limit: int = 1000, caller: Caller = LOCAL_CALLER
+    ) -> list[AuditEntry]:
+        return await self.jobs.audit(job_id, after_id, limit, caller)
 
     # -- worker sessions ------------------------------------------------------------------------------
 
-    async def connect_worker(self, worker_id: str, job_types: list[JobType], credits: int) -> WorkerSession:
-        """Register a worker session; its types become known (and stored) and it is offered work."""
+    async def connect_worker(
+        self, worker_id: str, job_types: list[JobType], credits: int, caller: Caller = LOCAL_CALLER
+    ) -> WorkerSession:
+        """Register a worker session; its types become known (and stored) and it is offered work.
+
+        A tenant's worker runs only its tenant's jobs, and declares only the types its credential
+        allows, never one that is another tenant's or the server's own (``_declare_types``).
+        """
+        principal = caller.principal
+        principal.require(Action.WORK)
         if self.draining:
             raise Draining()
         violations = job_type_violations(worker_id, job_types, credits)
         if violations:
             raise InvalidArgument(violations=violations)
-        declared = await self._declare_types(job_types)
-        session = self.sessions.add(worker_id, frozenset(t.name for t in declared), credits)
+        declared = await self._declare_types(job_types, principal)
+        session = self.sessions.add(
+            worker_id, frozenset(t.name for t in declared), credits, principal, caller.peer
+        )
         log.info(
             "worker connected",
-            extra={"session": session.session_id, "worker_id": worker_id, "types": sorted(session.job_types)},
+            extra={
+                "session": session.session_id,
+                "worker_id": worker_id,
+                "types": sorted(session.job_types),
+                "principal": principal.label,
+            },
         )
         return session
 
+    def _check_declarable(self, job_types: list[JobType], owner: str, principal: Principal) -> None:
+        for job_type in job_types:
+            principal.require_type(job_type.name)
+            if job_type.name in self.types.local:
+                raise PermissionDenied(
+                    f"job type {job_type.name!r} is run by the server's own handlers; a worker cannot "
+                    "declare it",
+                    metadata={"type": job_type.name},
+                )
+            known = self.types.get(job_type.name)
+            if known is not None and known.tenant != owner:
+                raise PermissionDenied(
+                    _owned_elsewhere(job_type.name, known.tenant), metadata={"type": job_type.name}
+                )
+
     @completes
-    async def _declare_types(self, job_types: list[JobType]) -> list[JobType]:
-        """Store the types a worker declares, then make them known (here, and to the other replicas)."""
+    async def _declare_types(self, job_types: list[JobType], principal: Principal) -> list[JobType]:
+        """Store the types a worker declares, then make them known (here, and to the other replicas).
+
+        A type belongs to the tenant whose worker first declared it ("" for an admin's worker: shared).
+        """
+        owner = "" if principal.all_tenants else principal.tenant
+        self._check_declarable(job_types, owner, principal)
         new = {t.name for t in job_types} - self.types.known.keys()
         if len(self.types) + len(new) > MAX_KNOWN_TYPES:
             raise TooManyJobTypes(
@@ -418,8 +470,15 @@ class JobManager:
                 "are forgotten"
             )
         now = self.clock.now()
-        declared = [JobType(t.name, t.timeout, t.max_running, t.retry, now) for t in job_types]
-        await self.store.save_job_types(declared)
+        declared = [JobType(t.name, t.timeout, t.max_running, t.retry, now, owner) for t in job_types]
+        refused = await self.store.save_job_types(declared)
+        if refused:  # declared by another tenant's worker through another replica a moment ago
+            await self.reload_types()
+            known = self.types.get(refused[0])
+            raise PermissionDenied(
+                _owned_elsewhere(refused[0], known.tenant if known is not None else "?"),
+                metadata={"type": refused[0]},
+            )
         self.types.declare(declared)
         self.dispatcher.types_changed()
         if new and self.store.shared:
@@ -447,6 +506,12 @@ class JobManager:
     async def worker_finish(self, session: WorkerSession, token: LeaseToken, outcome: Outcome) -> None:
         """A worker's CompleteJob, FailJob or ReleaseJob; answered with a WriteResult on the session."""
         await self.sessions.finish(session, token, outcome)
+
+
+def _owned_elsewhere(name: str, owner: str) -> str:
+    if owner:
+        return f"job type {name!r} belongs to another tenant; choose another name"
+    return f"job type {name!r} is shared by every tenant (an admin's worker declared it); choose another name"
 
 
 __all__ = [

@@ -1,9 +1,10 @@
 """The queued jobs' ordering, kept from the change feed on every replica.
 
-Every replica needs it: for ``queue_position`` (a rank in the scheduler's sorted lists, O(T log n)), for
-``max_queued`` and the queue counts, and for wait reasons. On the dispatcher it is also the run queue
-(``pop_entry``). It holds only what ordering needs (id, type, priority, sort key; schedule time for
-delayed jobs), never the jobs: a queued job costs a few hundred bytes here, its params stay in the store.
+Every replica needs it: for ``queue_position`` (a rank in the scheduler's sorted lists, O(Q log n)), for
+``max_queued`` and the queue counts (per tenant too), and for wait reasons. On the dispatcher it is also
+the run queue (``pop_entry``). It holds only what ordering needs (id, type, tenant, priority, sort key;
+schedule time for delayed jobs), never the jobs: a queued job costs a few hundred bytes here, its params
+stay in the store.
 
 Jobs waiting for a ``schedule_time`` (a scheduled start or a retry back-off) wait in ``_delayed`` and
 enter the run order when their time comes (``promote_due``, driven by the replica's timer loop).
@@ -15,7 +16,8 @@ already holds for that job is ignored.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+import sys
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
 from jobwire.server.changes import JobChange
@@ -33,6 +35,7 @@ class QueueView:
         self.scheduler = scheduler
         self._sequences: dict[str, int] = {}  # every job in the view (ready or delayed)
         self._delayed: dict[str, QueuedJob] = {}
+        self._delayed_by_tenant: Counter[str] = Counter()
         self._due: list[tuple[float, str]] = []  # (schedule_time, job_id), stale entries skipped
         self._gone: OrderedDict[str, int] = OrderedDict()
 
@@ -44,6 +47,7 @@ class QueueView:
             self._remove(job_id)
         self._sequences.clear()
         self._delayed.clear()
+        self._delayed_by_tenant.clear()
         self._due.clear()
         self._gone.clear()
 
@@ -65,7 +69,13 @@ class QueueView:
         self._remove(job_id)
         if change.state is JobState.QUEUED:
             info = QueuedJob(
-                job_id, change.type, change.priority, change.queue_time, change.schedule_time, change.sequence
+                job_id,
+                change.type,
+                change.priority,
+                change.queue_time,
+                change.schedule_time,
+                change.sequence,
+                change.tenant,
             )
             return self._add(info, now)
         self._forget(job_id, change.sequence)
@@ -74,16 +84,26 @@ class QueueView:
     def _add(self, job: QueuedJob, now: float) -> bool:
         self._sequences[job.id] = job.sequence
         self._gone.pop(job.id, None)
+        tenant = sys.intern(job.tenant)  # one string per tenant, however many of its jobs are queued
         if job.schedule_time is not None and job.schedule_time > now:
             self._delayed[job.id] = job
+            self._delayed_by_tenant[tenant] += 1
             heapq.heappush(self._due, (job.schedule_time, job.id))
             return False
-        self.scheduler.push(job.id, job.type, job.priority, job.queue_time)
+        self.scheduler.push(job.id, job.type, job.priority, job.queue_time, tenant)
         return True
 
     def _remove(self, job_id: str) -> None:
-        if self._delayed.pop(job_id, None) is None:
+        delayed = self._delayed.pop(job_id, None)
+        if delayed is None:
             self.scheduler.remove(job_id)
+        else:
+            self._undelay(delayed.tenant)
+
+    def _undelay(self, tenant: str) -> None:
+        self._delayed_by_tenant[tenant] -= 1
+        if not self._delayed_by_tenant[tenant]:
+            del self._delayed_by_tenant[tenant]
 
     def _forget(self, job_id: str, sequence: int) -> None:
         self._sequences.pop(job_id, None)
@@ -109,16 +129,17 @@ class QueueView:
             if job is None or job.schedule_time != due:
                 continue
             del self._delayed[job_id]
-            self.scheduler.push(job.id, job.type, job.priority, job.queue_time)
+            self._undelay(job.tenant)
+            self.scheduler.push(job.id, job.type, job.priority, job.queue_time, sys.intern(job.tenant))
             moved += 1
         return moved
 
     # --- the dispatcher's side -------------------------------------------------------------------
 
-    def pop_entry(self, types: Iterable[str]) -> tuple[Entry, int] | None:
-        """The next job an executor of ``types`` may start (counted as running), taken out of the view,
-        and the sequence of its QUEUED change (for ``restore``)."""
-        entry = self.scheduler.pop_entry(types)
+    def pop_entry(self, types: Iterable[str], tenant: str | None, now: float) -> tuple[Entry, int] | None:
+        """The next job an executor of ``types`` and ``tenant`` (None: any) may start (counted as
+        running), taken out of the view, and the sequence of its QUEUED change (for ``restore``)."""
+        entry = self.scheduler.pop_entry(types, tenant, now)
         if entry is None:
             return None
         sequence = self._sequences.get(entry[2], 0)
@@ -143,6 +164,9 @@ class QueueView:
     def delayed(self) -> int:
         return len(self._delayed)
 
+    def delayed_in(self, tenant: str) -> int:
+        return self._delayed_by_tenant.get(tenant, 0)
+
     def is_delayed(self, job_id: str) -> bool:
         return job_id in self._delayed
 
@@ -150,16 +174,28 @@ class QueueView:
         """1-based place in the run order; 0 for a job not in it (delayed, or not queued)."""
         return self.scheduler.position(job_id)
 
-    def queued_by_type(self) -> dict[str, int]:
-        counts = self.scheduler.queued_by_type()
-        for job in self._delayed.values():
-            counts[job.type] = counts.get(job.type, 0) + 1
+    def queued_in(self, tenant: str) -> int:
+        """The tenant's queued jobs, delayed ones included (its ``max_queued`` counts these)."""
+        return self.scheduler.queued_in(tenant) + self._delayed_by_tenant.get(tenant, 0)
+
+    def queued_by_tenant(self) -> dict[str, int]:
+        counts = self.scheduler.queued_by_tenant()
+        for tenant, n in self._delayed_by_tenant.items():
+            counts[tenant] = counts.get(tenant, 0) + n
         return counts
 
-    def queued_by_priority(self) -> dict[int, int]:
-        counts = self.scheduler.queued_by_priority()
+    def queued_by_type(self, tenant: str | None = None) -> dict[str, int]:
+        counts = self.scheduler.queued_by_type(tenant)
         for job in self._delayed.values():
-            counts[job.priority] = counts.get(job.priority, 0) + 1
+            if tenant is None or job.tenant == tenant:
+                counts[job.type] = counts.get(job.type, 0) + 1
+        return counts
+
+    def queued_by_priority(self, tenant: str | None = None) -> dict[int, int]:
+        counts = self.scheduler.queued_by_priority(tenant)
+        for job in self._delayed.values():
+            if tenant is None or job.tenant == tenant:
+                counts[job.priority] = counts.get(job.priority, 0) + 1
         return counts
 
     def sequence_of(self, job_id: str) -> int:

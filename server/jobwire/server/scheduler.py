@@ -1,33 +1,58 @@
-"""The priority-heap scheduler: which queued job runs next, within the concurrency limits.
+"""The priority-heap scheduler: which queued job runs next, within the limits, fairly across tenants.
 
-Order. Higher priority first, FIFO within a priority, with aging so low priorities never starve: a job of
-priority ``p`` that entered the queue at time ``t`` has the sort key ``t - p * aging_interval``, and the
-smallest key runs first. Waiting one ``aging_interval`` is worth one priority level, and since the key
-never changes after a push, the queue needs no re-sorting as jobs age. With ``aging_interval == 0`` the
-order is strict priority (key ``-p``), FIFO within a priority. Ties break by push order.
+Order within a tenant. Higher priority first, FIFO within a priority, with aging so low priorities never
+starve: a job of priority ``p`` that entered the queue at time ``t`` has the sort key
+``t - p * aging_interval``, and the smallest key runs first. Waiting one ``aging_interval`` is worth one
+priority level, and since the key never changes after a push, the queue needs no re-sorting as jobs
+age. With ``aging_interval == 0`` the order is strict priority (key ``-p``), FIFO within a priority.
+Ties break by push order.
 
-Limits. A global limit on running jobs and an optional limit per job type. Each type has its own queue;
-``pop_ready`` compares the heads of the types that have room (O(T) for T types with queued jobs, plus
-O(log n) for the pop), so a type at its limit never blocks the others.
+Fair sharing across tenants. Each tenant's next job (the head of its queues, by the rule above) competes
+with the other tenants' next jobs by *level*: its priority, plus one for every ``aging_interval`` its
+tenant has waited without a start (since its last start, or since that job was queued if later), at
+most PRIORITY_MAX. The highest level goes first; among equal levels, the tenant with the smallest
+*pass* (stride scheduling: every start adds ``1 / weight`` to its tenant's pass) goes first, so tenants
+with jobs waiting at the same level get starts in proportion to their weights, whatever their backlogs.
+A tenant that floods the queue is served all the time, so its level stays its jobs' priority; a tenant
+that submits a few jobs meanwhile gets its turn within a few starts (its pass joins at the smallest
+pass of the tenants waiting, never behind them). A job's own age raises it only within its tenant:
+across tenants, a backlog's age is no claim on the others' turns. With one tenant all of this reduces
+to the single-tenant rule.
 
-Data structure. Each type's queue is a sorted list (``sortedcontainers.SortedList``, a B-tree-like list
-of sorted sublists) rather than a binary heap: it pops the smallest key in O(log n) like a heap, and also
-removes any job and tells any job's rank in O(log n). So a cancelled job leaves at once, and a queued
-job's position in the run order costs O(T log n) (its rank in every type's queue, summed), never a pass
-over the queue: GetJob on a queued job stays as cheap with 100,000 queued as with 10.
+Limits. A global limit on running jobs, an optional limit per job type, and an optional limit per
+tenant (``tenants.TenantPolicies``). A type or tenant at its limit never blocks the others.
+
+Data structure. Each (type, tenant) queue is a sorted list (``sortedcontainers.SortedList``, a B-tree-like
+list of sorted sublists) rather than a binary heap: it pops the smallest key in O(log n) like a heap,
+and also removes any job and tells any job's rank in O(log n). So a cancelled job leaves at once, and a
+queued job's position costs O(Q log n) for Q queues, never a pass over the queue: GetJob on a queued
+job stays as cheap with 100,000 queued as with 10. Picking the next job compares the heads of the
+queues that have room: O(Q).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from collections.abc import Iterable
+from typing import Final, TypeVar
 
 from sortedcontainers import SortedList
 
-# One queued job: (sort key, push order, job id, job type, priority). Tuples compare in C, and since the
-# push order is unique, comparisons never reach the id, type or priority.
-Entry = tuple[float, int, str, str, int]
+from jobwire.server.access import DEFAULT_TENANT
+from jobwire.server.job import PRIORITY_MAX
+from jobwire.server.tenants import TenantPolicies
+
+# One queued job: (sort key, push order, job id, job type, priority, tenant, queue time). Tuples compare
+# in C, and since the push order is unique, comparisons never get past it.
+Entry = tuple[float, int, str, str, int, str, float]
+_ID: Final = 2
+_TYPE: Final = 3
+_PRIORITY: Final = 4
+_TENANT: Final = 5
+_QUEUE_TIME: Final = 6
+_K = TypeVar("_K")
 
 
 class Scheduler:
@@ -39,6 +64,7 @@ class Scheduler:
         max_running: int | None = None,
         type_limits: dict[str, int] | None = None,
         aging_interval: float = 60.0,
+        tenants: TenantPolicies | None = None,
     ) -> None:
         if max_running is not None and max_running < 1:
             raise ValueError("max_running must be at least 1")
@@ -47,12 +73,23 @@ class Scheduler:
         self.max_running = max_running
         self.type_limits = dict(type_limits or {})
         self.aging_interval = aging_interval
-        self._queues: dict[str, SortedList] = {}
+        self.tenants = tenants or TenantPolicies()
+        # The same queues, indexed both ways: by type (what an executor takes), by tenant (fairness).
+        self._by_type: dict[str, dict[str, SortedList]] = {}
+        self._by_tenant: dict[str, dict[str, SortedList]] = {}
         self._entries: dict[str, Entry] = {}
         self._order = itertools.count()
         self._running_by_type: Counter[str] = Counter()
-        self._queued_by_priority: Counter[int] = Counter()
+        self._running_by_tenant: Counter[str] = Counter()
+        self._running_by_tenant_type: Counter[tuple[str, str]] = Counter()
+        self._queued_by_priority: Counter[tuple[str, int]] = Counter()  # (tenant, priority)
+        self._queued_by_tenant: Counter[str] = Counter()
         self.running = 0
+        # Fair sharing: each tenant's pass (stride scheduling), when it last had a job started, and the
+        # pass of the last start (where a tenant joins when no other one is waiting).
+        self._pass: dict[str, float] = {}
+        self._served: dict[str, float] = {}
+        self._last_pass = 0.0
 
     # -- queue ---------------------------------------------------------------------------------------
 
@@ -62,28 +99,65 @@ class Scheduler:
             return -float(priority)
         return queue_time - priority * self.aging_interval
 
-    def push(self, job_id: str, job_type: str, priority: int, queue_time: float) -> None:
+    def push(
+        self, job_id: str, job_type: str, priority: int, queue_time: float, tenant: str = DEFAULT_TENANT
+    ) -> None:
         """Queue a job. Pushing a job that is already queued is a bug."""
         if job_id in self._entries:
             raise ValueError(f"job {job_id} is already queued")
-        entry = (self.sort_key(priority, queue_time), next(self._order), job_id, job_type, priority)
-        self._entries[job_id] = entry
-        queue = self._queues.get(job_type)
+        entry = (
+            self.sort_key(priority, queue_time),
+            next(self._order),
+            job_id,
+            job_type,
+            priority,
+            tenant,
+            queue_time,
+        )
+        self._add(entry)
+
+    def _add(self, entry: Entry) -> None:
+        tenant, job_type = entry[_TENANT], entry[_TYPE]
+        queues = self._by_tenant.get(tenant)
+        if queues is None:  # the tenant starts waiting: it joins behind nobody, and ahead of nobody
+            waiting = [self._pass.get(t, 0.0) for t in self._by_tenant]
+            floor = min(waiting) if waiting else self._last_pass
+            self._pass[tenant] = max(self._pass.get(tenant, 0.0), floor)
+            queues = self._by_tenant[tenant] = {}
+        queue = queues.get(job_type)
         if queue is None:
-            queue = self._queues[job_type] = SortedList()
+            queue = queues[job_type] = SortedList()
+            self._by_type.setdefault(job_type, {})[tenant] = queue
         queue.add(entry)
-        self._queued_by_priority[priority] += 1
+        self._entries[entry[_ID]] = entry
+        self._queued_by_priority[(tenant, entry[_PRIORITY])] += 1
+        self._queued_by_tenant[tenant] += 1
+
+    def _take_out(self, entry: Entry, queue: SortedList) -> None:
+        tenant, job_type = entry[_TENANT], entry[_TYPE]
+        queue.remove(entry)
+        if not queue:
+            del self._by_tenant[tenant][job_type]
+            if not self._by_tenant[tenant]:
+                del self._by_tenant[tenant]
+            del self._by_type[job_type][tenant]
+            if not self._by_type[job_type]:
+                del self._by_type[job_type]
+        del self._entries[entry[_ID]]
+        key = (tenant, entry[_PRIORITY])
+        self._queued_by_priority[key] -= 1
+        if not self._queued_by_priority[key]:
+            del self._queued_by_priority[key]
+        self._queued_by_tenant[tenant] -= 1
+        if not self._queued_by_tenant[tenant]:
+            del self._queued_by_tenant[tenant]
 
     def remove(self, job_id: str) -> bool:
         """Take a queued job out of the run order; False if it was not queued."""
-        entry = self._entries.pop(job_id, None)
+        entry = self._entries.get(job_id)
         if entry is None:
             return False
-        queue = self._queues[entry[3]]
-        queue.remove(entry)
-        if not queue:
-            del self._queues[entry[3]]
-        self._forget_priority(entry[4])
+        self._take_out(entry, self._by_type[entry[_TYPE]][entry[_TENANT]])
         return True
 
     def __contains__(self, job_id: object) -> bool:
@@ -92,18 +166,18 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _forget_priority(self, priority: int) -> None:
-        self._queued_by_priority[priority] -= 1
-        if not self._queued_by_priority[priority]:
-            del self._queued_by_priority[priority]
-
     # -- running -------------------------------------------------------------------------------------
 
-    def has_room(self, job_type: str) -> bool:
+    def has_room(self, job_type: str, tenant: str = DEFAULT_TENANT) -> bool:
+        return self._type_has_room(job_type) and self._tenant_has_room(tenant)
+
+    def _type_has_room(self, job_type: str) -> bool:
         limit = self.type_limits.get(job_type)
-        return (self.max_running is None or self.running < self.max_running) and (
-            limit is None or self._running_by_type[job_type] < limit
-        )
+        return limit is None or self._running_by_type[job_type] < limit
+
+    def _tenant_has_room(self, tenant: str) -> bool:
+        limit = self.tenants.max_running(tenant)
+        return limit is None or self._running_by_tenant[tenant] < limit
 
     def set_type_limit(self, job_type: str, limit: int | None) -> None:
         if limit is None:
@@ -117,69 +191,135 @@ class Scheduler:
         With ``types``, only jobs of those types are considered (what one executor can run).
         """
         entry = self.pop_entry(types)
-        return None if entry is None else (entry[2], entry[3])
+        return None if entry is None else (entry[_ID], entry[_TYPE])
+
+    def pop_entry(
+        self, types: Iterable[str] | None = None, tenant: str | None = None, now: float = 0.0
+    ) -> Entry | None:
+        """The next job an executor taking ``types`` (None: any) of ``tenant`` (None: any tenant's) may
+        start, taken out and counted as running; ``now`` for the tenants' waits. None if there is none."""
+        if self.max_running is not None and self.running >= self.max_running:
+            return None
+        heads = self._heads(types, tenant)
+        if not heads:
+            return None
+        best = next(iter(heads.values())) if len(heads) == 1 else self._fairest(heads, now)
+        self._take_out(best, self._by_type[best[_TYPE]][best[_TENANT]])
+        self.mark_running(best[_TYPE], best[_TENANT])
+        chosen = best[_TENANT]
+        self._last_pass = self._pass.get(chosen, self._last_pass)
+        self._pass[chosen] = self._last_pass + 1.0 / self.tenants.weight(chosen)
+        self._served[chosen] = now
+        return best
+
+    def _heads(self, types: Iterable[str] | None, tenant: str | None) -> dict[str, Entry]:
+        """Per tenant with room, the head of its queues (of ``types``) that have room."""
+        heads: dict[str, Entry] = {}
+        if tenant is not None:
+            tenant_queues = self._by_tenant.get(tenant)
+            if not tenant_queues or not self._tenant_has_room(tenant):
+                return heads
+            pairs: Iterable[tuple[str, SortedList]] = (
+                tenant_queues.items()
+                if types is None
+                else ((t, tenant_queues[t]) for t in types if t in tenant_queues)
+            )
+            for job_type, queue in pairs:
+                head: Entry = queue[0]
+                if self._type_has_room(job_type) and (tenant not in heads or head < heads[tenant]):
+                    heads[tenant] = head
+            return heads
+        room: dict[str, bool] = {}
+        for job_type in self._by_type if types is None else types:
+            by_tenant = self._by_type.get(job_type)
+            if by_tenant is None or not self._type_has_room(job_type):
+                continue
+            for owner, queue in by_tenant.items():
+                has_room = room.get(owner)
+                if has_room is None:
+                    has_room = room[owner] = self._tenant_has_room(owner)
+                if not has_room:
+                    continue
+                head = queue[0]
+                current = heads.get(owner)
+                if current is None or head < current:
+                    heads[owner] = head
+        return heads
+
+    def _fairest(self, heads: dict[str, Entry], now: float) -> Entry:
+        """Across tenants: highest level, then smallest pass, then smallest key (module docstring)."""
+        best: Entry | None = None
+        best_rank: tuple[int, float] | None = None
+        aging = self.aging_interval
+        for tenant, head in heads.items():
+            level = head[_PRIORITY]
+            if aging > 0:
+                since = max(self._served.get(tenant, head[_QUEUE_TIME]), head[_QUEUE_TIME])
+                level = min(PRIORITY_MAX, level + max(0, int((now - since) // aging)))
+            rank = (-level, self._pass.get(tenant, 0.0))
+            if best is None or best_rank is None or rank < best_rank or (rank == best_rank and head < best):
+                best, best_rank = head, rank
+        assert best is not None
+        return best
 
     def restore(self, entry: Entry) -> None:
         """Undo ``pop_entry``: the job goes back exactly where it was, and no longer counts as running."""
-        self._entries[entry[2]] = entry
-        queue = self._queues.get(entry[3])
-        if queue is None:
-            queue = self._queues[entry[3]] = SortedList()
-        queue.add(entry)
-        self._queued_by_priority[entry[4]] += 1
-        self.release(entry[3])
+        tenant = entry[_TENANT]
+        self._pass[tenant] = self._pass.get(tenant, 0.0) - 1.0 / self.tenants.weight(tenant)
+        self._add(entry)
+        self.release(entry[_TYPE], tenant)
 
-    def pop_entry(self, types: Iterable[str] | None = None) -> Entry | None:
-        """``pop_ready``, returning the whole entry (for ``restore``)."""
-        if self.max_running is not None and self.running >= self.max_running:
-            return None
-        best: Entry | None = None
-        candidates = self._queues if types is None else [t for t in types if t in self._queues]
-        for job_type in candidates:
-            if not self.has_room(job_type):
-                continue
-            head: Entry = self._queues[job_type][0]
-            if best is None or head < best:
-                best = head
-        if best is None:
-            return None
-        job_id, job_type = best[2], best[3]
-        queue = self._queues[job_type]
-        queue.pop(0)
-        if not queue:
-            del self._queues[job_type]
-        del self._entries[job_id]
-        self._forget_priority(best[4])
-        self.mark_running(job_type)
-        return best
-
-    def mark_running(self, job_type: str) -> None:
+    def mark_running(self, job_type: str, tenant: str = DEFAULT_TENANT) -> None:
         """Count a job as running without popping it (a job recovered or started elsewhere)."""
         self.running += 1
         self._running_by_type[job_type] += 1
+        self._running_by_tenant[tenant] += 1
+        self._running_by_tenant_type[(tenant, job_type)] += 1
 
-    def set_running(self, by_type: dict[str, int]) -> None:
+    def set_running(self, by_tenant_type: dict[tuple[str, str], int]) -> None:
         """Replace the running counts (a new dispatcher counts the attempts it finds in the store)."""
-        self._running_by_type = Counter({t: n for t, n in by_type.items() if n > 0})
+        self._running_by_tenant_type = Counter({k: n for k, n in by_tenant_type.items() if n > 0})
+        self._running_by_type = Counter()
+        self._running_by_tenant = Counter()
+        for (tenant, job_type), n in self._running_by_tenant_type.items():
+            self._running_by_type[job_type] += n
+            self._running_by_tenant[tenant] += n
         self.running = sum(self._running_by_type.values())
 
-    def release(self, job_type: str) -> None:
+    def release(self, job_type: str, tenant: str = DEFAULT_TENANT) -> None:
         """A running job stopped: its slot is free."""
-        if self._running_by_type[job_type] <= 0 or self.running <= 0:
-            raise ValueError(f"release of {job_type!r} with nothing running")
+        key = (tenant, job_type)
+        if self._running_by_tenant_type[key] <= 0 or self.running <= 0:
+            raise ValueError(f"release of {job_type!r} of tenant {tenant!r} with nothing running")
         self.running -= 1
-        self._running_by_type[job_type] -= 1
-        if not self._running_by_type[job_type]:
-            del self._running_by_type[job_type]
+        _decrement(self._running_by_type, job_type)
+        _decrement(self._running_by_tenant, tenant)
+        _decrement(self._running_by_tenant_type, key)
 
     # -- introspection -------------------------------------------------------------------------------
 
     def position(self, job_id: str) -> int:
-        """The job's 1-based run-order position (0 if it is not queued): O(T log n) for T types."""
+        """The job's 1-based run-order position (0 if it is not queued), in O(Q log n) for Q queues.
+
+        Exact with one tenant. With several it is an estimate: the jobs ahead of it in its own tenant's
+        queues, plus, from each other tenant, its jobs queued before this one but at most its fair
+        share of the starts that come first (``weight`` over this tenant's).
+        """
         entry = self._entries.get(job_id)
         if entry is None:
             return 0
-        ahead: int = sum(queue.bisect_left(entry) for queue in self._queues.values())
+        tenant = entry[_TENANT]
+        own: int = sum(queue.bisect_left(entry) for queue in self._by_tenant[tenant].values())
+        if len(self._by_tenant) == 1:
+            return 1 + own
+        weight = self.tenants.weight(tenant)
+        ahead = own
+        for other, queues in self._by_tenant.items():
+            if other == tenant:
+                continue
+            before: int = sum(queue.bisect_left(entry) for queue in queues.values())
+            if before:
+                ahead += min(before, math.ceil((own + 1) * self.tenants.weight(other) / weight))
         return 1 + ahead
 
     def positions(self, job_ids: Iterable[str]) -> dict[str, int]:
@@ -189,8 +329,34 @@ class Scheduler:
     def running_by_type(self) -> dict[str, int]:
         return dict(self._running_by_type)
 
-    def queued_by_type(self) -> dict[str, int]:
-        return {job_type: len(queue) for job_type, queue in self._queues.items()}
+    def running_by_tenant(self) -> dict[str, dict[str, int]]:
+        """Running jobs per tenant and type."""
+        result: dict[str, dict[str, int]] = {}
+        for (tenant, job_type), n in self._running_by_tenant_type.items():
+            result.setdefault(tenant, {})[job_type] = n
+        return result
 
-    def queued_by_priority(self) -> dict[int, int]:
-        return dict(self._queued_by_priority)
+    def queued_by_type(self, tenant: str | None = None) -> dict[str, int]:
+        """Queued jobs per type (of one tenant, or of all)."""
+        if tenant is not None:
+            return {job_type: len(queue) for job_type, queue in self._by_tenant.get(tenant, {}).items()}
+        return {job_type: sum(map(len, by.values())) for job_type, by in self._by_type.items()}
+
+    def queued_by_tenant(self) -> dict[str, int]:
+        return dict(self._queued_by_tenant)
+
+    def queued_in(self, tenant: str) -> int:
+        return self._queued_by_tenant.get(tenant, 0)
+
+    def queued_by_priority(self, tenant: str | None = None) -> dict[int, int]:
+        counts: Counter[int] = Counter()
+        for (owner, priority), n in self._queued_by_priority.items():
+            if tenant is None or owner == tenant:
+                counts[priority] += n
+        return dict(counts)
+
+
+def _decrement(counter: Counter[_K], key: _K) -> None:
+    counter[key] -= 1
+    if not counter[key]:
+        del counter[key]

@@ -22,7 +22,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from jobwire.handlers.api import Progress
+from jobwire.server.access import ANONYMOUS, Principal
 from jobwire.server.attempts import Ending, Outcome, end_attempt
+from jobwire.server.audit import Actor
 from jobwire.server.changes import JobChange
 from jobwire.server.clock import Clock
 from jobwire.server.cluster import Cluster, Credits, ExecutorDown, ExecutorInfo, ExecutorUp
@@ -73,20 +75,40 @@ OutboxMessage = Assignment | CancelRequest | LeaseRevoked | WriteResult
 
 
 class WorkerSession:
-    """One connected worker: its types, its credits, and the messages waiting to be sent to it."""
+    """One connected worker: its types, its credits, and the messages waiting to be sent to it.
+
+    A worker with a tenant's credential runs only that tenant's jobs (``tenant``); an admin's runs
+    every tenant's (``tenant`` None).
+    """
 
     _ids = itertools.count(1)
 
-    def __init__(self, worker_id: str, job_types: frozenset[str], credits: int, replica_id: str = "") -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        job_types: frozenset[str],
+        credits: int,
+        replica_id: str = "",
+        principal: Principal = ANONYMOUS,
+        peer: str = "",
+    ) -> None:
         self.session_id = f"s{next(self._ids)}"
         self.worker_id = worker_id
         self.job_types = job_types
         self.credits = credits  # granted by the worker, less the assignments delivered
         self.running: dict[str, Job] = {}  # job id -> the job as held under its current lease
-        self.executor = ExecutorInfo(f"{replica_id}/{self.session_id}", worker_id, job_types)
+        self.tenant = None if principal.all_tenants else principal.tenant
+        self.actor = Actor(principal.label, peer)
+        self.executor = ExecutorInfo(
+            f"{replica_id}/{self.session_id}", worker_id, job_types, self.tenant, principal.label, peer
+        )
         self._outbox: deque[OutboxMessage | None] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
+
+    def may_run(self, job: Job) -> bool:
+        """Whether this worker may hold ``job``: never another tenant's."""
+        return self.tenant is None or job.tenant == self.tenant
 
     def send(self, message: OutboxMessage) -> None:
         if not self.closed:
@@ -191,8 +213,15 @@ class WorkerSessions:
 
     # -- sessions ---------------------------------------------------------------------------------
 
-    def add(self, worker_id: str, job_types: frozenset[str], credits: int) -> WorkerSession:
-        session = WorkerSession(worker_id, job_types, credits, self.replica_id)
+    def add(
+        self,
+        worker_id: str,
+        job_types: frozenset[str],
+        credits: int,
+        principal: Principal = ANONYMOUS,
+        peer: str = "",
+    ) -> WorkerSession:
+        session = WorkerSession(worker_id, job_types, credits, self.replica_id, principal, peer)
         self.registry.add(session)
         self._cluster.send(ExecutorUp(session.executor, credits))
         return session
@@ -267,6 +296,9 @@ class WorkerSessions:
     def _deliver(self, session: WorkerSession, job: Job) -> None:
         if session.closed or job.id in session.running:
             return  # a session that ended keeps nothing: the lease expires and the job runs again
+        if not session.may_run(job):  # the dispatcher never claims so; a second lock on the door
+            log.error("job %s of another tenant was claimed for session %s", job.id, session.session_id)
+            return
         session.credits = max(0, session.credits - 1)
         self._hold(session, job)
         timeout = self._timeout_for(job.type, job.timeout, self._settings.default_timeout)
@@ -320,17 +352,23 @@ class WorkerSessions:
     async def _attach(
         self, tokens: list[LeaseToken], session: WorkerSession, progress: Progress | None
     ) -> None:
-        """Leases this session does not hold yet: valid if the store says the lease is current."""
+        """Leases this session does not hold yet: valid if the store says the lease is current, and the
+        job is one this worker may hold (never another tenant's: its lease is not even renewed)."""
         until = self._clock.now() + self._settings.lease_duration
-        current = await self._store.renew_leases([(t.job_id, t.epoch) for t in tokens], until)
-        for token, valid in zip(tokens, current, strict=True):
-            job = await self._store.get(token.job_id) if valid else None
-            if (
-                job is None
-                or job.lease_epoch != token.epoch
-                or job.attempt != token.attempt
-                or session.closed
-            ):
+        jobs: list[Job | None] = []
+        for token in tokens:
+            job = await self._store.get(token.job_id)
+            mine = job is not None and session.may_run(job)
+            jobs.append(job if mine else None)  # another tenant's job is, to this worker, no job at all
+        candidates = [
+            (token, job)
+            for token, job in zip(tokens, jobs, strict=True)
+            if job is not None and job.lease_epoch == token.epoch and job.attempt == token.attempt
+        ]
+        current = await self._store.renew_leases([(t.job_id, t.epoch) for t, _ in candidates], until)
+        renewed = {token for (token, _), valid in zip(candidates, current, strict=True) if valid}
+        for token, job in zip(tokens, jobs, strict=True):
+            if job is None or token not in renewed or session.closed:
                 session.send(LeaseRevoked(token, self.stale_reason(token, job)))
                 continue
             self._hold(session, job)
@@ -362,10 +400,14 @@ class WorkerSessions:
         """CompleteJob, FailJob or ReleaseJob; answered with a WriteResult on the session."""
         held = self._held(session, token)
         job = held if held is not None else await self._store.get(token.job_id)
+        if job is not None and not session.may_run(job):
+            job = None  # another tenant's job is, to this worker, no job at all
         if job is None or job.lease_epoch != token.epoch or job.attempt != token.attempt:
             session.send(WriteResult(token, False, self.stale_reason(token, job)))
             return
-        ended = await end_attempt(self._store, job, outcome, self._clock.now(), self._ending)
+        ended = await end_attempt(
+            self._store, job, outcome, self._clock.now(), self._ending, actor=session.actor
+        )
         if ended is not None:
             if self._holders.get(token.job_id) is session:
                 self._drop(token.job_id)

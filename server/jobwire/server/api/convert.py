@@ -14,6 +14,8 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from jobwire.handlers.api import RetryDefaults
+from jobwire.server.access import TENANT_PATTERN
+from jobwire.server.audit import AuditEntry
 from jobwire.server.errors import FieldViolation, InvalidArgument
 from jobwire.server.job import AttemptRecord, Job, JobError, Progress, RetryPolicy
 from jobwire.server.state_machine import JobState
@@ -23,6 +25,7 @@ from jobwire.v1 import job_pb2
 
 ERROR_DOMAIN = "jobwire.dev"
 MAX_PAGE_TOKEN = 512
+MAX_FILTER_TENANTS = 100
 
 
 def set_timestamp(target: timestamp_pb2.Timestamp, seconds: float) -> None:
@@ -84,6 +87,8 @@ def job_to_proto(job: Job, with_payload: bool = True) -> job_pb2.Job:
         queue_position=job.queue_position,
         request_id=job.request_id,
         cancel_reason=job.cancel_reason,
+        tenant=job.tenant,
+        created_by=job.created_by,
     )
     if job.params and with_payload:
         message.params.update(job.params)
@@ -194,8 +199,18 @@ def job_filter_from_request(
     labels: dict[str, str],
     create_time_start: timestamp_pb2.Timestamp | None,
     create_time_end: timestamp_pb2.Timestamp | None,
+    tenants: list[str] | None = None,
 ) -> JobFilter:
     violations: list[FieldViolation] = []
+    tenants = tenants or []
+    if len(tenants) > MAX_FILTER_TENANTS:
+        violations.append(FieldViolation("tenants", f"at most {MAX_FILTER_TENANTS}"))
+    else:
+        violations.extend(
+            FieldViolation(f"tenants[{i}]", "not a tenant name")
+            for i, name in enumerate(tenants)
+            if not TENANT_PATTERN.match(name)
+        )
     domain_states: set[JobState] = set()
     for i, state in enumerate(states):
         try:
@@ -210,6 +225,7 @@ def job_filter_from_request(
     if violations:
         raise InvalidArgument(violations=violations)
     return JobFilter(
+        tenants=frozenset(tenants),
         states=frozenset(domain_states),
         types=frozenset(types),
         labels=tuple(sorted(labels.items())),
@@ -221,6 +237,7 @@ def job_filter_from_request(
 def _filter_digest(job_filter: JobFilter) -> str:
     canonical = json.dumps(
         [
+            sorted(job_filter.tenants),
             sorted(int(s) for s in job_filter.states),
             sorted(job_filter.types),
             list(job_filter.labels),
@@ -237,20 +254,29 @@ def encode_page_token(last_id: str, job_filter: JobFilter) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_page_token(token: str, job_filter: JobFilter) -> str:
-    """The cursor in ``token``; INVALID_ARGUMENT if it is malformed or was made for other filters."""
+def _decode_token(token: str, method: str) -> dict[str, Any]:
+    """The JSON object inside one of our page tokens; INVALID_ARGUMENT for anything else."""
     try:
         if len(token) > MAX_PAGE_TOKEN:  # ours are ~100 characters; never parse an arbitrary blob
             raise ValueError("too long")
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
-        last_id, digest = data["after"], data["filter"]
-        if not isinstance(last_id, str) or not isinstance(digest, str):
-            raise ValueError("bad field types")
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as error:
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        return data
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError) as error:
         raise InvalidArgument(
-            violations=[FieldViolation("page_token", "not a token returned by ListJobs")]
+            violations=[FieldViolation("page_token", f"not a token returned by {method}")]
         ) from error
+
+
+def decode_page_token(token: str, job_filter: JobFilter) -> str:
+    """The cursor in ``token``; INVALID_ARGUMENT if it is malformed or was made for other filters (the
+    filter includes the tenants the caller may see, so a token never crosses tenants)."""
+    data = _decode_token(token, "ListJobs")
+    last_id, digest = data.get("after"), data.get("filter")
+    if not isinstance(last_id, str) or not isinstance(digest, str):
+        raise InvalidArgument(violations=[FieldViolation("page_token", "not a token returned by ListJobs")])
     if digest != _filter_digest(job_filter):
         raise InvalidArgument(
             violations=[
@@ -258,3 +284,34 @@ def decode_page_token(token: str, job_filter: JobFilter) -> str:
             ]
         )
     return last_id
+
+
+# -- the audit trail -----------------------------------------------------------------------------------
+
+
+def audit_entry_to_proto(entry: AuditEntry) -> job_pb2.AuditEntry:
+    message = job_pb2.AuditEntry(
+        action=entry.action,
+        principal=entry.principal,
+        request_id=entry.request_id,
+        peer=entry.peer,
+        detail=entry.detail,
+    )
+    set_timestamp(message.time, entry.time)
+    return message
+
+
+def encode_audit_token(job_id: str, after_id: int) -> str:
+    """A ListJobAuditEntries cursor, bound to its job."""
+    raw = json.dumps({"job": job_id, "after": after_id}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_audit_token(token: str, job_id: str) -> int:
+    data = _decode_token(token, "ListJobAuditEntries")
+    after = data.get("after")
+    if data.get("job") != job_id or not isinstance(after, int) or isinstance(after, bool) or after < 0:
+        raise InvalidArgument(
+            violations=[FieldViolation("page_token", "not a token ListJobAuditEntries returned for this job")]
+        )
+    return after

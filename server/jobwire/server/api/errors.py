@@ -23,6 +23,9 @@ _MAPPING: list[tuple[type[errors.JobwireError], grpc.StatusCode, str]] = [
     (errors.JobNotFound, grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND"),
     (errors.JobAlreadyFinished, grpc.StatusCode.FAILED_PRECONDITION, "JOB_ALREADY_FINISHED"),
     (errors.QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL"),
+    (errors.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, "TENANT_QUOTA_EXCEEDED"),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
     (errors.TooManyJobTypes, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_JOB_TYPES"),
     (errors.Draining, grpc.StatusCode.UNAVAILABLE, "SERVER_DRAINING"),
     (errors.WatchPositionLost, grpc.StatusCode.OUT_OF_RANGE, "WATCH_POSITION_LOST"),
@@ -45,6 +48,8 @@ def to_status(error: errors.JobwireError) -> tuple[grpc.StatusCode, status_pb2.S
         if isinstance(error, cls):
             code, reason = mapped_code, mapped_reason
             break
+    if isinstance(error, errors.Unauthenticated):
+        reason = error.reason  # which check failed
     status = status_pb2.Status(code=code.value[0], message=clip(error.message, MAX_MESSAGE))
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=error.metadata)
     status.details.add().Pack(info)
@@ -61,6 +66,13 @@ def to_status(error: errors.JobwireError) -> tuple[grpc.StatusCode, status_pb2.S
                 field="request", description=f"{left_out} more field violations left out"
             )
         status.details.add().Pack(bad_request)
+    if isinstance(error, errors.QuotaExceeded):
+        quota = error_details_pb2.QuotaFailure()
+        quota.violations.add(subject=clip(error.subject, MAX_FIELD), description=clip(error.description, 256))
+        status.details.add().Pack(quota)
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1_000_000, round(error.retry_after * 1e9)))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     if isinstance(error, errors.QueueFull | errors.Draining):
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)))
     return code, status

@@ -7,6 +7,7 @@ import logging
 import grpc
 
 from jobwire.server.api import convert
+from jobwire.server.api.authentication import current_caller
 from jobwire.server.api.errors import abort, invalid
 from jobwire.server.errors import JobwireError
 from jobwire.server.events import EventKind, JobEvent
@@ -14,13 +15,14 @@ from jobwire.server.job import MAX_PARAMS_BYTES
 from jobwire.server.manager import JobManager
 from jobwire.server.state_machine import JobState
 from jobwire.server.stores.base import JobQuery
-from jobwire.server.validation import MAX_REASON, SubmitRequest
+from jobwire.server.validation import MAX_REASON, MAX_REQUEST_ID, SubmitRequest
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
 log = logging.getLogger("jobwire.api")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+DEFAULT_AUDIT_PAGE_SIZE = 100
 # A ListJobs page stops before its jobs pass this many bytes, well under the 4 MiB message limit, so
 # that no combination of stored jobs can make a page unreadable (the next page continues after it).
 PAGE_BYTES = 3 << 20
@@ -55,7 +57,8 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
                     schedule_time=convert.timestamp_seconds(request.schedule_time)
                     if request.HasField("schedule_time")
                     else None,
-                )
+                ),
+                current_caller(),
             )
         except JobwireError as error:
             await abort(context, error)
@@ -66,7 +69,7 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
     ) -> job_service_pb2.GetJobResponse:
         try:
             payload = convert.with_payload(request.view, FULL)
-            job = await self._manager.get(_job_id(request.job_id))
+            job = await self._manager.get(_job_id(request.job_id), current_caller())
         except JobwireError as error:
             await abort(context, error)
         return job_service_pb2.GetJobResponse(job=convert.job_to_proto(job, payload))
@@ -78,16 +81,22 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
             if request.page_size < 0:
                 raise invalid("page_size", "must not be negative")
             page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-            job_filter = convert.job_filter_from_request(
+            caller = current_caller()
+            requested = convert.job_filter_from_request(
                 list(request.states),
                 list(request.types),
                 dict(request.labels),
                 request.create_time_start if request.HasField("create_time_start") else None,
                 request.create_time_end if request.HasField("create_time_end") else None,
+                list(request.tenants),
             )
+            # The filter as it will apply (only tenants the caller may see): page tokens are bound to it.
+            job_filter = self._manager.jobs.listing_filter(requested, caller)
             payload = convert.with_payload(request.view, BASIC)
             before = convert.decode_page_token(request.page_token, job_filter) if request.page_token else None
-            jobs, more = await self._manager.list_jobs(JobQuery(job_filter, page_size, before, payload))
+            jobs, more = await self._manager.list_jobs(
+                JobQuery(job_filter, page_size, before, payload), caller
+            )
         except JobwireError as error:
             await abort(context, error)
         response = job_service_pb2.ListJobsResponse()
@@ -109,7 +118,9 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
         try:
             if len(request.reason) > MAX_REASON:
                 raise invalid("reason", f"at most {MAX_REASON} characters")
-            job = await self._manager.cancel(_job_id(request.job_id), request.reason)
+            job = await self._manager.cancel(
+                _job_id(request.job_id), request.reason, current_caller(), _request_id(request.request_id)
+            )
         except JobwireError as error:
             await abort(context, error)
         return job_service_pb2.CancelJobResponse(job=convert.job_to_proto(job))
@@ -120,7 +131,7 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
         try:
             job_id = _job_id(request.job_id)
             payload = convert.with_payload(request.view, FULL)
-            async for event in self._manager.watch(job_id, request.after_sequence):
+            async for event in self._manager.watch(job_id, request.after_sequence, current_caller()):
                 await context.write(_watch_response(event, payload))
         except JobwireError as error:
             await abort(context, error)
@@ -129,7 +140,9 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
         self, request: job_service_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
     ) -> job_service_pb2.RetryJobResponse:
         try:
-            job = await self._manager.retry(_job_id(request.job_id))
+            job = await self._manager.retry(
+                _job_id(request.job_id), current_caller(), _request_id(request.request_id)
+            )
         except JobwireError as error:
             await abort(context, error)
         return job_service_pb2.RetryJobResponse(job=convert.job_to_proto(job))
@@ -137,7 +150,10 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
     async def GetQueueStats(
         self, request: job_service_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
     ) -> job_service_pb2.GetQueueStatsResponse:
-        stats = await self._manager.stats()
+        try:
+            stats = await self._manager.stats(current_caller())
+        except JobwireError as error:
+            await abort(context, error)
         response = job_service_pb2.GetQueueStatsResponse(
             running=stats.running,
             max_running=stats.max_running,
@@ -147,7 +163,19 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
             draining=stats.draining,
             connected_workers=stats.connected_workers,
             delayed=stats.delayed,
+            tenant=stats.tenant or "",
         )
+        for figures in stats.tenants:
+            quota = figures.quota
+            response.tenant_stats.add(
+                tenant=figures.tenant,
+                queued=figures.queued,
+                running=figures.running,
+                weight=quota.weight,
+                max_queued=quota.max_queued or 0,
+                max_running=quota.max_running or 0,
+                submit_rate=quota.submit_rate or 0,
+            )
         by_state = dict.fromkeys(JobState, 0)
         by_type: dict[str, int] = {}
         for count in stats.counts:
@@ -170,6 +198,25 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
         convert.set_duration(response.mean_queue_wait, stats.window.mean_queue_wait)
         convert.set_duration(response.mean_run_time, stats.window.mean_run_time)
         convert.set_timestamp(response.read_time, stats.read_time)
+        return response
+
+    async def ListJobAuditEntries(
+        self, request: job_service_pb2.ListJobAuditEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> job_service_pb2.ListJobAuditEntriesResponse:
+        try:
+            job_id = _job_id(request.job_id)
+            if request.page_size < 0:
+                raise invalid("page_size", "must not be negative")
+            page_size = min(request.page_size or DEFAULT_AUDIT_PAGE_SIZE, MAX_PAGE_SIZE)
+            after = convert.decode_audit_token(request.page_token, job_id) if request.page_token else 0
+            entries = await self._manager.audit(job_id, after, page_size + 1, current_caller())
+        except JobwireError as error:
+            await abort(context, error)
+        response = job_service_pb2.ListJobAuditEntriesResponse(
+            entries=[convert.audit_entry_to_proto(entry) for entry in entries[:page_size]]
+        )
+        if len(entries) > page_size:
+            response.next_page_token = convert.encode_audit_token(job_id, entries[page_size - 1].entry_id)
         return response
 
 
@@ -195,6 +242,12 @@ def _watch_response(event: JobEvent, payload: bool) -> job_service_pb2.WatchJobR
             event.encoded_basic = encoded
     response: job_service_pb2.WatchJobResponse = encoded
     return response
+
+
+def _request_id(request_id: str) -> str:
+    if len(request_id) > MAX_REQUEST_ID:
+        raise invalid("request_id", f"at most {MAX_REQUEST_ID} characters")
+    return request_id
 
 
 def _job_id(job_id: str) -> str:

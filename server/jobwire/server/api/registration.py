@@ -1,7 +1,10 @@
-"""Registers servicers so that a request which does not decode is INVALID_ARGUMENT, not UNKNOWN.
+"""Registers servicers so that every call is authenticated first, and a request which does not decode
+is INVALID_ARGUMENT, not UNKNOWN.
 
 The generated ``add_*Servicer_to_server`` lets grpcio decode requests, and grpcio answers a
-``DecodeError`` with UNKNOWN. Here grpcio hands over raw bytes and we decode them ourselves.
+``DecodeError`` with UNKNOWN. Here grpcio hands over raw bytes and we decode them ourselves, after the
+caller's credentials are checked (an unauthenticated caller learns nothing, not even how its request
+would have been judged). The servicer reads the caller with ``authentication.current_caller()``.
 """
 
 from __future__ import annotations
@@ -14,16 +17,26 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError
 
+from jobwire.server.api.authentication import Authenticator, set_caller
 from jobwire.server.api.errors import abort, invalid
+from jobwire.server.errors import JobwireError
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-def _decoding(method: Handler, descriptor: MethodDescriptor) -> Handler:
+async def _authenticate(authenticator: Authenticator, context: grpc.aio.ServicerContext) -> None:
+    try:
+        set_caller(authenticator.caller(context))
+    except JobwireError as error:
+        await abort(context, error)
+
+
+def _decoding(method: Handler, descriptor: MethodDescriptor, authenticator: Authenticator) -> Handler:
     request_class = message_factory.GetMessageClass(descriptor.input_type)
     type_name = descriptor.input_type.full_name
 
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        await _authenticate(authenticator, context)
         try:
             request = request_class.FromString(raw)
         except DecodeError as error:
@@ -33,7 +46,7 @@ def _decoding(method: Handler, descriptor: MethodDescriptor) -> Handler:
     return handle
 
 
-def _decoding_stream(method: Handler, descriptor: MethodDescriptor) -> Handler:
+def _decoding_stream(method: Handler, descriptor: MethodDescriptor, authenticator: Authenticator) -> Handler:
     """For client streaming: the servicer gets an async iterator of decoded messages.
 
     A message that does not decode raises InvalidArgument from the iterator: the servicer, which may be
@@ -43,6 +56,8 @@ def _decoding_stream(method: Handler, descriptor: MethodDescriptor) -> Handler:
     type_name = descriptor.input_type.full_name
 
     async def handle(raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+        await _authenticate(authenticator, context)
+
         async def decoded() -> AsyncIterator[Any]:
             async for raw in raw_requests:
                 try:
@@ -56,7 +71,9 @@ def _decoding_stream(method: Handler, descriptor: MethodDescriptor) -> Handler:
     return handle
 
 
-def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
+def add_servicer(
+    servicer: object, service: ServiceDescriptor, server: grpc.aio.Server, authenticator: Authenticator
+) -> None:
     """Register every RPC of ``service`` implemented by ``servicer`` (any streaming kind)."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for descriptor in service.methods:
@@ -69,7 +86,7 @@ def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.
                 else grpc.stream_unary_rpc_method_handler
             )
             handlers[descriptor.name] = make(
-                _decoding_stream(method, descriptor), response_serializer=serialize
+                _decoding_stream(method, descriptor, authenticator), response_serializer=serialize
             )
             continue
         make = (
@@ -77,6 +94,8 @@ def add_servicer(servicer: object, service: ServiceDescriptor, server: grpc.aio.
             if descriptor.server_streaming
             else grpc.unary_unary_rpc_method_handler
         )
-        handlers[descriptor.name] = make(_decoding(method, descriptor), response_serializer=serialize)
+        handlers[descriptor.name] = make(
+            _decoding(method, descriptor, authenticator), response_serializer=serialize
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

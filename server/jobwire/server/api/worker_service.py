@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from jobwire.server.api import convert
+from jobwire.server.api.authentication import current_caller
 from jobwire.server.api.errors import abort, invalid
 from jobwire.server.errors import Draining, JobwireError
 from jobwire.server.job import MAX_RESULT_BYTES, ErrorCode, JobError, Progress, clip, result_too_large
@@ -57,6 +58,7 @@ class WorkerServiceServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 register.worker_id or context.peer(),
                 [_job_type(d) for d in register.job_types],
                 register.credits,
+                current_caller(),
             )
         except JobwireError as error:
             await abort(context, error)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from jobwire.handlers.api import Progress
+from jobwire.server.audit import AuditEntry
 from jobwire.server.changes import ChangeListener
 from jobwire.server.job import Job
 from jobwire.server.job_types import JobType
@@ -25,10 +26,21 @@ if TYPE_CHECKING:
     from jobwire.server.cluster import Cluster
 
 
-# The fields a compare-and-set may change: never the job's identity, what was submitted, or the
-# sequence (the store assigns it).
+# The fields a compare-and-set may change: never the job's identity, what was submitted, whose it is,
+# or the sequence (the store assigns it).
 UNCHANGEABLE = frozenset(
-    {"id", "type", "params", "labels", "create_time", "request_id", "request_fingerprint", "sequence"}
+    {
+        "id",
+        "type",
+        "params",
+        "labels",
+        "create_time",
+        "request_id",
+        "request_fingerprint",
+        "sequence",
+        "tenant",
+        "created_by",
+    }
 )
 
 
@@ -40,7 +52,33 @@ def check_changeable(changes: Mapping[str, Any]) -> None:
 
 
 class DuplicateRequestId(Exception):
-    """``insert`` found another job with the same request_id (the caller re-reads and compares)."""
+    """``insert`` found another job of the tenant with the same request_id (the caller re-reads)."""
+
+
+class RateLimited(Exception):
+    """``insert`` found the tenant's submit bucket empty: nothing was stored."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"submit rate exceeded; retry in {retry_after:.2f} s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRate:
+    """A tenant's token bucket: ``per_minute`` jobs a minute, holding at most a minute's worth.
+
+    Kept in the store, so that every replica draws from the same bucket.
+    """
+
+    per_minute: int
+
+    @property
+    def per_second(self) -> float:
+        return self.per_minute / 60.0
+
+    @property
+    def burst(self) -> float:
+        return float(max(1, self.per_minute))
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +109,10 @@ class Claim:
     # When the lease expires unless renewed. None for in-process attempts: their replica is alive as
     # long as it holds its place in the cluster, and the dispatcher requeues them when it does not.
     lease_until: float | None
+    # For the "attempt started" audit entry the store writes with the claim: the executor's principal
+    # ("jobwire" for in-process handlers) and address.
+    principal: str = "jobwire"
+    peer: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +125,14 @@ class QueuedJob:
     queue_time: float
     schedule_time: float | None
     sequence: int
+    tenant: str
 
 
 @dataclass(frozen=True, slots=True)
 class JobFilter:
     """Filters of ListJobs, ANDed; an empty field matches everything."""
 
+    tenants: frozenset[str] = frozenset()
     states: frozenset[JobState] = frozenset()
     types: frozenset[str] = frozenset()
     labels: tuple[tuple[str, str], ...] = ()
@@ -155,25 +199,35 @@ class JobStore(abc.ABC):
     # --- writes: each one durable on return, and a change on the feed -----------------------------
 
     @abc.abstractmethod
-    async def insert(self, job: Job) -> None:
-        """Store a new job (sequence 1). Raises DuplicateRequestId if its request_id is taken."""
+    async def insert(self, job: Job, audit: AuditEntry | None = None, rate: SubmitRate | None = None) -> None:
+        """Store a new job (sequence 1) and its ``audit`` entry. Raises DuplicateRequestId if its tenant
+        has a job with its request_id; with ``rate``, first takes a token from the tenant's bucket, and
+        raises RateLimited (storing nothing) when there is none."""
 
     @abc.abstractmethod
     async def transition(
-        self, job_id: str, expect: Expect, target: JobState, changes: Mapping[str, Any], now: float
+        self,
+        job_id: str,
+        expect: Expect,
+        target: JobState,
+        changes: Mapping[str, Any],
+        now: float,
+        audit: AuditEntry | None = None,
     ) -> Job | None:
         """If the stored job matches ``expect``: set its state to ``target`` and the given fields (Job
-        attribute names), ``update_time`` to ``now``, and the next sequence. Returns the job after the
-        change, or None when ``expect`` did not hold (or the job is gone)."""
+        attribute names), ``update_time`` to ``now``, the next sequence, and record ``audit``. Returns
+        the job after the change, or None when ``expect`` did not hold (or the job is gone).
+
+        A job going back to QUEUED keeps only its most recent MAX_AUDIT_ENTRIES audit entries."""
 
     @abc.abstractmethod
     async def claim(
         self, claims: Sequence[Claim], now: float, leader_epoch: int
     ) -> builtins.list[Job | None]:
         """QUEUED -> RUNNING for each job still QUEUED: ``attempt`` at least 1, ``start_time`` now,
-        error and result cleared, ``lease_epoch`` + 1, the claim's worker, executor and lease. A shared
-        store refuses every claim when ``leader_epoch`` is no longer the dispatcher's. Returns, per
-        claim, the job after the change or None."""
+        error and result cleared, ``lease_epoch`` + 1, the claim's worker, executor and lease, and an
+        "attempt started" audit entry. A shared store refuses every claim when ``leader_epoch`` is no
+        longer the dispatcher's. Returns, per claim, the job after the change or None."""
 
     @abc.abstractmethod
     def record_progress(self, job_id: str, lease_epoch: int, progress: Progress, now: float) -> None:
@@ -192,7 +246,8 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     async def purge_expired(self, now: float) -> int:
-        """Delete finished jobs whose expire_time is at or before ``now``; return how many."""
+        """Delete finished jobs whose expire_time is at or before ``now``, and their audit entries;
+        return how many jobs."""
 
     # --- reads ------------------------------------------------------------------------------------
 
@@ -201,16 +256,20 @@ class JobStore(abc.ABC):
         """The stored job, or None."""
 
     @abc.abstractmethod
-    async def get_by_request_id(self, request_id: str) -> Job | None:
-        """The job created with this request_id, or None."""
+    async def get_by_request_id(self, tenant: str, request_id: str) -> Job | None:
+        """The tenant's job created with this request_id, or None."""
 
     @abc.abstractmethod
     async def list(self, query: JobQuery) -> builtins.list[Job]:
         """Up to ``query.limit`` matching jobs, newest (highest id) first."""
 
     @abc.abstractmethod
-    async def count(self) -> builtins.list[JobCount]:
-        """Stored jobs grouped by state, type and priority."""
+    async def count(self, tenants: frozenset[str] = frozenset()) -> builtins.list[JobCount]:
+        """Stored jobs (of these tenants; empty: all) grouped by state, type and priority."""
+
+    @abc.abstractmethod
+    async def list_audit(self, job_id: str, after_id: int, limit: int) -> builtins.list[AuditEntry]:
+        """Up to ``limit`` audit entries of the job with ``entry_id`` above ``after_id``, oldest first."""
 
     @abc.abstractmethod
     async def load_queue(self) -> builtins.list[QueuedJob]:
@@ -234,8 +293,9 @@ class JobStore(abc.ABC):
     # --- job types --------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def save_job_types(self, job_types: builtins.list[JobType]) -> None:
-        """Durably insert or replace these job types (by name)."""
+    async def save_job_types(self, job_types: builtins.list[JobType]) -> builtins.list[str]:
+        """Durably insert or replace these job types (by name), each only if the stored one (if any)
+        belongs to the same tenant; returns the names refused because another tenant's type has it."""
 
     @abc.abstractmethod
     async def load_job_types(self) -> builtins.list[JobType]:

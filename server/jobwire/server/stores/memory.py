@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import bisect
 import builtins
+import dataclasses
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jobwire.handlers.api import Progress
+from jobwire.server.audit import MAX_AUDIT_ENTRIES, AuditEntry, attempt_started
 from jobwire.server.changes import ChangeKind, ChangeListener, JobChange
 from jobwire.server.job import AttemptRecord, Job, JobError
 from jobwire.server.job_types import JobType
@@ -27,6 +29,8 @@ from jobwire.server.stores.base import (
     JobQuery,
     JobStore,
     QueuedJob,
+    RateLimited,
+    SubmitRate,
     check_changeable,
 )
 
@@ -35,6 +39,8 @@ LOCAL_WORKER = "local"
 
 def matches_filter(job: Job, job_filter: JobFilter) -> bool:
     """Whether ``job`` passes every part of ``job_filter`` (the parts are ANDed; empty parts match all)."""
+    if job_filter.tenants and job.tenant not in job_filter.tenants:
+        return False
     if job_filter.states and job.state not in job_filter.states:
         return False
     if job_filter.types and job.type not in job_filter.types:
@@ -99,9 +105,12 @@ class MemoryStore(JobStore):
         self._jobs: dict[str, Job] = {}
         # Ascending; ULIDs are generated in increasing order, so inserting is almost always an append.
         self._ids: list[str] = []
-        self._by_request_id: dict[str, str] = {}
+        self._by_request_id: dict[tuple[str, str], str] = {}  # (tenant, request_id) -> job id
         self._job_types: dict[str, JobType] = {}  # JobType and its RetryDefaults are frozen: no copies
         self._listeners: list[ChangeListener] = []
+        self._audit: dict[str, list[AuditEntry]] = {}
+        self._audit_ids = 0
+        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, when counted)
 
     async def open(self) -> None:
         """Nothing to prepare."""
@@ -122,11 +131,27 @@ class MemoryStore(JobStore):
 
     # --- writes ----------------------------------------------------------------------------------
 
-    async def insert(self, job: Job) -> None:
+    def _record(self, entry: AuditEntry | None) -> None:
+        if entry is None:
+            return
+        self._audit_ids += 1
+        self._audit.setdefault(entry.job_id, []).append(dataclasses.replace(entry, entry_id=self._audit_ids))
+
+    def _take_token(self, tenant: str, rate: SubmitRate, now: float) -> None:
+        tokens, counted = self._buckets.get(tenant, (rate.burst, now))
+        tokens = min(rate.burst, tokens + max(0.0, now - counted) * rate.per_second)
+        if tokens < 1:
+            raise RateLimited((1 - tokens) / rate.per_second)
+        self._buckets[tenant] = (tokens - 1, now)
+
+    async def insert(self, job: Job, audit: AuditEntry | None = None, rate: SubmitRate | None = None) -> None:
         if job.id in self._jobs:
             raise ValueError(f"job {job.id} already exists")
-        if job.request_id and job.request_id in self._by_request_id:
+        request_key = (job.tenant, job.request_id)
+        if job.request_id and request_key in self._by_request_id:
             raise DuplicateRequestId(job.request_id)
+        if rate is not None:
+            self._take_token(job.tenant, rate, job.create_time)
         stored = _snapshot(job)
         self._jobs[job.id] = stored
         if not self._ids or job.id > self._ids[-1]:
@@ -134,16 +159,28 @@ class MemoryStore(JobStore):
         else:
             bisect.insort(self._ids, job.id)
         if job.request_id:
-            self._by_request_id[job.request_id] = job.id
+            self._by_request_id[request_key] = job.id
+        self._record(audit)
         self._publish(stored, ChangeKind.STATE)
 
     async def transition(
-        self, job_id: str, expect: Expect, target: JobState, changes: Mapping[str, Any], now: float
+        self,
+        job_id: str,
+        expect: Expect,
+        target: JobState,
+        changes: Mapping[str, Any],
+        now: float,
+        audit: AuditEntry | None = None,
     ) -> Job | None:
         check_changeable(changes)
         stored = self._jobs.get(job_id)
         if stored is None or not expect.holds(stored):
             return None
+        self._record(audit)
+        if target is JobState.QUEUED:
+            trail = self._audit.get(job_id)
+            if trail is not None and len(trail) > MAX_AUDIT_ENTRIES:
+                del trail[:-MAX_AUDIT_ENTRIES]
         updated = stored.copy()
         for name, value in changes.items():
             setattr(updated, name, value)
@@ -162,8 +199,9 @@ class MemoryStore(JobStore):
             if stored is None or stored.state is not JobState.QUEUED:
                 claimed.append(None)
                 continue
+            attempt = max(stored.attempt, 1)
             changes = {
-                "attempt": max(stored.attempt, 1),
+                "attempt": attempt,
                 "start_time": now,
                 "error": None,
                 "result": None,
@@ -173,8 +211,11 @@ class MemoryStore(JobStore):
                 "lease_expire_time": claim.lease_until,
                 "schedule_time": None,
             }
+            audit = attempt_started(claim.job_id, attempt, claim.worker_id, now, claim.principal, claim.peer)
             claimed.append(
-                await self.transition(claim.job_id, Expect(JobState.QUEUED), JobState.RUNNING, changes, now)
+                await self.transition(
+                    claim.job_id, Expect(JobState.QUEUED), JobState.RUNNING, changes, now, audit
+                )
             )
         return claimed
 
@@ -219,8 +260,9 @@ class MemoryStore(JobStore):
             return 0
         for job in expired:
             del self._jobs[job.id]
+            self._audit.pop(job.id, None)
             if job.request_id:
-                del self._by_request_id[job.request_id]
+                del self._by_request_id[(job.tenant, job.request_id)]
         self._ids = [job_id for job_id in self._ids if job_id in self._jobs]
         return len(expired)
 
@@ -230,10 +272,10 @@ class MemoryStore(JobStore):
         stored = self._jobs.get(job_id)
         return None if stored is None else _snapshot(stored)
 
-    async def get_by_request_id(self, request_id: str) -> Job | None:
+    async def get_by_request_id(self, tenant: str, request_id: str) -> Job | None:
         if not request_id:
             return None
-        job_id = self._by_request_id.get(request_id)
+        job_id = self._by_request_id.get((tenant, request_id))
         return None if job_id is None else _snapshot(self._jobs[job_id])
 
     async def list(self, query: JobQuery) -> builtins.list[Job]:
@@ -249,16 +291,27 @@ class MemoryStore(JobStore):
                     break
         return page
 
-    async def count(self) -> builtins.list[JobCount]:
-        counts = Counter((job.state, job.type, job.priority) for job in self._jobs.values())
+    async def count(self, tenants: frozenset[str] = frozenset()) -> builtins.list[JobCount]:
+        counts = Counter(
+            (job.state, job.type, job.priority)
+            for job in self._jobs.values()
+            if not tenants or job.tenant in tenants
+        )
         return [
             JobCount(state, job_type, priority, n)
             for (state, job_type, priority), n in sorted(counts.items())
         ]
 
+    async def list_audit(self, job_id: str, after_id: int, limit: int) -> builtins.list[AuditEntry]:
+        trail = self._audit.get(job_id, [])
+        start = bisect.bisect_right([e.entry_id for e in trail], after_id)
+        return [dataclasses.replace(e) for e in trail[start : start + max(0, limit)]]
+
     async def load_queue(self) -> builtins.list[QueuedJob]:
         return [
-            QueuedJob(job.id, job.type, job.priority, job.queue_time, job.schedule_time, job.sequence)
+            QueuedJob(
+                job.id, job.type, job.priority, job.queue_time, job.schedule_time, job.sequence, job.tenant
+            )
             for job in (self._jobs[job_id] for job_id in self._ids)
             if job.state is JobState.QUEUED
         ]
@@ -270,9 +323,15 @@ class MemoryStore(JobStore):
 
     # --- job types -------------------------------------------------------------------------------
 
-    async def save_job_types(self, job_types: builtins.list[JobType]) -> None:
+    async def save_job_types(self, job_types: builtins.list[JobType]) -> builtins.list[str]:
+        refused = []
         for job_type in job_types:
-            self._job_types[job_type.name] = job_type
+            stored = self._job_types.get(job_type.name)
+            if stored is not None and stored.tenant != job_type.tenant:
+                refused.append(job_type.name)
+            else:
+                self._job_types[job_type.name] = job_type
+        return refused
 
     async def load_job_types(self) -> builtins.list[JobType]:
         return [self._job_types[name] for name in sorted(self._job_types)]

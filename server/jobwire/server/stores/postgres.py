@@ -41,6 +41,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from jobwire.handlers.api import Progress
+from jobwire.server.audit import ATTEMPT_STARTED, MAX_AUDIT_ENTRIES, AuditEntry
 from jobwire.server.changes import ChangeKind, ChangeListener, JobChange
 from jobwire.server.cluster import (
     Cluster,
@@ -68,16 +69,21 @@ from jobwire.server.stores.base import (
     JobQuery,
     JobStore,
     QueuedJob,
+    RateLimited,
+    SubmitRate,
 )
 from jobwire.server.stores.batches import Outcomes, ProgressNote
 from jobwire.server.stores.rows import (
+    AUDIT_COLUMNS,
     BASIC_COLUMNS,
     COLUMNS,
     QUEUE_COLUMNS,
+    audit_to_row,
     changed_columns,
     job_to_row,
     job_type_to_row,
     progress_json,
+    row_to_audit,
     row_to_job,
     row_to_job_type,
 )
@@ -171,6 +177,37 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 2: tenants (request_ids unique per tenant), who submitted, type ownership, the audit trail, and
+    # the tenants' submit buckets.
+    (
+        "ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'",
+        "ALTER TABLE jobs ADD COLUMN created_by TEXT NOT NULL DEFAULT ''",
+        "DROP INDEX jobs_request_id",
+        "CREATE UNIQUE INDEX jobs_tenant_request_id ON jobs (tenant, request_id) WHERE request_id <> ''",
+        "CREATE INDEX jobs_tenant_id ON jobs (tenant, id)",
+        "ALTER TABLE job_types ADD COLUMN tenant TEXT NOT NULL DEFAULT ''",
+        # Ids are taken while the job's row is locked by the change they record: in commit order per job.
+        """
+        CREATE TABLE job_audit (
+            id          BIGSERIAL PRIMARY KEY,
+            job_id      TEXT NOT NULL,
+            time        DOUBLE PRECISION NOT NULL,
+            action      TEXT NOT NULL,
+            principal   TEXT NOT NULL,
+            request_id  TEXT NOT NULL,
+            peer        TEXT NOT NULL,
+            detail      TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX job_audit_job_id ON job_audit (job_id, id)",
+        """
+        CREATE TABLE tenant_rates (
+            tenant      TEXT PRIMARY KEY,
+            tokens      DOUBLE PRECISION NOT NULL,
+            updated     DOUBLE PRECISION NOT NULL
+        )
+        """,
+    ),
 )
 
 _COLS = ", ".join(COLUMNS)
@@ -186,20 +223,41 @@ _LOG_CHANGE = (
     "INSERT INTO job_changes (job_id, sequence, snapshot, created_at) "
     f"SELECT u.id, u.sequence, {_SNAPSHOT}, $1 FROM u"
 )
+_AUDIT_COLS = ", ".join(AUDIT_COLUMNS[:-1])
 _INSERT = (
     f"INSERT INTO jobs ({_COLS}) VALUES ({', '.join(f'${i + 1}' for i in range(len(COLUMNS)))}) "
     "ON CONFLICT DO NOTHING RETURNING id"
 )
+# The job and its audit entry in one statement (one round trip).
+_N = len(COLUMNS)
+_INSERT_AUDITED = (
+    f"WITH i AS ({_INSERT}), a AS (INSERT INTO job_audit ({_AUDIT_COLS}) "
+    f"SELECT i.id, ${_N + 1}, ${_N + 2}, ${_N + 3}, ${_N + 4}, ${_N + 5}, ${_N + 6} FROM i) SELECT id FROM i"
+)
+_TAKE_TOKEN = (
+    "INSERT INTO tenant_rates (tenant, tokens, updated) VALUES ($1, $2 - 1, $3) "
+    "ON CONFLICT (tenant) DO UPDATE SET "
+    "tokens = LEAST($2, tenant_rates.tokens + GREATEST(0, $3 - tenant_rates.updated) * $4) - 1, updated = $3 "
+    "WHERE LEAST($2, tenant_rates.tokens + GREATEST(0, $3 - tenant_rates.updated) * $4) >= 1 RETURNING tokens"
+)
+_BUCKET = "SELECT LEAST($2, tokens + GREATEST(0, $3 - updated) * $4) FROM tenant_rates WHERE tenant = $1"
+_TRIM_AUDIT = (
+    "DELETE FROM job_audit WHERE job_id = $1 AND id <= "
+    f"(SELECT id FROM job_audit WHERE job_id = $1 ORDER BY id DESC LIMIT 1 OFFSET {MAX_AUDIT_ENTRIES})"
+)
 # Every claim of a batch in one statement: one row per claim from the arrays, each fenced by the epoch.
 _CLAIM = (
-    "WITH c AS (SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::float8[]) "
-    "AS c(id, worker_id, executor, lease_expire_time)), "
+    "WITH c AS (SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::float8[], $7::text[], "
+    "$8::text[]) AS c(id, worker_id, executor, lease_expire_time, principal, peer)), "
     "u AS (UPDATE jobs j SET state = 2, attempt = GREATEST(j.attempt, 1), start_time = $1, error = NULL, "
     "result = NULL, worker_id = c.worker_id, executor = c.executor, lease_epoch = j.lease_epoch + 1, "
     "lease_expire_time = c.lease_expire_time, schedule_time = NULL, update_time = $1, "
     "sequence = j.sequence + 1 FROM c WHERE j.id = c.id AND j.state = 1 "
     f"AND (SELECT epoch FROM dispatcher) = $6 RETURNING {', '.join('j.' + c for c in COLUMNS)}), "
-    f"l AS ({_LOG_CHANGE}) SELECT {_COLS} FROM u"
+    f"l AS ({_LOG_CHANGE}), "
+    f"a AS (INSERT INTO job_audit ({_AUDIT_COLS}) SELECT u.id, $1, '{ATTEMPT_STARTED}', c.principal, '', "
+    "c.peer, 'attempt ' || u.attempt || ' on ' || u.worker_id FROM u JOIN c ON c.id = u.id) "
+    f"SELECT {_COLS} FROM u"
 )
 _PROGRESS = (
     "UPDATE jobs SET progress = $1, update_time = $2, sequence = sequence + 1 "
@@ -217,6 +275,10 @@ _PURGE_CHANGES = (
     "DELETE FROM job_changes c USING jobs j WHERE c.job_id = j.id AND j.expire_time <= $1 "
     f"AND j.state IN ({_TERMINAL})"
 )
+_PURGE_AUDIT = (
+    "DELETE FROM job_audit a USING jobs j WHERE a.job_id = j.id AND j.expire_time <= $1 "
+    f"AND j.state IN ({_TERMINAL})"
+)
 _PURGE = f"DELETE FROM jobs WHERE expire_time <= $1 AND state IN ({_TERMINAL})"
 # Change snapshots of jobs that ended long enough ago: resuming a finished watch from an old point
 # then says OUT_OF_RANGE and the client starts from the job as it is.
@@ -225,10 +287,13 @@ _TRIM_CHANGES = (
     f"AND j.state IN ({_TERMINAL}) RETURNING c.job_id) "
     "UPDATE jobs SET changes_kept_from = sequence + 1 WHERE id IN (SELECT DISTINCT job_id FROM t)"
 )
+# A type is replaced only by its own tenant's declaration (no row is returned otherwise).
 _SAVE_JOB_TYPE = (
-    "INSERT INTO job_types (name, timeout, max_running, retry, last_seen) VALUES ($1, $2, $3, $4, $5) "
+    "INSERT INTO job_types (name, timeout, max_running, retry, last_seen, tenant) "
+    "VALUES ($1, $2, $3, $4, $5, $6) "
     "ON CONFLICT (name) DO UPDATE SET timeout = excluded.timeout, max_running = excluded.max_running, "
-    "retry = excluded.retry, last_seen = excluded.last_seen"
+    "retry = excluded.retry, last_seen = excluded.last_seen WHERE job_types.tenant = excluded.tenant "
+    "RETURNING name"
 )
 
 Changes = list[JobChange]
@@ -297,13 +362,25 @@ def _change_summary(change: JobChange) -> list[Any]:
         change.lease_epoch,
         change.executor,
         change.start_time,
+        change.tenant,
     ]
 
 
 def _change_from(summary: list[Any]) -> JobChange:
-    job_id, sequence, kind, state, job_type, priority, queue_time, schedule_time, epoch, executor, start = (
-        summary
-    )
+    (
+        job_id,
+        sequence,
+        kind,
+        state,
+        job_type,
+        priority,
+        queue_time,
+        schedule_time,
+        epoch,
+        executor,
+        start,
+        tenant,
+    ) = summary
     return JobChange(
         job_id,
         sequence,
@@ -316,6 +393,7 @@ def _change_from(summary: list[Any]) -> JobChange:
         epoch,
         executor,
         start,
+        tenant,
     )
 
 
@@ -441,24 +519,40 @@ class PostgresStore(JobStore):
         self._wake.set()
         return await future
 
-    async def insert(self, job: Job) -> None:
+    async def insert(self, job: Job, audit: AuditEntry | None = None, rate: SubmitRate | None = None) -> None:
         row = job_to_row(job)
         snapshot = job.copy()
+        sql, args = (_INSERT, row) if audit is None else (_INSERT_AUDITED, (*row, *audit_to_row(audit)[1:]))
 
-        async def apply(conn: asyncpg.Connection, now: float) -> tuple[None, Changes]:
-            inserted = await conn.fetchval(_INSERT, *row)
+        async def apply(conn: asyncpg.Connection, now: float) -> tuple[float, Changes]:
+            if rate is not None:
+                bucket = (job.tenant, rate.burst, job.create_time, rate.per_second)
+                if await conn.fetchval(_TAKE_TOKEN, *bucket) is None:
+                    tokens = await conn.fetchval(_BUCKET, *bucket)
+                    return max(0.001, (1 - (tokens or 0.0)) / rate.per_second), []
+            inserted = await conn.fetchval(sql, *args)
             if inserted is None:
                 if job.request_id and await conn.fetchval(
-                    "SELECT 1 FROM jobs WHERE request_id = $1 AND request_id <> ''", job.request_id
+                    "SELECT 1 FROM jobs WHERE tenant = $1 AND request_id = $2 AND request_id <> ''",
+                    job.tenant,
+                    job.request_id,
                 ):
                     raise DuplicateRequestId(job.request_id)
                 raise ValueError(f"job {job.id} already exists")
-            return None, [JobChange.of(snapshot, ChangeKind.STATE)]
+            return 0.0, [JobChange.of(snapshot, ChangeKind.STATE)]
 
-        await self._submit(apply)
+        wait: float = await self._submit(apply)
+        if wait:
+            raise RateLimited(wait)
 
     async def transition(
-        self, job_id: str, expect: Expect, target: JobState, changes: Mapping[str, Any], now: float
+        self,
+        job_id: str,
+        expect: Expect,
+        target: JobState,
+        changes: Mapping[str, Any],
+        now: float,
+        audit: AuditEntry | None = None,
     ) -> Job | None:
         pairs = [("state", int(target)), *changed_columns(changes), ("update_time", now)]
         sets = ", ".join(f"{column} = ${i + 2}" for i, (column, _) in enumerate(pairs))
@@ -470,16 +564,28 @@ class PostgresStore(JobStore):
         if expect.lease_expired_by is not None:
             args.append(expect.lease_expired_by)
             where += f" AND lease_expire_time <= ${len(args)}"
+        logged = ""
+        if audit is not None:
+            first = len(args) + 1
+            args.extend(audit_to_row(audit)[1:])
+            logged = (
+                f", a AS (INSERT INTO job_audit ({_AUDIT_COLS}) SELECT u.id, "
+                + ", ".join(f"${first + i}" for i in range(6))
+                + " FROM u)"
+            )
         sql = (
             f"WITH u AS (UPDATE jobs SET {sets}, sequence = sequence + 1 WHERE {where} RETURNING {_COLS}), "
-            f"c AS ({_LOG_CHANGE}) SELECT {_COLS} FROM u"
+            f"c AS ({_LOG_CHANGE}){logged} SELECT {_COLS} FROM u"
         )
+        trim = target is JobState.QUEUED
 
         async def apply(conn: asyncpg.Connection, at: float) -> tuple[Job | None, Changes]:
             row = await conn.fetchrow(sql, *args)
             if row is None:
                 return None, []
             job = row_to_job(tuple(row))
+            if trim:
+                await conn.execute(_TRIM_AUDIT, job_id)
             return job, [JobChange.of(job, ChangeKind.STATE)]
 
         result: Job | None = await self._submit(apply)
@@ -492,9 +598,13 @@ class PostgresStore(JobStore):
         workers = [c.worker_id for c in claims]
         executors = [c.executor for c in claims]
         leases = [c.lease_until for c in claims]
+        principals = [c.principal for c in claims]
+        peers = [c.peer for c in claims]
 
         async def apply(conn: asyncpg.Connection, at: float) -> tuple[list[Job | None], Changes]:
-            rows = await conn.fetch(_CLAIM, now, ids, workers, executors, leases, leader_epoch)
+            rows = await conn.fetch(
+                _CLAIM, now, ids, workers, executors, leases, leader_epoch, principals, peers
+            )
             by_id = {job.id: job for job in (row_to_job(tuple(row)) for row in rows)}
             claimed = [by_id.get(job_id) for job_id in ids]
             return claimed, [JobChange.of(job, ChangeKind.STATE) for job in claimed if job is not None]
@@ -533,6 +643,7 @@ class PostgresStore(JobStore):
     async def purge_expired(self, now: float) -> int:
         async def apply(conn: asyncpg.Connection, at: float) -> tuple[int, Changes]:
             await conn.execute(_PURGE_CHANGES, now)
+            await conn.execute(_PURGE_AUDIT, now)
             status = await conn.execute(_PURGE, now)
             await conn.execute(_TRIM_CHANGES, now - self.options.keep_changes)
             await conn.execute("DELETE FROM messages WHERE created_at < $1", time.time() - 300)
@@ -541,15 +652,15 @@ class PostgresStore(JobStore):
         result: int = await self._submit(apply)
         return result
 
-    async def save_job_types(self, job_types: builtins.list[JobType]) -> None:
+    async def save_job_types(self, job_types: builtins.list[JobType]) -> builtins.list[str]:
         rows = [job_type_to_row(job_type) for job_type in job_types]
 
-        async def apply(conn: asyncpg.Connection, now: float) -> tuple[None, Changes]:
-            for row in rows:  # in order, so a name given twice keeps its last row
-                await conn.execute(_SAVE_JOB_TYPE, *row)
-            return None, []
+        async def apply(conn: asyncpg.Connection, now: float) -> tuple[list[str], Changes]:
+            # In order, so a name given twice keeps its last row; no row back: another tenant's type.
+            return [row[0] for row in rows if await conn.fetchval(_SAVE_JOB_TYPE, *row) is None], []
 
-        await self._submit(apply)
+        refused: list[str] = await self._submit(apply)
+        return refused
 
     async def delete_job_types(self, names: builtins.list[str]) -> None:
         async def apply(conn: asyncpg.Connection, now: float) -> tuple[None, Changes]:
@@ -668,11 +779,25 @@ class PostgresStore(JobStore):
         rows = await self._fetch(f"{_SELECT} WHERE id = $1", job_id)
         return row_to_job(tuple(rows[0])) if rows else None
 
-    async def get_by_request_id(self, request_id: str) -> Job | None:
+    async def get_by_request_id(self, tenant: str, request_id: str) -> Job | None:
         if not request_id:
             return None
-        rows = await self._fetch(f"{_SELECT} WHERE request_id = $1 AND request_id <> ''", request_id)
+        rows = await self._fetch(
+            f"{_SELECT} WHERE tenant = $1 AND request_id = $2 AND request_id <> ''", tenant, request_id
+        )
         return row_to_job(tuple(rows[0])) if rows else None
+
+    async def list_audit(self, job_id: str, after_id: int, limit: int) -> builtins.list[AuditEntry]:
+        if limit <= 0:
+            return []
+        rows = await self._fetch(
+            f"SELECT {', '.join(AUDIT_COLUMNS)} FROM job_audit WHERE job_id = $1 AND id > $2 "
+            "ORDER BY id LIMIT $3",
+            job_id,
+            after_id,
+            limit,
+        )
+        return [row_to_audit(tuple(row)) for row in rows]
 
     async def list(self, query: JobQuery) -> builtins.list[Job]:
         if query.limit <= 0:
@@ -687,6 +812,8 @@ class PostgresStore(JobStore):
         if query.before_id is not None:
             where.append(f"id < {arg(query.before_id)}")
         job_filter = query.filter
+        if job_filter.tenants:
+            where.append(f"tenant = ANY({arg(sorted(job_filter.tenants))}::text[])")
         if job_filter.states:
             where.append(f"state = ANY({arg(sorted(int(s) for s in job_filter.states))}::int[])")
         if job_filter.types:
@@ -705,9 +832,12 @@ class PostgresStore(JobStore):
         )
         return [row_to_job(tuple(row)) for row in await self._fetch(sql, *args)]
 
-    async def count(self) -> builtins.list[JobCount]:
+    async def count(self, tenants: frozenset[str] = frozenset()) -> builtins.list[JobCount]:
+        where, args = ("WHERE tenant = ANY($1::text[]) ", [sorted(tenants)]) if tenants else ("", [])
         rows = await self._fetch(
-            "SELECT state, type, priority, COUNT(*) FROM jobs GROUP BY state, type, priority ORDER BY 1, 2, 3"
+            f"SELECT state, type, priority, COUNT(*) FROM jobs {where}"
+            "GROUP BY state, type, priority ORDER BY 1, 2, 3",
+            *args,
         )
         return [JobCount(JobState(state), job_type, priority, n) for state, job_type, priority, n in rows]
 
@@ -748,7 +878,7 @@ class PostgresStore(JobStore):
 
     async def load_job_types(self) -> builtins.list[JobType]:
         rows = await self._fetch(
-            "SELECT name, timeout, max_running, retry, last_seen FROM job_types ORDER BY name"
+            "SELECT name, timeout, max_running, retry, last_seen, tenant FROM job_types ORDER BY name"
         )
         return [row_to_job_type(tuple(row)) for row in rows]
 
@@ -791,6 +921,9 @@ def _encode_message(message: Message) -> dict[str, Any]:
             "w": info.worker_id,
             "types": sorted(info.types),
             "n": message.credits,
+            "tn": info.tenant,
+            "p": info.principal,
+            "peer": info.peer,
         }
     if isinstance(message, Credits):
         return {"t": "credits", "id": message.executor_id, "n": message.delta}
@@ -806,6 +939,7 @@ def _encode_message(message: Message) -> dict[str, Any]:
             "w": status.workers,
             "r": status.running,
             "types": {name: [s.executors, s.free, s.running, s.limit] for name, s in status.types.items()},
+            "tr": status.tenants,
         }
     return {"t": "types"}
 
@@ -813,7 +947,15 @@ def _encode_message(message: Message) -> dict[str, Any]:
 def _decode_message(data: dict[str, Any]) -> Message | None:
     kind = data.get("t")
     if kind == "up":
-        return ExecutorUp(ExecutorInfo(data["id"], data["w"], frozenset(data["types"])), int(data["n"]))
+        info = ExecutorInfo(
+            data["id"],
+            data["w"],
+            frozenset(data["types"]),
+            data.get("tn"),
+            data.get("p", ""),
+            data.get("peer", ""),
+        )
+        return ExecutorUp(info, int(data["n"]))
     if kind == "credits":
         return Credits(data["id"], int(data["n"]))
     if kind == "down":
@@ -822,7 +964,8 @@ def _decode_message(data: dict[str, Any]) -> Message | None:
         return DispatcherUp(int(data["epoch"]))
     if kind == "status":
         types = {name: TypeStatus(e, f, r, lim) for name, (e, f, r, lim) in data["types"].items()}
-        return StatusUpdate(ClusterStatus(types, int(data["e"]), int(data["w"]), int(data["r"])))
+        tenants = {tenant: dict(by_type) for tenant, by_type in data.get("tr", {}).items()}
+        return StatusUpdate(ClusterStatus(types, int(data["e"]), int(data["w"]), int(data["r"]), tenants))
     if kind == "types":
         return TypesChanged()
     return None

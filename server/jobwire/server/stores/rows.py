@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jobwire.handlers.api import Progress, RetryDefaults
+from jobwire.server.audit import AuditEntry
 from jobwire.server.job import AttemptRecord, Job, JobError, RetryPolicy
 from jobwire.server.job_types import JobType
 from jobwire.server.state_machine import JobState
@@ -48,11 +49,18 @@ COLUMNS = (
     "lease_epoch",
     "attempt_base",
     "executor",
+    "tenant",
+    "created_by",
 )
 # The same columns with the payload left out (an empty params object, no result).
 BASIC_COLUMNS = tuple({"params": "'{}'", "result": "NULL"}.get(column, column) for column in COLUMNS)
 # The ordering information of a queued job (stores.base.QueuedJob), in its field order.
-QUEUE_COLUMNS = ("id", "type", "priority", "queue_time", "schedule_time", "sequence")
+QUEUE_COLUMNS = ("id", "type", "priority", "queue_time", "schedule_time", "sequence", "tenant")
+# An audit entry (audit.AuditEntry), in its field order.
+AUDIT_COLUMNS = ("job_id", "time", "action", "principal", "request_id", "peer", "detail", "id")
+# The values of the columns added after the first layout, for rows written before them (PostgreSQL's
+# change snapshots keep the columns of the day they were written).
+_LATER_COLUMNS_DEFAULTS: tuple[Any, ...] = ("default", "")
 
 Row = tuple[Any, ...]
 
@@ -184,11 +192,15 @@ def job_to_row(job: Job) -> Row:
         job.lease_epoch,
         job.attempt_base,
         job.executor,
+        job.tenant,
+        job.created_by,
     )
 
 
 def row_to_job(row: Sequence[Any]) -> Job:
-    """The inverse of ``job_to_row``."""
+    """The inverse of ``job_to_row`` (a row of an older, shorter layout gets the later columns' defaults)."""
+    if len(row) < len(COLUMNS):
+        row = (*row, *_LATER_COLUMNS_DEFAULTS[len(row) - len(COLUMNS) :])
     (
         job_id,
         job_type,
@@ -219,6 +231,8 @@ def row_to_job(row: Sequence[Any]) -> Job:
         lease_epoch,
         attempt_base,
         executor,
+        tenant,
+        created_by,
     ) = row
     job_progress = None
     if progress is not None:
@@ -255,6 +269,8 @@ def row_to_job(row: Sequence[Any]) -> Job:
         lease_epoch=lease_epoch,
         attempt_base=attempt_base,
         executor=executor,
+        tenant=tenant,
+        created_by=created_by,
     )
 
 
@@ -273,11 +289,12 @@ def job_type_to_row(job_type: JobType) -> Row:
             }
         ),
         job_type.last_seen,
+        job_type.tenant,
     )
 
 
 def row_to_job_type(row: Sequence[Any]) -> JobType:
-    name, timeout, max_running, retry, last_seen = row
+    name, timeout, max_running, retry, last_seen, tenant = row
     r = json.loads(retry)
     return JobType(
         name=name,
@@ -290,7 +307,26 @@ def row_to_job_type(row: Sequence[Any]) -> JobType:
             _optional_float(r["backoff_multiplier"]),
         ),
         last_seen=last_seen,
+        tenant=tenant,
     )
+
+
+def audit_to_row(entry: AuditEntry) -> Row:
+    """An entry's columns, without its id (the store assigns it)."""
+    return (
+        entry.job_id,
+        entry.time,
+        entry.action,
+        entry.principal,
+        entry.request_id,
+        entry.peer,
+        entry.detail,
+    )
+
+
+def row_to_audit(row: Sequence[Any]) -> AuditEntry:
+    job_id, time, action, principal, request_id, peer, detail, entry_id = row
+    return AuditEntry(job_id, time, action, principal, request_id, peer, detail, entry_id)
 
 
 def _json_object(value: dict[str, Any] | None) -> str | None:

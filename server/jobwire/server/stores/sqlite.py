@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from jobwire.handlers.api import Progress
+from jobwire.server.audit import MAX_AUDIT_ENTRIES, AuditEntry, attempt_started
 from jobwire.server.changes import ChangeKind, ChangeListener, JobChange
 from jobwire.server.job import Job
 from jobwire.server.job_types import JobType
@@ -42,17 +43,22 @@ from jobwire.server.stores.base import (
     JobQuery,
     JobStore,
     QueuedJob,
+    RateLimited,
+    SubmitRate,
 )
 from jobwire.server.stores.batches import Outcomes, ProgressNote
 from jobwire.server.stores.rows import (
+    AUDIT_COLUMNS,
     BASIC_COLUMNS,
     COLUMNS,
     QUEUE_COLUMNS,
     Row,
+    audit_to_row,
     changed_columns,
     job_to_row,
     job_type_to_row,
     progress_json,
+    row_to_audit,
     row_to_job,
     row_to_job_type,
 )
@@ -126,6 +132,36 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 3: replicas: the executor an attempt was claimed for (routes the claim; finds a dead replica's).
     ("ALTER TABLE jobs ADD COLUMN executor TEXT NOT NULL DEFAULT ''",),
+    # 4: tenants (request_ids unique per tenant), who submitted, type ownership, the audit trail, and
+    # the tenants' submit buckets.
+    (
+        "ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'",
+        "ALTER TABLE jobs ADD COLUMN created_by TEXT NOT NULL DEFAULT ''",
+        "DROP INDEX jobs_request_id",
+        "CREATE UNIQUE INDEX jobs_tenant_request_id ON jobs (tenant, request_id) WHERE request_id <> ''",
+        "CREATE INDEX jobs_tenant_id ON jobs (tenant, id)",
+        "ALTER TABLE job_types ADD COLUMN tenant TEXT NOT NULL DEFAULT ''",
+        """
+        CREATE TABLE job_audit (
+            id          INTEGER PRIMARY KEY,    -- increasing: the order entries were written
+            job_id      TEXT NOT NULL,
+            time        REAL NOT NULL,
+            action      TEXT NOT NULL,
+            principal   TEXT NOT NULL,
+            request_id  TEXT NOT NULL,
+            peer        TEXT NOT NULL,
+            detail      TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX job_audit_job_id ON job_audit (job_id, id)",
+        """
+        CREATE TABLE tenant_rates (
+            tenant      TEXT PRIMARY KEY,
+            tokens      REAL NOT NULL,          -- left in the bucket when last counted
+            updated     REAL NOT NULL           -- when they were counted
+        )
+        """,
+    ),
 )
 
 
@@ -159,12 +195,35 @@ _PURGE = f"DELETE FROM jobs WHERE expire_time <= ? AND +state IN ({_TERMINAL})"
 _QUEUE = f"SELECT {', '.join(QUEUE_COLUMNS)} FROM jobs WHERE state = 1 ORDER BY id"
 _ACTIVE_JOBS = f"{_SELECT_BASIC} WHERE state IN ({_ACTIVE}) ORDER BY id"
 _COUNT = "SELECT state, type, priority, COUNT(*) FROM jobs GROUP BY state, type, priority ORDER BY 1, 2, 3"
+# A type is replaced only by its own tenant's declaration (no row changes otherwise).
 _SAVE_JOB_TYPE = (
-    "INSERT INTO job_types (name, timeout, max_running, retry, last_seen) VALUES (?, ?, ?, ?, ?) "
+    "INSERT INTO job_types (name, timeout, max_running, retry, last_seen, tenant) VALUES (?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (name) DO UPDATE SET timeout = excluded.timeout, max_running = excluded.max_running, "
-    "retry = excluded.retry, last_seen = excluded.last_seen"
+    "retry = excluded.retry, last_seen = excluded.last_seen WHERE job_types.tenant = excluded.tenant"
 )
-_LOAD_JOB_TYPES = "SELECT name, timeout, max_running, retry, last_seen FROM job_types ORDER BY name"
+_LOAD_JOB_TYPES = "SELECT name, timeout, max_running, retry, last_seen, tenant FROM job_types ORDER BY name"
+_AUDIT = f"INSERT INTO job_audit ({', '.join(AUDIT_COLUMNS[:-1])}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+# Keep a job's most recent MAX_AUDIT_ENTRIES entries: run when it goes back into the queue, the only way
+# its trail can keep growing.
+_TRIM_AUDIT = (
+    "DELETE FROM job_audit WHERE job_id = ?1 AND id <= "
+    f"(SELECT id FROM job_audit WHERE job_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET {MAX_AUDIT_ENTRIES})"
+)
+_LIST_AUDIT = (
+    f"SELECT {', '.join(AUDIT_COLUMNS)} FROM job_audit WHERE job_id = ? AND id > ? ORDER BY id LIMIT ?"
+)
+_PURGE_AUDIT = (
+    "DELETE FROM job_audit WHERE job_id IN "
+    f"(SELECT id FROM jobs WHERE expire_time <= ? AND +state IN ({_TERMINAL}))"
+)
+# A token from the tenant's bucket: refilled for the time since it was last counted, capped at the burst.
+# No row changes (rowcount 0) when the bucket holds less than one token.
+_TAKE_TOKEN = (
+    "INSERT INTO tenant_rates (tenant, tokens, updated) VALUES (?1, ?2 - 1, ?3) "
+    "ON CONFLICT (tenant) DO UPDATE SET tokens = MIN(?2, tokens + MAX(0, ?3 - updated) * ?4) - 1, "
+    "updated = ?3 WHERE MIN(?2, tokens + MAX(0, ?3 - updated) * ?4) >= 1"
+)
+_BUCKET = "SELECT MIN(?2, tokens + MAX(0, ?3 - updated) * ?4) FROM tenant_rates WHERE tenant = ?1"
 
 Changes = list[JobChange]
 
@@ -172,35 +231,63 @@ Changes = list[JobChange]
 # --- operations run by the writer thread: each returns its result and the changes it made -----------
 
 
-def _apply_insert(job: Job, row: Row, conn: sqlite3.Connection) -> tuple[None, Changes]:
+def _take_token(tenant: str, rate: SubmitRate, now: float, conn: sqlite3.Connection) -> float:
+    """0 when a token was taken from the tenant's bucket, else the seconds until one is there."""
+    args = (tenant, rate.burst, now, rate.per_second)
+    if conn.execute(_TAKE_TOKEN, args).rowcount == 1:
+        return 0.0
+    tokens: float = conn.execute(_BUCKET, args).fetchone()[0]
+    return max(0.001, (1 - tokens) / rate.per_second)
+
+
+def _apply_insert(
+    job: Job, row: Row, audit: Row | None, rate: SubmitRate | None, conn: sqlite3.Connection
+) -> tuple[float, Changes]:
+    """Returns 0, or (nothing stored) the seconds until the tenant's bucket has a token again."""
+    if rate is not None:
+        wait = _take_token(job.tenant, rate, job.create_time, conn)
+        if wait:
+            return wait, []
     try:
         conn.execute(_INSERT, row)
     except sqlite3.IntegrityError as exc:
-        if "jobs.request_id" in str(exc):
+        if "jobs.tenant, jobs.request_id" in str(exc):
             raise DuplicateRequestId(job.request_id) from exc
         if "jobs.id" in str(exc):
             raise ValueError(f"job {job.id} already exists") from exc
         raise
-    return None, [JobChange.of(job, ChangeKind.STATE)]
+    if audit is not None:
+        conn.execute(_AUDIT, audit)
+    return 0.0, [JobChange.of(job, ChangeKind.STATE)]
 
 
-def _apply_transition(sql: str, args: list[Any], conn: sqlite3.Connection) -> tuple[Job | None, Changes]:
+def _apply_transition(
+    sql: str, args: list[Any], audit: Row | None, trim: bool, conn: sqlite3.Connection
+) -> tuple[Job | None, Changes]:
     row = conn.execute(sql, args).fetchone()
     if row is None:
         return None, []
     job = row_to_job(row)
+    if audit is not None:
+        conn.execute(_AUDIT, audit)
+    if trim:
+        conn.execute(_TRIM_AUDIT, (job.id,))
     return job, [JobChange.of(job, ChangeKind.STATE)]
 
 
-def _apply_claims(rows: list[tuple[Any, ...]], conn: sqlite3.Connection) -> tuple[list[Job | None], Changes]:
+def _apply_claims(
+    rows: list[tuple[Any, ...]], claims: Sequence[Claim], now: float, conn: sqlite3.Connection
+) -> tuple[list[Job | None], Changes]:
     claimed: list[Job | None] = []
     changes: Changes = []
-    for args in rows:
+    for args, claim in zip(rows, claims, strict=True):
         row = conn.execute(_CLAIM, args).fetchone()
         job = None if row is None else row_to_job(row)
         claimed.append(job)
         if job is not None:
             changes.append(JobChange.of(job, ChangeKind.STATE))
+            entry = attempt_started(job.id, job.attempt, job.worker_id, now, claim.principal, claim.peer)
+            conn.execute(_AUDIT, audit_to_row(entry))
     return claimed, changes
 
 
@@ -215,12 +302,14 @@ def _apply_refresh(until: float, conn: sqlite3.Connection) -> tuple[int, Changes
 
 
 def _apply_purge(now: float, conn: sqlite3.Connection) -> tuple[int, Changes]:
+    conn.execute(_PURGE_AUDIT, (now,))
     return conn.execute(_PURGE, (now,)).rowcount, []
 
 
-def _apply_save_job_types(rows: list[Row], conn: sqlite3.Connection) -> tuple[None, Changes]:
-    conn.executemany(_SAVE_JOB_TYPE, rows)  # in order, so a name given twice keeps its last row
-    return None, []
+def _apply_save_job_types(rows: list[Row], conn: sqlite3.Connection) -> tuple[list[str], Changes]:
+    # In order, so a name given twice keeps its last row; a row that changed nothing is another tenant's.
+    refused = [row[0] for row in rows if conn.execute(_SAVE_JOB_TYPE, row).rowcount == 0]
+    return refused, []
 
 
 def _apply_delete_job_types(names: list[str], conn: sqlite3.Connection) -> tuple[None, Changes]:
@@ -253,10 +342,16 @@ def _read_get(job_id: str, conn: sqlite3.Connection) -> Job | None:
     return None if row is None else row_to_job(row)
 
 
-def _read_by_request_id(request_id: str, conn: sqlite3.Connection) -> Job | None:
+def _read_by_request_id(tenant: str, request_id: str, conn: sqlite3.Connection) -> Job | None:
     # The literal "request_id <> ''" lets SQLite use the partial unique index.
-    row = conn.execute(f"{_SELECT} WHERE request_id = ? AND request_id <> ''", (request_id,)).fetchone()
+    row = conn.execute(
+        f"{_SELECT} WHERE tenant = ? AND request_id = ? AND request_id <> ''", (tenant, request_id)
+    ).fetchone()
     return None if row is None else row_to_job(row)
+
+
+def _read_audit(job_id: str, after_id: int, limit: int, conn: sqlite3.Connection) -> list[AuditEntry]:
+    return [row_to_audit(row) for row in conn.execute(_LIST_AUDIT, (job_id, after_id, limit)).fetchall()]
 
 
 def list_sql(query: JobQuery) -> tuple[str, list[object]]:
@@ -267,6 +362,9 @@ def list_sql(query: JobQuery) -> tuple[str, list[object]]:
         where.append("id < ?")
         args.append(query.before_id)
     job_filter = query.filter
+    if job_filter.tenants:
+        where.append(f"tenant IN ({', '.join('?' * len(job_filter.tenants))})")
+        args.extend(sorted(job_filter.tenants))
     if job_filter.states:
         where.append(f"state IN ({', '.join('?' * len(job_filter.states))})")
         args.extend(sorted(int(s) for s in job_filter.states))
@@ -306,10 +404,14 @@ def _read_job_types(conn: sqlite3.Connection) -> list[JobType]:
     return [row_to_job_type(row) for row in conn.execute(_LOAD_JOB_TYPES).fetchall()]
 
 
-def _read_count(conn: sqlite3.Connection) -> list[JobCount]:
+def _read_count(tenants: frozenset[str], conn: sqlite3.Connection) -> list[JobCount]:
+    sql, args = _COUNT, []
+    if tenants:
+        sql = _COUNT.replace(" GROUP BY", f" WHERE tenant IN ({', '.join('?' * len(tenants))}) GROUP BY")
+        args = sorted(tenants)
     return [
         JobCount(JobState(state), job_type, priority, n)
-        for state, job_type, priority, n in conn.execute(_COUNT).fetchall()
+        for state, job_type, priority, n in conn.execute(sql, args).fetchall()
     ]
 
 
@@ -525,21 +627,32 @@ class SqliteStore(JobStore):
             self._cond.notify()
         return await future
 
-    async def insert(self, job: Job) -> None:
+    async def insert(self, job: Job, audit: AuditEntry | None = None, rate: SubmitRate | None = None) -> None:
         snapshot = job.copy()  # the change the feed carries: later edits of ``job`` must not reach it
-        await self._submit(functools.partial(_apply_insert, snapshot, job_to_row(job)))
+        entry = None if audit is None else audit_to_row(audit)
+        wait = await self._submit(functools.partial(_apply_insert, snapshot, job_to_row(job), entry, rate))
+        if wait:
+            raise RateLimited(wait)
 
     async def transition(
-        self, job_id: str, expect: Expect, target: JobState, changes: Mapping[str, Any], now: float
+        self,
+        job_id: str,
+        expect: Expect,
+        target: JobState,
+        changes: Mapping[str, Any],
+        now: float,
+        audit: AuditEntry | None = None,
     ) -> Job | None:
         sql, args = transition_sql(job_id, expect, target, changes, now)
-        return await self._submit(functools.partial(_apply_transition, sql, args))
+        entry = None if audit is None else audit_to_row(audit)
+        trim = target is JobState.QUEUED
+        return await self._submit(functools.partial(_apply_transition, sql, args, entry, trim))
 
     async def claim(
         self, claims: Sequence[Claim], now: float, leader_epoch: int
     ) -> builtins.list[Job | None]:
         rows = [(now, c.worker_id, c.executor, c.lease_until, now, c.job_id) for c in claims]
-        return await self._submit(functools.partial(_apply_claims, rows))
+        return await self._submit(functools.partial(_apply_claims, rows, list(claims), now))
 
     def record_progress(self, job_id: str, lease_epoch: int, progress: Progress, now: float) -> None:
         """Note the latest progress in a dict under a lock held only for microseconds; never does I/O."""
@@ -563,9 +676,10 @@ class SqliteStore(JobStore):
     async def purge_expired(self, now: float) -> int:
         return await self._submit(functools.partial(_apply_purge, now))
 
-    async def save_job_types(self, job_types: builtins.list[JobType]) -> None:
+    async def save_job_types(self, job_types: builtins.list[JobType]) -> builtins.list[str]:
         rows = [job_type_to_row(job_type) for job_type in job_types]  # in the caller's thread, like jobs
-        await self._submit(functools.partial(_apply_save_job_types, rows))
+        refused: list[str] = await self._submit(functools.partial(_apply_save_job_types, rows))
+        return refused
 
     async def delete_job_types(self, names: builtins.list[str]) -> None:
         await self._submit(functools.partial(_apply_delete_job_types, list(names)))
@@ -744,18 +858,23 @@ class SqliteStore(JobStore):
     async def get(self, job_id: str) -> Job | None:
         return await self._read(functools.partial(_read_get, job_id))
 
-    async def get_by_request_id(self, request_id: str) -> Job | None:
+    async def get_by_request_id(self, tenant: str, request_id: str) -> Job | None:
         if not request_id:
             return None
-        return await self._read(functools.partial(_read_by_request_id, request_id))
+        return await self._read(functools.partial(_read_by_request_id, tenant, request_id))
+
+    async def list_audit(self, job_id: str, after_id: int, limit: int) -> builtins.list[AuditEntry]:
+        if limit <= 0:
+            return []
+        return await self._read(functools.partial(_read_audit, job_id, after_id, limit))
 
     async def list(self, query: JobQuery) -> builtins.list[Job]:
         if query.limit <= 0:  # SQLite reads LIMIT -1 as "no limit"
             return []
         return await self._read(functools.partial(_read_list, query))
 
-    async def count(self) -> builtins.list[JobCount]:
-        return await self._read(_read_count)
+    async def count(self, tenants: frozenset[str] = frozenset()) -> builtins.list[JobCount]:
+        return await self._read(functools.partial(_read_count, tenants))
 
     async def load_queue(self) -> builtins.list[QueuedJob]:
         return await self._read(_read_queue)
