@@ -10,6 +10,9 @@ from jobwire.handlers import JobContext, NonRetryableError, handler
 
 # Set by tests to let `test.gate` jobs finish; a threading.Event works across the server's threads.
 GATE = threading.Event()
+# `test.counted` runs, by params["key"]: how many times a handler was invoked for each job.
+RUNS: dict[str, int] = {}
+RUNS_LOCK = threading.Lock()
 
 
 @handler("test.echo")
@@ -96,3 +99,15 @@ def nonretryable(params: dict[str, Any], ctx: JobContext) -> None:
 async def big_result(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     """Returns a result of about ``bytes`` bytes."""
     return {"blob": "x" * int(params.get("bytes", 5_000_000))}
+
+
+@handler("test.counted")
+async def counted(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Counts its runs per ``key`` in RUNS, reports progress as it goes, and takes ``seconds``."""
+    with RUNS_LOCK:
+        RUNS[str(params.get("key"))] = RUNS.get(str(params.get("key")), 0) + 1
+    steps = 3
+    for step in range(1, steps + 1):
+        await ctx.asleep(float(params.get("seconds", 0.02)) / steps)
+        ctx.report_progress(current_step=step, total_steps=steps)
+    return {}

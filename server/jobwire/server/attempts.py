@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from jobwire.handlers.api import HandlerSpec, JobCancelled, NonRetryableError, P
 from jobwire.handlers.runner import HandlerRunner
 from jobwire.server import audit
 from jobwire.server.audit import SERVER, Actor, AuditEntry
-from jobwire.server.changes import JobChange
+from jobwire.server.changes import ChangeKind, JobChange
 from jobwire.server.clock import Clock
 from jobwire.server.cluster import Cluster, Credits, ExecutorDown, ExecutorInfo, ExecutorUp
 from jobwire.server.executor import LOCAL_WORKER_ID, LocalJobContext
@@ -37,6 +38,9 @@ from jobwire.server.state_machine import JobState, check_transition
 from jobwire.server.stores.base import Expect, JobStore
 
 log = logging.getLogger("jobwire.attempts")
+
+# How many ended attempts an executor remembers, so that a repeated claim change never runs one twice.
+_ENDED_MEMORY = 10_000
 
 
 # -- how an attempt ended ------------------------------------------------------------------------------
@@ -262,6 +266,9 @@ class LocalExecutor:
         self._timeout_for = timeout_for
         self._runner = runner
         self._running: dict[str, _LocalAttempt] = {}  # job id -> attempt whose handler runs
+        # (job id, lease epoch) of attempts whose handler has returned: a change heard twice (the feed
+        # may repeat one) must not run them again.
+        self._ended: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()  # attempts not ended yet (handler, then the write)
         self._accepting = False
 
@@ -289,7 +296,13 @@ class LocalExecutor:
             attempt = self._running.get(change.job_id)
             if attempt is not None:
                 self._follow(attempt, change)
-            elif change.executor == self.info.id and change.state is JobState.RUNNING:
+            elif (
+                change.kind
+                is ChangeKind.STATE  # a claim; never a late progress note of an attempt that ended
+                and change.executor == self.info.id
+                and change.state is JobState.RUNNING
+                and (change.job_id, change.lease_epoch) not in self._ended
+            ):
                 self._start(change)
 
     def _follow(self, attempt: _LocalAttempt, change: JobChange) -> None:
@@ -359,6 +372,9 @@ class LocalExecutor:
             if attempt.force_timer is not None:
                 attempt.force_timer.cancel()
             self._running.pop(job.id, None)
+            self._ended[(job.id, job.lease_epoch)] = None
+            if len(self._ended) > _ENDED_MEMORY:
+                self._ended.popitem(last=False)
             # The slot is free as soon as the handler returns: the next job need not wait for this
             # one's end to commit.
             if self._accepting:

@@ -25,7 +25,7 @@ from jobwire.handlers.api import Progress
 from jobwire.server.access import ANONYMOUS, Principal
 from jobwire.server.attempts import Ending, Outcome, end_attempt
 from jobwire.server.audit import Actor
-from jobwire.server.changes import JobChange
+from jobwire.server.changes import ChangeKind, JobChange
 from jobwire.server.clock import Clock
 from jobwire.server.cluster import Cluster, Credits, ExecutorDown, ExecutorInfo, ExecutorUp
 from jobwire.server.job import Job
@@ -255,7 +255,11 @@ class WorkerSessions:
             holder = self._holders.get(change.job_id)
             if holder is not None:
                 self._follow(holder, change)
-            elif change.state is JobState.RUNNING and change.executor.startswith(self.replica_id + "/"):
+            elif (
+                change.kind is ChangeKind.STATE  # a claim; never a late progress note
+                and change.state is JobState.RUNNING
+                and change.executor.startswith(self.replica_id + "/")
+            ):
                 session = self.registry.by_executor(change.executor)
                 if session is not None:
                     self._assign(session, change)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import urllib.parse
 from contextvars import ContextVar
 
 import grpc
@@ -65,7 +66,7 @@ class Authenticator:
 
     def caller(self, context: grpc.aio.ServicerContext) -> Caller:
         """The call's caller; Unauthenticated when credentials are required and missing or bad."""
-        peer = context.peer() or ""
+        peer = urllib.parse.unquote(context.peer() or "")  # grpc writes ipv6:%5B::1%5D:port
         token = _bearer_token(context.invocation_metadata() or ())
         if token is not None and self.tokens is None and not self._warned_ignored_token:
             self._warned_ignored_token = True
