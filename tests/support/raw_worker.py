@@ -21,11 +21,12 @@ WAIT = 20.0
 class RawWorker:
     """One Connect stream: ``send`` requests, ``next`` responses of a given kind."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, token: str | None = None) -> None:
         self._requests: queue.Queue[W.ConnectRequest | None] = queue.Queue()
         self._channel = grpc.insecure_channel(target)
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._responses = worker_service_pb2_grpc.WorkerServiceStub(self._channel).Connect(
-            self._outgoing(), timeout=120
+            self._outgoing(), timeout=120, metadata=metadata
         )
 
     def _outgoing(self) -> Iterator[W.ConnectRequest]:
