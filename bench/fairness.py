@@ -33,7 +33,7 @@ import grpc
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from submit_bench import ChildServer, jobwire_server  # noqa: E402
+from submit_bench import jobwire_server  # noqa: E402
 
 from jobwire.server.tokens import KeyRing, issue_token, write_key_file  # noqa: E402
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc  # noqa: E402

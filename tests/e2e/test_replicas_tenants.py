@@ -9,7 +9,7 @@ wherever they were submitted.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -65,26 +65,29 @@ class Cluster:
         asyncio.run(drop_schema(self.schema))
 
 
+Start = Callable[..., Cluster]
+
+
 @pytest.fixture
-def cluster_factory(tmp_path: Path) -> Iterator[type[Cluster]]:
+def start_cluster(tmp_path: Path) -> Iterator[Start]:
+    """Starts a cluster with the given extra server flags; every one started is closed at the end."""
     require_postgres()
     started: list[Cluster] = []
 
-    class Started(Cluster):
-        def __init__(self, *extra: str) -> None:
-            super().__init__(tmp_path, *extra)
-            started.append(self)
-            self.start()
+    def start(*extra: str) -> Cluster:
+        cluster = Cluster(tmp_path, *extra)
+        started.append(cluster)
+        return cluster.start()
 
     try:
-        yield Started
+        yield start
     finally:
         for cluster in started:
             cluster.close()
 
 
-def test_the_submit_rate_is_one_bucket_for_the_whole_cluster(cluster_factory: type[Cluster]) -> None:
-    cluster = cluster_factory("--tenant-submit-rate", "6")
+def test_the_submit_rate_is_one_bucket_for_the_whole_cluster(start_cluster: Start) -> None:
+    cluster = start_cluster("--tenant-submit-rate", "6")
     accepted = refused = 0
     for i in range(10):  # alternating replicas: per-replica buckets would let 10 through
         try:
@@ -100,9 +103,9 @@ def test_the_submit_rate_is_one_bucket_for_the_whole_cluster(cluster_factory: ty
 
 
 def test_a_tenants_worker_on_one_replica_gets_only_its_jobs_from_the_other(
-    cluster_factory: type[Cluster],
+    start_cluster: Start,
 ) -> None:
-    cluster = cluster_factory()
+    cluster = start_cluster()
     first, second = cluster.stubs
     with RawWorker(cluster.servers[1].target, cluster.tokens["a-worker"]) as worker:
         worker.register("a.work", credits=10)
@@ -123,9 +126,9 @@ def test_a_tenants_worker_on_one_replica_gets_only_its_jobs_from_the_other(
 
 
 def test_fair_sharing_holds_when_the_tenants_submit_through_different_replicas(
-    cluster_factory: type[Cluster],
+    start_cluster: Start,
 ) -> None:
-    cluster = cluster_factory()
+    cluster = start_cluster()
     first, second = cluster.stubs
     with RawWorker(cluster.servers[0].target, cluster.tokens["admin"]) as worker:  # a shared worker
         worker.register("shared.fair", credits=1)
