@@ -75,6 +75,15 @@ def new_store(backend: str, tmp_path: Path) -> Iterator[Callable[[], JobStore]]:
 
 
 @pytest.fixture
+def postgres_schema() -> Iterator[str]:
+    """A fresh PostgreSQL schema name for a test of its own (skipped without the server), dropped after."""
+    require_postgres()
+    schema = new_schema()
+    yield schema
+    asyncio.run(drop_schema(schema))
+
+
+@pytest.fixture
 async def store(new_store: Callable[[], JobStore]) -> AsyncIterator[JobStore]:
     s = new_store()
     await s.open()

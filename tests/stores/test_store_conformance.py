@@ -7,13 +7,16 @@ Backend-specific checks (SQLite group commit, flush timer, schema version and mi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from jobwire.handlers.api import Progress, RetryDefaults
+from jobwire.server.audit import ATTEMPT_STARTED, MAX_AUDIT_ENTRIES, RETRIED, SUBMITTED, AuditEntry
 from jobwire.server.changes import ChangeKind, JobChange
 from jobwire.server.job import AttemptRecord, ErrorCode, Job, JobError, RetryPolicy, WaitReason
 from jobwire.server.job_types import JobType
@@ -27,11 +30,16 @@ from jobwire.server.stores.base import (
     JobQuery,
     JobStore,
     QueuedJob,
+    RateLimited,
+    SubmitRate,
 )
 from jobwire.server.stores.factory import open_store
 from jobwire.server.stores.memory import MemoryStore
+from jobwire.server.stores.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
 from jobwire.server.stores.postgres import PostgresStore
+from jobwire.server.stores.rows import COLUMNS, job_to_row, job_type_to_row
 from jobwire.server.stores.sqlite import MIGRATIONS, SqliteStore
+from support.postgres import POSTGRES_DSN, store_url
 
 MakeJob = Callable[..., Job]
 Reopen = Callable[[JobStore], Awaitable[JobStore | None]]
@@ -100,6 +108,8 @@ def full_job(make_job: MakeJob) -> Job:
         lease_expire_time=T0 + 40.25,
         lease_epoch=12,
         attempt_base=1,
+        tenant="acme-corp.eu",
+        created_by="jürgen.müller@例え.jp/🚀",
     )
 
 
@@ -324,6 +334,52 @@ async def test_duplicate_id_is_refused(store: JobStore, make_job: MakeJob) -> No
         await store.insert(make_job(id=job.id))
 
 
+async def test_request_ids_are_unique_per_tenant(store: JobStore, make_job: MakeJob) -> None:
+    in_a = make_job(tenant="a", request_id="req-1")
+    in_b = make_job(tenant="b", request_id="req-1")
+    await store.insert(in_a)
+    await store.insert(in_b)  # the same request_id in another tenant is another request
+    assert await store.get_by_request_id("a", "req-1") == in_a
+    assert await store.get_by_request_id("b", "req-1") == in_b
+    assert await store.get_by_request_id("default", "req-1") is None
+    assert await store.get_by_request_id("c", "req-1") is None
+    again_in_a = make_job(tenant="a", request_id="req-1")
+    with pytest.raises(DuplicateRequestId):
+        await store.insert(again_in_a)
+    assert await store.get(again_in_a.id) is None
+    assert await store.get_by_request_id("a", "req-1") == in_a
+
+
+async def test_concurrent_inserts_of_one_request_id_conflict_only_within_a_tenant(
+    store: JobStore, make_job: MakeJob
+) -> None:
+    jobs = [make_job(tenant=tenant, request_id="same") for tenant in ("a", "b", "c")]
+    duplicate = make_job(tenant="b", request_id="same")
+    outcomes = await asyncio.gather(
+        *(store.insert(job) for job in [*jobs, duplicate]), return_exceptions=True
+    )
+    assert outcomes[:3] == [None, None, None]
+    assert isinstance(outcomes[3], DuplicateRequestId)
+    for job in jobs:
+        assert await store.get_by_request_id(job.tenant, "same") == job
+    assert await store.get(duplicate.id) is None
+
+
+async def test_purge_frees_the_request_id_only_in_its_tenant(store: JobStore, make_job: MakeJob) -> None:
+    purged = make_job(tenant="a", state=JobState.SUCCEEDED, request_id="r", expire_time=T0)
+    kept = make_job(tenant="b", state=JobState.SUCCEEDED, request_id="r", expire_time=None)
+    await store.insert(purged)
+    await store.insert(kept)
+    assert await store.purge_expired(T0) == 1
+    assert await store.get_by_request_id("a", "r") is None
+    assert await store.get_by_request_id("b", "r") == kept
+    with pytest.raises(DuplicateRequestId):
+        await store.insert(make_job(tenant="b", request_id="r"))
+    new = make_job(tenant="a", request_id="r")
+    await store.insert(new)
+    assert await store.get_by_request_id("a", "r") == new
+
+
 # --- compare-and-set: transitions, claims, leases ------------------------------------------------------
 
 
@@ -373,7 +429,7 @@ async def test_transition_is_a_compare_and_set(store: JobStore, make_job: MakeJo
 async def test_transition_refuses_fields_that_never_change(store: JobStore, make_job: MakeJob) -> None:
     job = make_job()
     await store.insert(job)
-    for field in ("params", "type", "sequence", "request_id"):
+    for field in ("params", "type", "sequence", "request_id", "tenant", "created_by"):
         with pytest.raises(ValueError):
             await store.transition(job.id, Expect(JobState.QUEUED), JobState.CANCELLED, {field: 1}, T0)
     assert await store.get(job.id) == job
@@ -448,6 +504,7 @@ async def test_a_claim_under_an_old_dispatcher_epoch_is_refused(
     if store.shared:  # a single process has one dispatcher for ever: nothing to fence
         assert await store.claim([Claim(job.id, "w", "r/s", T0 + 30)], T0, epoch - 1) == [None]
         assert await store.get(job.id) == job
+        assert await store.list_audit(job.id, 0, 10) == []  # no attempt started: none recorded
     [claimed] = await store.claim([Claim(job.id, "w", "r/s", T0 + 30)], T0, epoch)
     assert claimed is not None
 
@@ -784,9 +841,10 @@ def worker_type(
     max_running: int | None = 4,
     retry: RetryDefaults = _WORKER_RETRY,
     last_seen: float = T0 + 0.125,
+    tenant: str = "",
 ) -> JobType:
     """A type as a worker declares it: every field set unless overridden."""
-    return JobType(name, timeout, max_running, retry, last_seen)
+    return JobType(name, timeout, max_running, retry, last_seen, tenant)
 
 
 async def test_job_types_empty(store: JobStore) -> None:
@@ -857,6 +915,444 @@ async def test_concurrent_job_type_saves_are_all_kept(store: JobStore) -> None:
     names = [f"type.{i:03d}" for i in range(50)]
     await asyncio.gather(*(store.save_job_types([worker_type(name)]) for name in names))
     assert [t.name for t in await store.load_job_types()] == names
+
+
+async def test_a_job_type_belongs_to_its_tenant(store: JobStore, reopen: Reopen) -> None:
+    mine = worker_type("acme.report", tenant="acme")
+    shared = worker_type("email", tenant="")
+    assert await store.save_job_types([mine, shared]) == []
+    # Another tenant, or the shared namespace, cannot take a tenant's name; nor a tenant a shared one.
+    taken = worker_type("acme.report", tenant="globex", max_running=99, last_seen=T0 + 60)
+    assert await store.save_job_types([taken]) == ["acme.report"]
+    assert await store.save_job_types([worker_type("acme.report", tenant="", max_running=1)]) == [
+        "acme.report"
+    ]
+    assert await store.save_job_types([worker_type("email", tenant="acme", max_running=7)]) == ["email"]
+    assert await store.load_job_types() == [mine, shared]
+    # The owner may update its own, each refusal in a batch is named, and the rest of it is saved.
+    newer = worker_type("acme.report", tenant="acme", max_running=2, last_seen=T0 + 120)
+    newer_shared = worker_type("email", tenant="", timeout=None, last_seen=T0 + 120)
+    zip_type = worker_type("globex.zip", tenant="globex")
+    batch = [newer, worker_type("email", tenant="globex"), zip_type, newer_shared, worker_type("globex.zip")]
+    assert await store.save_job_types(batch) == ["email", "globex.zip"]
+    expected = [newer, newer_shared, zip_type]
+    source: JobStore | None = store
+    while source is not None:
+        loaded = await source.load_job_types()
+        assert loaded == expected
+        assert [t.tenant for t in loaded] == ["acme", "", "globex"]
+        source = await reopen(source) if source is store else None  # again from disk, if durable
+
+
+async def test_a_forgotten_job_type_can_be_declared_by_another_tenant(store: JobStore) -> None:
+    assert await store.save_job_types([worker_type("t", tenant="a")]) == []
+    await store.delete_job_types(["t"])
+    assert await store.save_job_types([worker_type("t", tenant="b")]) == []
+    assert await store.load_job_types() == [worker_type("t", tenant="b")]
+
+
+# --- tenants ---------------------------------------------------------------------------------------
+
+
+async def test_filter_by_tenants_and_count_per_tenant(store: JobStore, make_job: MakeJob) -> None:
+    a1 = make_job(tenant="a", type="x", created_by="alice")
+    b1 = make_job(tenant="b", type="x")
+    a2 = make_job(tenant="a", type="y", state=JobState.RUNNING)
+    c1 = make_job(tenant="c", type="x", priority=9)
+    for job in (a1, b1, a2, c1):
+        await store.insert(job)
+
+    def of(*tenants: str, states: frozenset[JobState] = frozenset()) -> JobQuery:
+        return JobQuery(filter=JobFilter(tenants=frozenset(tenants), states=states))
+
+    assert await ids(store, of("a")) == [a2.id, a1.id]
+    assert await ids(store, of("a", "c")) == [c1.id, a2.id, a1.id]
+    assert await ids(store, of("nobody")) == []
+    assert await ids(store, of("a", states=frozenset({JobState.QUEUED}))) == [a1.id]
+    assert await ids(store, JobQuery()) == [c1.id, a2.id, b1.id, a1.id]  # no tenants: every tenant's
+    first = await ids(store, JobQuery(filter=JobFilter(tenants=frozenset({"a", "b"})), limit=2))
+    rest = await ids(store, JobQuery(filter=JobFilter(tenants=frozenset({"a", "b"})), before_id=first[-1]))
+    assert first + rest == [a2.id, b1.id, a1.id]
+    [basic] = await store.list(JobQuery(filter=JobFilter(tenants=frozenset({"a"})), limit=1, before_id=a2.id))
+    assert (basic.tenant, basic.created_by) == ("a", "alice")  # kept in a listing without the payload
+
+    key = lambda c: (c.state, c.type, c.priority)  # noqa: E731
+    assert sorted(await store.count(frozenset({"a"})), key=key) == [
+        JobCount(JobState.QUEUED, "x", 5, 1),
+        JobCount(JobState.RUNNING, "y", 5, 1),
+    ]
+    assert sorted(await store.count(frozenset({"b", "c"})), key=key) == [
+        JobCount(JobState.QUEUED, "x", 5, 1),
+        JobCount(JobState.QUEUED, "x", 9, 1),
+    ]
+    assert await store.count(frozenset({"nobody"})) == []
+    assert sorted(await store.count(), key=key) == [
+        JobCount(JobState.QUEUED, "x", 5, 2),
+        JobCount(JobState.QUEUED, "x", 9, 1),
+        JobCount(JobState.RUNNING, "y", 5, 1),
+    ]
+
+
+async def test_queued_and_active_jobs_and_changes_carry_their_tenant(
+    store: JobStore, make_job: MakeJob, epoch: int
+) -> None:
+    feed = Feed(store)
+    queued = [make_job(tenant=tenant, created_by=f"{tenant}-user") for tenant in ("a", "b", "default")]
+    running = make_job(tenant="b", created_by="bob", state=JobState.RUNNING)
+    for job in (*queued, running):
+        await store.insert(job)
+    assert [c.tenant for c in feed.changes] == ["a", "b", "default", "b"]
+    assert await store.load_queue() == [
+        QueuedJob(j.id, j.type, j.priority, j.queue_time, j.schedule_time, j.sequence, j.tenant)
+        for j in queued
+    ]
+    assert [(j.tenant, j.created_by) for j in await store.load_active()] == [("b", "bob")]
+    [claimed] = await store.claim([Claim(queued[0].id, "w", "r/s", T0 + 30)], T0, epoch)
+    assert claimed is not None and (claimed.tenant, claimed.created_by) == ("a", "a-user")
+    assert feed.changes[-1].tenant == "a"
+    ended = await store.transition(
+        claimed.id, Expect(JobState.RUNNING, claimed.lease_epoch), JobState.SUCCEEDED, {}, T0 + 1
+    )
+    assert ended is not None and (ended.tenant, ended.created_by) == ("a", "a-user")
+    assert [q.tenant for q in await store.load_queue()] == ["b", "default"]
+
+
+# --- the audit trail -------------------------------------------------------------------------------
+
+
+def audit_entry(job_id: str, n: int, action: str = RETRIED) -> AuditEntry:
+    """The ``n``-th entry of a test trail: every field set, and told apart by its detail."""
+    return AuditEntry(
+        job_id, T0 + n, action, f"user-{n}@example.com", f"req-{n}", "ipv4:10.0.0.1:5000", f"step {n}"
+    )
+
+
+async def trail(store: JobStore, job_id: str) -> list[AuditEntry]:
+    """The job's whole audit trail, oldest first."""
+    return await store.list_audit(job_id, 0, 10 * MAX_AUDIT_ENTRIES)
+
+
+def without_ids(entries: Sequence[AuditEntry]) -> list[AuditEntry]:
+    """The entries as they were given to the store (entry_id 0), to compare with what it returns."""
+    return [dataclasses.replace(entry, entry_id=0) for entry in entries]
+
+
+async def test_insert_records_its_audit_entry(store: JobStore, reopen: Reopen, make_job: MakeJob) -> None:
+    job = make_job(tenant="acme", created_by="jürgen@例え.jp")
+    submitted = AuditEntry(
+        job.id,
+        T0 + 0.123456789,
+        SUBMITTED,
+        "jürgen@例え.jp",
+        "req-ünïcode-1",
+        "ipv6:[::1]:50051",
+        "type übersetzung/翻訳, priority 9 ☕ " + "é" * 2000,
+    )
+    assert len(submitted.detail) == 1024  # cut on construction: the store keeps all that is left
+    quiet = make_job()
+    await store.insert(job, submitted)
+    await store.insert(quiet)  # no entry: none recorded
+    source: JobStore | None = store
+    while source is not None:
+        [got] = await source.list_audit(job.id, 0, 10)
+        assert type(got.entry_id) is int and got.entry_id > 0
+        assert got == dataclasses.replace(submitted, entry_id=got.entry_id)
+        assert await source.list_audit(quiet.id, 0, 10) == []
+        source = await reopen(source) if source is store else None  # again from disk, if durable
+
+
+async def test_a_refused_insert_records_nothing(store: JobStore, make_job: MakeJob) -> None:
+    first = make_job(request_id="r")
+    second = make_job(request_id="r")
+    await store.insert(first, audit_entry(first.id, 0, SUBMITTED))
+    with pytest.raises(DuplicateRequestId):
+        await store.insert(second, audit_entry(second.id, 1, SUBMITTED))
+    assert await trail(store, second.id) == []
+    assert without_ids(await trail(store, first.id)) == [audit_entry(first.id, 0, SUBMITTED)]
+
+
+async def test_transition_records_its_audit_only_when_it_happens(store: JobStore, make_job: MakeJob) -> None:
+    job = make_job(state=JobState.RUNNING, lease_epoch=2)
+    await store.insert(job)
+    refused = audit_entry(job.id, 1, "attempt failed")
+    assert (
+        await store.transition(job.id, Expect(JobState.RUNNING, 1), JobState.FAILED, {}, T0, refused) is None
+    )
+    assert (
+        await store.transition(job.id, Expect(JobState.QUEUED), JobState.CANCELLED, {}, T0, refused) is None
+    )
+    late = Expect(JobState.RUNNING, 2, lease_expired_by=T0)  # its lease never expires: refused
+    assert await store.transition(job.id, late, JobState.QUEUED, {}, T0, refused) is None
+    missing = "0" * 26
+    gone = audit_entry(missing, 1)
+    assert await store.transition(missing, Expect(JobState.QUEUED), JobState.CANCELLED, {}, T0, gone) is None
+    assert await trail(store, job.id) == []
+    assert await trail(store, missing) == []
+
+    done = audit_entry(job.id, 2, "attempt succeeded")
+    changes = {"result": {"ok": True}}
+    assert await store.transition(job.id, Expect(JobState.RUNNING, 2), JobState.SUCCEEDED, changes, T0, done)
+    [got] = await trail(store, job.id)
+    assert got == dataclasses.replace(done, entry_id=got.entry_id) and got.entry_id > 0
+    assert (
+        await store.transition(job.id, Expect(JobState.RUNNING, 2), JobState.FAILED, {}, T0, refused) is None
+    )
+    assert await trail(store, job.id) == [got]
+
+
+async def test_of_concurrent_audited_transitions_only_the_winner_is_recorded(
+    store: JobStore, make_job: MakeJob
+) -> None:
+    job = make_job()
+    await store.insert(job)
+    outcomes = await asyncio.gather(
+        *(
+            store.transition(
+                job.id,
+                Expect(JobState.QUEUED),
+                JobState.CANCELLED,
+                {"cancel_reason": f"r{i}"},
+                T0,
+                audit_entry(job.id, i, "cancelled"),
+            )
+            for i in range(5)
+        )
+    )
+    [winner] = [(i, o) for i, o in enumerate(outcomes) if o is not None]
+    assert without_ids(await trail(store, job.id)) == [audit_entry(job.id, winner[0], "cancelled")]
+
+
+async def test_claim_records_the_attempt_it_starts(store: JobStore, make_job: MakeJob, epoch: int) -> None:
+    fresh = make_job()
+    retried = make_job(attempt=2, lease_epoch=4)
+    running = make_job(state=JobState.RUNNING, lease_epoch=1)
+    for job in (fresh, retried, running):
+        await store.insert(job)
+    claims = [
+        Claim(fresh.id, "wörker/🚀", "r1/s1", T0 + 30, principal="worker:acme/ü", peer="ipv4:10.1.2.3:4567"),
+        Claim(retried.id, "local", "r1/local", None),  # an in-process attempt: the default principal
+        Claim(running.id, "w-2", "r1/s2", T0 + 30, principal="worker:x", peer="ipv4:10.9.9.9:1"),
+        Claim("0" * 26, "w-3", "r1/s3", T0 + 30, principal="worker:y"),
+    ]
+    first, second, third, missing = await store.claim(claims, T0 + 1, epoch)
+    assert first is not None and second is not None and third is None and missing is None
+    [started] = await trail(store, fresh.id)
+    assert started.entry_id > 0
+    assert started == AuditEntry(
+        fresh.id,
+        T0 + 1,
+        ATTEMPT_STARTED,
+        "worker:acme/ü",
+        "",
+        "ipv4:10.1.2.3:4567",
+        "attempt 1 on wörker/🚀",
+        started.entry_id,
+    )
+    assert without_ids(await trail(store, retried.id)) == [
+        AuditEntry(retried.id, T0 + 1, ATTEMPT_STARTED, "jobwire", "", "", "attempt 2 on local")
+    ]
+    assert await trail(store, running.id) == []
+    assert await trail(store, "0" * 26) == []
+
+    # Released and claimed again: its trail tells both attempts, in order.
+    released = audit_entry(retried.id, 5, "attempt released")
+    requeue = {"attempt": 3, "lease_expire_time": None}
+    expect = Expect(JobState.RUNNING, second.lease_epoch)
+    assert await store.transition(retried.id, expect, JobState.QUEUED, requeue, T0 + 5, released)
+    [again] = await store.claim([Claim(retried.id, "w-9", "r2/s9", T0 + 60, "worker:z", "p")], T0 + 6, epoch)
+    assert again is not None
+    assert without_ids(await trail(store, retried.id)) == [
+        AuditEntry(retried.id, T0 + 1, ATTEMPT_STARTED, "jobwire", "", "", "attempt 2 on local"),
+        released,
+        AuditEntry(retried.id, T0 + 6, ATTEMPT_STARTED, "worker:z", "", "p", "attempt 3 on w-9"),
+    ]
+
+
+async def test_list_audit_pages_in_order_and_never_mixes_jobs(store: JobStore, make_job: MakeJob) -> None:
+    job = make_job(state=JobState.RUNNING, lease_epoch=1)
+    other = make_job(state=JobState.RUNNING, lease_epoch=1)
+    await store.insert(job, audit_entry(job.id, 0, SUBMITTED))
+    await store.insert(other, audit_entry(other.id, 0, SUBMITTED))
+    for n in range(1, 7):  # the two trails interleave in the store
+        for j in (job, other):
+            changed = await store.transition(
+                j.id, Expect(JobState.RUNNING, 1), JobState.RUNNING, {}, T0 + n, audit_entry(j.id, n)
+            )
+            assert changed is not None
+    entries = await trail(store, job.id)
+    assert [e.detail for e in entries] == [f"step {n}" for n in range(7)]
+    assert all(e.job_id == job.id for e in entries)
+    assert [e.entry_id for e in entries] == sorted({e.entry_id for e in entries})  # strictly increasing
+    assert not {e.entry_id for e in entries} & {e.entry_id for e in await trail(store, other.id)}
+
+    pages: list[list[AuditEntry]] = []
+    after = 0
+    while page := await store.list_audit(job.id, after, 3):
+        pages.append(page)
+        after = page[-1].entry_id
+    assert [len(page) for page in pages] == [3, 3, 1]
+    assert [e for page in pages for e in page] == entries
+    assert await store.list_audit(job.id, entries[2].entry_id, 2) == entries[3:5]
+    assert await store.list_audit(job.id, entries[2].entry_id - 1, 1) == [entries[2]]
+    assert await store.list_audit(job.id, entries[-1].entry_id, 10) == []
+    assert await store.list_audit(job.id, 0, 0) == []
+    assert await store.list_audit("0" * 26, 0, 10) == []
+
+
+async def test_purge_deletes_the_audit_entries_of_the_purged_jobs_only(
+    store: JobStore, make_job: MakeJob
+) -> None:
+    expired = make_job(state=JobState.SUCCEEDED, expire_time=T0)
+    later = make_job(state=JobState.SUCCEEDED, expire_time=T0 + 100)
+    queued = make_job()
+    for job in (expired, later, queued):
+        await store.insert(job, audit_entry(job.id, 0, SUBMITTED))
+    kept = {job.id: await trail(store, job.id) for job in (later, queued)}
+    assert await store.purge_expired(T0) == 1
+    assert await trail(store, expired.id) == []
+    for job_id, entries in kept.items():
+        assert len(entries) == 1 and await trail(store, job_id) == entries
+
+
+async def test_the_audit_trail_is_trimmed_when_the_job_is_queued_again(
+    store: JobStore, make_job: MakeJob
+) -> None:
+    job = make_job(state=JobState.RUNNING, lease_epoch=1)
+    other = make_job(state=JobState.RUNNING, lease_epoch=1)
+    await store.insert(job, audit_entry(job.id, 0, SUBMITTED))
+    await store.insert(other, audit_entry(other.id, 0, SUBMITTED))
+    total = MAX_AUDIT_ENTRIES + 10
+    # RUNNING -> RUNNING keeps every entry (only a change back to QUEUED trims). All at once, so that the
+    # SQL stores write them in a few transactions.
+    running = Expect(JobState.RUNNING, 1)
+    updated = await asyncio.gather(
+        *(
+            store.transition(job.id, running, JobState.RUNNING, {}, T0 + n, audit_entry(job.id, n))
+            for n in range(1, total)
+        )
+    )
+    assert all(u is not None for u in updated)
+    before = await trail(store, job.id)
+    assert [e.detail for e in before] == [f"step {n}" for n in range(total)]
+
+    released = audit_entry(job.id, total, "attempt released")
+    assert await store.transition(job.id, running, JobState.QUEUED, {}, T0 + total, released)
+    after = await trail(store, job.id)
+    assert len(after) == MAX_AUDIT_ENTRIES  # the most recent ones, the new entry included
+    assert after[:-1] == before[-(MAX_AUDIT_ENTRIES - 1) :]
+    assert without_ids(after[-1:]) == [released]
+
+    # Queued again while at the cap: the oldest entry makes room for the new one.
+    requeued = audit_entry(job.id, total + 1, RETRIED)
+    assert await store.transition(job.id, Expect(JobState.QUEUED), JobState.QUEUED, {}, T0, requeued)
+    final = await trail(store, job.id)
+    assert final[:-1] == after[1:] and without_ids(final[-1:]) == [requeued]
+
+    # Another job's trail is not touched, and a short trail going back to the queue loses nothing.
+    assert await store.transition(other.id, running, JobState.QUEUED, {}, T0, audit_entry(other.id, 1))
+    assert [e.detail for e in await trail(store, other.id)] == ["step 0", "step 1"]
+
+
+# --- submit rates ----------------------------------------------------------------------------------
+
+
+async def test_a_submit_rate_lets_a_burst_through_then_refuses(store: JobStore, make_job: MakeJob) -> None:
+    rate = SubmitRate(per_minute=6)  # a token every 10 s, 6 at most
+    feed = Feed(store)
+    for _ in range(6):
+        await store.insert(make_job(tenant="a"), rate=rate)
+    refused = make_job(tenant="a")
+    with pytest.raises(RateLimited) as limited:
+        await store.insert(refused, audit_entry(refused.id, 0, SUBMITTED), rate)
+    assert limited.value.retry_after == pytest.approx(10.0)
+    assert await store.get(refused.id) is None
+    assert await trail(store, refused.id) == []
+    assert len(feed.changes) == 6 and len(await store.list(JobQuery())) == 6
+
+    halfway = make_job(tenant="a", create_time=T0 + 5)  # half a token since the last one taken
+    with pytest.raises(RateLimited) as limited:
+        await store.insert(halfway, rate=rate)
+    assert limited.value.retry_after == pytest.approx(5.0)
+    assert await store.get(halfway.id) is None
+
+    await store.insert(make_job(tenant="a", create_time=T0 + 10), rate=rate)  # 60 / 6 s later: one more
+    with pytest.raises(RateLimited) as limited:
+        await store.insert(make_job(tenant="a", create_time=T0 + 10), rate=rate)
+    assert limited.value.retry_after == pytest.approx(10.0)
+    assert len(feed.changes) == 7
+
+    # An hour later the bucket holds a minute's worth (the burst), not an hour's.
+    for _ in range(6):
+        await store.insert(make_job(tenant="a", create_time=T0 + 3600), rate=rate)
+    with pytest.raises(RateLimited):
+        await store.insert(make_job(tenant="a", create_time=T0 + 3600), rate=rate)
+    assert len(await store.list(JobQuery(limit=100))) == 13
+
+
+async def test_submit_buckets_are_per_tenant(store: JobStore, make_job: MakeJob) -> None:
+    rate = SubmitRate(per_minute=2)
+    await store.insert(make_job(tenant="a"), rate=rate)
+    await store.insert(make_job(tenant="a"), rate=rate)
+    for _ in range(5):  # refused inserts take nothing, from anyone's bucket
+        with pytest.raises(RateLimited):
+            await store.insert(make_job(tenant="a"), rate=rate)
+    # Without a rate an insert neither waits for nor takes a token (a tenant without a submit quota).
+    await store.insert(make_job(tenant="a"))
+    for _ in range(2):  # b's bucket is full
+        await store.insert(make_job(tenant="b"), rate=rate)
+    with pytest.raises(RateLimited) as limited:
+        await store.insert(make_job(tenant="b"), rate=rate)
+    assert limited.value.retry_after == pytest.approx(30.0)
+    for tenant in ("a", "b"):  # 30 s later: exactly one token each
+        await store.insert(make_job(tenant=tenant, create_time=T0 + 30), rate=rate)
+        with pytest.raises(RateLimited):
+            await store.insert(make_job(tenant=tenant, create_time=T0 + 30), rate=rate)
+    counts = {tenant: sum(c.count for c in await store.count(frozenset({tenant}))) for tenant in "ab"}
+    assert counts == {"a": 4, "b": 3}
+
+
+async def test_concurrent_inserts_take_exactly_the_burst(store: JobStore, make_job: MakeJob) -> None:
+    rate = SubmitRate(per_minute=5)
+    jobs = [make_job(tenant="a") for _ in range(12)]
+    outcomes = await asyncio.gather(*(store.insert(job, rate=rate) for job in jobs), return_exceptions=True)
+    assert outcomes[:5] == [None] * 5  # first come, first served
+    assert all(isinstance(o, RateLimited) for o in outcomes[5:])
+    assert await ids(store, JobQuery()) == [job.id for job in reversed(jobs[:5])]
+
+
+async def test_a_clock_running_behind_does_not_refill_a_bucket_twice(
+    store: JobStore, make_job: MakeJob
+) -> None:
+    """Two replicas draw from one bucket, each with its own clock (the create_time): one that runs behind
+    must not make the other's next insert count the same seconds' refill again.
+
+    Regression: taking a token set the bucket's "counted at" time to the insert's create_time even when
+    that was earlier, so every insert from the replica behind rewound the bucket and the next one from
+    the replica ahead was refilled for the skew again (all 60 inserts passed a 6-a-minute bucket).
+    """
+    rate = SubmitRate(per_minute=6)  # a token every 10 s, 6 at most
+    granted = 0
+    for step in range(10):  # 10 s apart, by both clocks
+        for clock in (T0 + 60 + 10 * step, T0 + 10 * step):  # the second replica's clock is 60 s behind
+            for _ in range(3):
+                try:
+                    await store.insert(make_job(tenant="a", create_time=clock), rate=rate)
+                except RateLimited:
+                    continue
+                granted += 1
+    # Whatever the order of the times it was given, a bucket grants at most its burst plus the refill
+    # over the span of those times: 6 + 150 s / 10 s.
+    assert granted <= 6 + 15
+
+
+async def test_a_refused_duplicate_takes_no_token(store: JobStore, make_job: MakeJob) -> None:
+    rate = SubmitRate(per_minute=2)
+    await store.insert(make_job(tenant="a", request_id="r"), rate=rate)
+    with pytest.raises(DuplicateRequestId):
+        await store.insert(make_job(tenant="a", request_id="r"), rate=rate)
+    await store.insert(make_job(tenant="a"), rate=rate)  # the second token is still there
+    with pytest.raises(RateLimited):
+        await store.insert(make_job(tenant="a"), rate=rate)
 
 
 # --- lifecycle and durability ----------------------------------------------------------------------
@@ -1117,6 +1613,128 @@ async def test_sqlite_migrates_a_version_1_database_in_place(tmp_path: Path, mak
         assert await store.get(running.id) == expected_running
         assert await store.get(finished.id) == expected_finished
         assert await store.load_job_types() == [worker_type("email")]
+    finally:
+        await store.close()
+
+
+def _old_style(job: Job) -> tuple[tuple[str, ...], tuple[object, ...]]:
+    """The columns and values of ``job``'s row as written before tenants (the last two columns)."""
+    assert COLUMNS[-2:] == ("tenant", "created_by")
+    return COLUMNS[:-2], job_to_row(job)[:-2]
+
+
+def _before_tenants(make_job: MakeJob) -> tuple[Job, Job]:
+    """A job with every field set and a queued one, as they read back once migrated: tenant "default",
+    nobody as their creator."""
+    finished = full_job(make_job)
+    finished.tenant, finished.created_by = "default", ""
+    queued = make_job(type="email", request_id="req-queued")
+    return finished, queued
+
+
+async def _check_migrated_to_tenants(store: JobStore, finished: Job, queued: Job, make_job: MakeJob) -> None:
+    """What a store opened on a database from before tenants must show and do."""
+    assert await store.get(finished.id) == finished
+    assert await store.get(queued.id) == queued
+    assert await store.get_by_request_id("default", finished.request_id) == finished
+    assert await store.get_by_request_id("acme", finished.request_id) is None
+    assert await store.load_queue() == [
+        QueuedJob(queued.id, "email", 5, queued.queue_time, None, queued.sequence, "default")
+    ]
+    assert await ids(store, JobQuery(filter=JobFilter(tenants=frozenset({"default"})))) == [
+        queued.id,
+        finished.id,
+    ]
+    assert await store.count(frozenset({"acme"})) == []
+    # The old types are shared: no tenant may take them.
+    assert await store.load_job_types() == [worker_type("email")]
+    assert await store.save_job_types([worker_type("email", tenant="acme")]) == ["email"]
+    # The old request_ids still deduplicate, within the tenant "default" only.
+    with pytest.raises(DuplicateRequestId):
+        await store.insert(make_job(request_id="req-queued"))
+    in_acme = make_job(request_id="req-queued", tenant="acme", created_by="ana")
+    await store.insert(in_acme, audit_entry(in_acme.id, 0, SUBMITTED), SubmitRate(per_minute=1))
+    assert await store.get_by_request_id("acme", "req-queued") == in_acme
+    assert await store.get_by_request_id("default", "req-queued") == queued
+    # The audit trail and the buckets work on the old jobs too.
+    assert without_ids(await trail(store, in_acme.id)) == [audit_entry(in_acme.id, 0, SUBMITTED)]
+    assert await trail(store, queued.id) == []
+    cancel = audit_entry(queued.id, 1, "cancelled")
+    cancelled = await store.transition(queued.id, Expect(JobState.QUEUED), JobState.CANCELLED, {}, T0, cancel)
+    assert cancelled is not None and (cancelled.tenant, cancelled.created_by) == ("default", "")
+    assert without_ids(await trail(store, queued.id)) == [cancel]
+    with pytest.raises(RateLimited):
+        await store.insert(make_job(tenant="acme"), rate=SubmitRate(per_minute=1))
+
+
+async def test_sqlite_migrates_a_version_3_database_to_tenants(tmp_path: Path, make_job: MakeJob) -> None:
+    path = tmp_path / "jobs.db"
+    finished, queued = _before_tenants(make_job)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        for statements in MIGRATIONS[:3]:
+            for statement in statements:
+                conn.execute(statement)
+        for job in (finished, queued):
+            columns, values = _old_style(job)
+            conn.execute(
+                f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", values
+            )
+        conn.execute(
+            "INSERT INTO job_types (name, timeout, max_running, retry, last_seen) VALUES (?, ?, ?, ?, ?)",
+            job_type_to_row(worker_type("email"))[:-1],
+        )
+        conn.execute("PRAGMA user_version = 3")
+        conn.commit()
+    finally:
+        conn.close()
+
+    store = SqliteStore(str(path))
+    await store.open()
+    try:
+        await _check_migrated_to_tenants(store, finished, queued, make_job)
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 4
+        indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "jobs_request_id" not in indexes and "jobs_tenant_request_id" in indexes
+    finally:
+        conn.close()
+
+
+async def test_postgres_migrates_a_version_1_schema_to_tenants(
+    postgres_schema: str, make_job: MakeJob
+) -> None:
+    schema = postgres_schema
+    finished, queued = _before_tenants(make_job)
+    conn = await asyncpg.connect(POSTGRES_DSN)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+        await conn.execute(f'SET search_path = "{schema}"')
+        for statement in POSTGRES_MIGRATIONS[0]:
+            await conn.execute(statement)
+        await conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        await conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+        for job in (finished, queued):
+            columns, values = _old_style(job)
+            placeholders = ", ".join(f"${i + 1}" for i in range(len(columns)))
+            await conn.execute(f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({placeholders})", *values)
+        await conn.execute(
+            "INSERT INTO job_types (name, timeout, max_running, retry, last_seen) "
+            "VALUES ($1, $2, $3, $4, $5)",
+            *job_type_to_row(worker_type("email"))[:-1],
+        )
+    finally:
+        await conn.close()
+    store = PostgresStore(store_url(schema))
+    try:
+        await store.open()
+        await _check_migrated_to_tenants(store, finished, queued, make_job)
+        version = await store._fetch("SELECT version FROM schema_version")
+        assert [row[0] for row in version] == [len(POSTGRES_MIGRATIONS)]
     finally:
         await store.close()
 

@@ -483,10 +483,11 @@ class AuditEntry(_message.Message):
     released", "attempt abandoned", "lease expired", "timed out".
     """
     principal: _builtins.str
-    """Who did it: the caller's subject (with its tenant and role, as
-    "subject (tenant/role)"), a worker's id for an attempt's start and
-    outcome, or "jobwire" for what the server decided itself (an expired
-    lease, a time-out, a forced cancellation).
+    """Who did it: the caller's credential, as "subject (tenant/role)" (or
+    "anonymous" when authentication is off); for an attempt a worker started
+    or ended, that worker's credential (its worker id is in `detail`); or
+    "jobwire" for what the server did itself (in-process handlers' attempts,
+    an expired lease, a time-out, a forced cancellation, a requeue).
     """
     request_id: _builtins.str
     """The request_id the call carried, if any."""

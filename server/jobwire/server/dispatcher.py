@@ -37,7 +37,7 @@ from jobwire.server.cluster import (
 from jobwire.server.executor import LOCAL_WORKER_ID
 from jobwire.server.job import Job
 from jobwire.server.job_types import TypeRegistry
-from jobwire.server.queue_view import QueueView
+from jobwire.server.queue_view import QueueView, Taken
 from jobwire.server.scheduler import Entry
 from jobwire.server.stores.base import Claim, JobStore
 
@@ -58,9 +58,12 @@ class _Executor:
 
 @dataclass(slots=True)
 class _Claiming:
-    entry: Entry
-    sequence: int
+    taken: Taken
     executor: _Executor
+
+    @property
+    def entry(self) -> Entry:
+        return self.taken.entry
 
 
 class Dispatcher:
@@ -121,7 +124,7 @@ class Dispatcher:
                     await task
         self._task = self._status_task = None
         for claiming in self._claiming.values():
-            self._queue.restore(claiming.entry, claiming.sequence)
+            self._queue.restore(claiming.taken)
         self._claiming.clear()
         self._executors.clear()
         self._active.clear()
@@ -215,13 +218,12 @@ class Dispatcher:
                 if executor.credits <= 0 or len(picked) >= MAX_CLAIMS:
                     continue
                 info = executor.info
-                popped = self._queue.pop_entry(info.types, info.tenant, now)
-                if popped is None:
+                taken = self._queue.take(info.types, info.tenant, now)
+                if taken is None:
                     continue
-                entry, sequence = popped
                 executor.credits -= 1
-                claiming = _Claiming(entry, sequence, executor)
-                self._claiming[entry[2]] = claiming
+                claiming = _Claiming(taken, executor)
+                self._claiming[taken.entry[2]] = claiming
                 picked.append(claiming)
                 offered = True
         if picked:
@@ -279,7 +281,7 @@ class Dispatcher:
         self._claiming.pop(job_id, None)
         claiming.executor.credits += 1
         if restore:
-            self._queue.restore(claiming.entry, claiming.sequence)
+            self._queue.restore(claiming.taken)
         else:
             with contextlib.suppress(ValueError):
                 self._queue.scheduler.release(claiming.entry[3], claiming.entry[5])

@@ -162,10 +162,20 @@ class JobOperations:
                 f"unknown job type {request.type!r}; {known}",
                 [FieldViolation("type", f"no handler or worker has declared {request.type!r}; {known}")],
             )
-        if len(self.queue) + self._inserting >= self.settings.max_queued:
-            raise QueueFull(f"the queue is full ({self.settings.max_queued} jobs waiting); retry later")
         quota = self.settings.tenants.quota(tenant)
-        self._check_queued_quota(tenant, quota, self._inserting_by_tenant[tenant])
+        try:
+            if len(self.queue) + self._inserting >= self.settings.max_queued:
+                raise QueueFull(f"the queue is full ({self.settings.max_queued} jobs waiting); retry later")
+            self._check_queued_quota(tenant, quota, self._inserting_by_tenant[tenant])
+        except (QueueFull, QuotaExceeded):
+            # A retry of a request already accepted is answered with its job, full queue or not.
+            accepted = await self._accepted(tenant, request.request_id)
+            if accepted is None:
+                raise
+            priority = PRIORITY_DEFAULT if request.priority is None else request.priority
+            return await self._existing_for_request(
+                tenant, request.request_id, fingerprint(request, priority)
+            )
         priority = PRIORITY_DEFAULT if request.priority is None else request.priority
         now = self.clock.now()
         schedule_time = (
@@ -199,12 +209,10 @@ class JobOperations:
         try:
             await self.store.insert(job, entry, rate)
         except DuplicateRequestId:
-            return await self._existing_for_request(job)
+            return await self._existing_for_request(tenant, job.request_id, job.request_fingerprint)
         except RateLimited as limited:
-            if job.request_id:  # a retry of a request already accepted is answered, not limited
-                existing = await self.store.get_by_request_id(tenant, job.request_id)
-                if existing is not None:
-                    return await self._existing_for_request(job)
+            if await self._accepted(tenant, job.request_id) is not None:  # answered, not limited
+                return await self._existing_for_request(tenant, job.request_id, job.request_fingerprint)
             raise QuotaExceeded(
                 f"tenant {tenant} may submit {quota.submit_rate} jobs per minute; retry in "
                 f"{limited.retry_after:.1f}s",
@@ -218,6 +226,10 @@ class JobOperations:
             if not self._inserting_by_tenant[tenant]:
                 del self._inserting_by_tenant[tenant]
         return acknowledged
+
+    async def _accepted(self, tenant: str, request_id: str) -> Job | None:
+        """The tenant's job made by an earlier call with this request_id, if any."""
+        return await self.store.get_by_request_id(tenant, request_id) if request_id else None
 
     def _type_for(self, name: str, tenant: str) -> Any:
         """The job type ``name`` if jobs of ``tenant`` may use it (another tenant's type is unknown)."""
@@ -233,14 +245,14 @@ class JobOperations:
                 retry_after=1.0,
             )
 
-    async def _existing_for_request(self, job: Job) -> Job:
-        existing = await self.store.get_by_request_id(job.tenant, job.request_id)
+    async def _existing_for_request(self, tenant: str, request_id: str, request_fingerprint: str) -> Job:
+        """The job an earlier call with this request_id made, if this call asks for the same job."""
+        existing = await self.store.get_by_request_id(tenant, request_id)
         if existing is None:
             raise JobwireError("the job of this request_id vanished while it was being read; retry")
-        if existing.request_fingerprint != job.request_fingerprint:
+        if existing.request_fingerprint != request_fingerprint:
             raise RequestIdReused(
-                f"request_id {job.request_id!r} was already used by job {existing.id} "
-                "with a different request"
+                f"request_id {request_id!r} was already used by job {existing.id} with a different request"
             )
         return self._annotated(existing)
 

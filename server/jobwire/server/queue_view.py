@@ -19,11 +19,23 @@ import heapq
 import sys
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from jobwire.server.changes import JobChange
-from jobwire.server.scheduler import Entry, Scheduler
+from jobwire.server.scheduler import Entry, Scheduler, Turn
 from jobwire.server.state_machine import JobState
 from jobwire.server.stores.base import QueuedJob
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A job taken out of the view for a claim: its entry, the sequence of its QUEUED change, and the
+    fair-sharing turn it used (all that ``restore`` needs if the claim cannot be written)."""
+
+    entry: Entry
+    sequence: int
+    turn: Turn
+
 
 # How many departed jobs' last sequences are remembered, so that a late duplicate of a QUEUED change
 # cannot bring back a job that has left the queue.
@@ -136,21 +148,23 @@ class QueueView:
 
     # --- the dispatcher's side -------------------------------------------------------------------
 
-    def pop_entry(self, types: Iterable[str], tenant: str | None, now: float) -> tuple[Entry, int] | None:
+    def take(self, types: Iterable[str], tenant: str | None, now: float) -> Taken | None:
         """The next job an executor of ``types`` and ``tenant`` (None: any) may start (counted as
-        running), taken out of the view, and the sequence of its QUEUED change (for ``restore``)."""
-        entry = self.scheduler.pop_entry(types, tenant, now)
-        if entry is None:
+        running), taken out of the view, with what ``restore`` needs to put it back."""
+        taken = self.scheduler.take(types, tenant, now)
+        if taken is None:
             return None
+        entry, turn = taken
         sequence = self._sequences.get(entry[2], 0)
         self._forget(entry[2], sequence)
-        return entry, sequence
+        return Taken(entry, sequence, turn)
 
-    def restore(self, entry: Entry, sequence: int) -> None:
-        """Undo ``pop_entry`` (its claim could not be written)."""
+    def restore(self, taken: Taken) -> None:
+        """Undo ``take`` (its claim could not be written)."""
+        entry = taken.entry
         self._gone.pop(entry[2], None)
-        self._sequences[entry[2]] = sequence
-        self.scheduler.restore(entry)
+        self._sequences[entry[2]] = taken.sequence
+        self.scheduler.restore(entry, taken.turn)
 
     # --- reading it ------------------------------------------------------------------------------
 

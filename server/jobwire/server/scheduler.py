@@ -36,6 +36,7 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from sortedcontainers import SortedList
@@ -53,6 +54,16 @@ _PRIORITY: Final = 4
 _TENANT: Final = 5
 _QUEUE_TIME: Final = 6
 _K = TypeVar("_K")
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """What one start changed in the fair-sharing state: ``restore`` puts it back exactly."""
+
+    tenant: str
+    pass_before: float | None
+    served_before: float | None
+    last_pass_before: float
 
 
 class Scheduler:
@@ -198,6 +209,13 @@ class Scheduler:
     ) -> Entry | None:
         """The next job an executor taking ``types`` (None: any) of ``tenant`` (None: any tenant's) may
         start, taken out and counted as running; ``now`` for the tenants' waits. None if there is none."""
+        taken = self.take(types, tenant, now)
+        return None if taken is None else taken[0]
+
+    def take(
+        self, types: Iterable[str] | None = None, tenant: str | None = None, now: float = 0.0
+    ) -> tuple[Entry, Turn] | None:
+        """``pop_entry``, and what the start changed in the fair-sharing state (for ``restore``)."""
         if self.max_running is not None and self.running >= self.max_running:
             return None
         heads = self._heads(types, tenant)
@@ -207,10 +225,11 @@ class Scheduler:
         self._take_out(best, self._by_type[best[_TYPE]][best[_TENANT]])
         self.mark_running(best[_TYPE], best[_TENANT])
         chosen = best[_TENANT]
+        turn = Turn(chosen, self._pass.get(chosen), self._served.get(chosen), self._last_pass)
         self._last_pass = self._pass.get(chosen, self._last_pass)
         self._pass[chosen] = self._last_pass + 1.0 / self.tenants.weight(chosen)
         self._served[chosen] = now
-        return best
+        return best, turn
 
     def _heads(self, types: Iterable[str] | None, tenant: str | None) -> dict[str, Entry]:
         """Per tenant with room, the head of its queues (of ``types``) that have room."""
@@ -262,12 +281,14 @@ class Scheduler:
         assert best is not None
         return best
 
-    def restore(self, entry: Entry) -> None:
-        """Undo ``pop_entry``: the job goes back exactly where it was, and no longer counts as running."""
-        tenant = entry[_TENANT]
-        self._pass[tenant] = self._pass.get(tenant, 0.0) - 1.0 / self.tenants.weight(tenant)
+    def restore(self, entry: Entry, turn: Turn) -> None:
+        """Undo ``take``: the job goes back exactly where it was, no longer counts as running, and its
+        tenant keeps its turn (its pass and how long it has waited are as before the take)."""
         self._add(entry)
-        self.release(entry[_TYPE], tenant)
+        self.release(entry[_TYPE], entry[_TENANT])
+        _put_back(self._pass, turn.tenant, turn.pass_before)
+        _put_back(self._served, turn.tenant, turn.served_before)
+        self._last_pass = turn.last_pass_before
 
     def mark_running(self, job_type: str, tenant: str = DEFAULT_TENANT) -> None:
         """Count a job as running without popping it (a job recovered or started elsewhere)."""
@@ -301,25 +322,29 @@ class Scheduler:
     def position(self, job_id: str) -> int:
         """The job's 1-based run-order position (0 if it is not queued), in O(Q log n) for Q queues.
 
-        Exact with one tenant. With several it is an estimate: the jobs ahead of it in its own tenant's
-        queues, plus, from each other tenant, its jobs queued before this one but at most its fair
-        share of the starts that come first (``weight`` over this tenant's).
+        Exact with one tenant. With several it is an estimate (O(P) more per other tenant, for P
+        priorities): the jobs ahead of it in its own tenant's queues, plus, from each other tenant, its
+        queued jobs of a higher priority and, of those at the same priority, at most its fair share of
+        the starts that come first (its ``weight`` over this tenant's).
         """
         entry = self._entries.get(job_id)
         if entry is None:
             return 0
-        tenant = entry[_TENANT]
+        tenant, priority = entry[_TENANT], entry[_PRIORITY]
         own: int = sum(queue.bisect_left(entry) for queue in self._by_tenant[tenant].values())
         if len(self._by_tenant) == 1:
             return 1 + own
         weight = self.tenants.weight(tenant)
         ahead = own
-        for other, queues in self._by_tenant.items():
+        for other in self._by_tenant:
             if other == tenant:
                 continue
-            before: int = sum(queue.bisect_left(entry) for queue in queues.values())
-            if before:
-                ahead += min(before, math.ceil((own + 1) * self.tenants.weight(other) / weight))
+            higher = sum(
+                self._queued_by_priority.get((other, p), 0) for p in range(priority + 1, PRIORITY_MAX + 1)
+            )
+            same = self._queued_by_priority.get((other, priority), 0)
+            share = math.ceil((own + 1) * self.tenants.weight(other) / weight)
+            ahead += higher + min(same, share)
         return 1 + ahead
 
     def positions(self, job_ids: Iterable[str]) -> dict[str, int]:
@@ -360,3 +385,10 @@ def _decrement(counter: Counter[_K], key: _K) -> None:
     counter[key] -= 1
     if not counter[key]:
         del counter[key]
+
+
+def _put_back(values: dict[str, float], key: str, before: float | None) -> None:
+    if before is None:
+        values.pop(key, None)
+    else:
+        values[key] = before

@@ -97,6 +97,7 @@ class WorkerSession:
         self.job_types = job_types
         self.credits = credits  # granted by the worker, less the assignments delivered
         self.running: dict[str, Job] = {}  # job id -> the job as held under its current lease
+        self.finishing: set[LeaseToken] = set()  # outcomes being written: their end is no revocation
         self.tenant = None if principal.all_tenants else principal.tenant
         self.actor = Actor(principal.label, peer)
         self.executor = ExecutorInfo(
@@ -107,8 +108,8 @@ class WorkerSession:
         self.closed = False
 
     def may_run(self, job: Job) -> bool:
-        """Whether this worker may hold ``job``: never another tenant's."""
-        return self.tenant is None or job.tenant == self.tenant
+        """Whether this worker may hold ``job``: only of a type it declared, never another tenant's."""
+        return job.type in self.job_types and (self.tenant is None or job.tenant == self.tenant)
 
     def send(self, message: OutboxMessage) -> None:
         if not self.closed:
@@ -272,9 +273,10 @@ class WorkerSessions:
         if change.lease_epoch != held.lease_epoch or not change.state.is_active:
             self._drop(change.job_id)
             token = LeaseToken(held.id, held.attempt, held.lease_epoch)
-            session.send(
-                LeaseRevoked(token, f"the job is {change.state.name} (its lease is no longer current)")
-            )
+            if token not in session.finishing:  # the worker's own outcome is answered by its WriteResult
+                session.send(
+                    LeaseRevoked(token, f"the job is {change.state.name} (its lease is no longer current)")
+                )
             return
         was_cancelling = held.state is JobState.CANCELLING
         session.running[change.job_id] = (
@@ -409,9 +411,13 @@ class WorkerSessions:
         if job is None or job.lease_epoch != token.epoch or job.attempt != token.attempt:
             session.send(WriteResult(token, False, self.stale_reason(token, job)))
             return
-        ended = await end_attempt(
-            self._store, job, outcome, self._clock.now(), self._ending, actor=session.actor
-        )
+        session.finishing.add(token)
+        try:
+            ended = await end_attempt(
+                self._store, job, outcome, self._clock.now(), self._ending, actor=session.actor
+            )
+        finally:
+            session.finishing.discard(token)
         if ended is not None:
             if self._holders.get(token.job_id) is session:
                 self._drop(token.job_id)

@@ -142,7 +142,7 @@ class MemoryStore(JobStore):
         tokens = min(rate.burst, tokens + max(0.0, now - counted) * rate.per_second)
         if tokens < 1:
             raise RateLimited((1 - tokens) / rate.per_second)
-        self._buckets[tenant] = (tokens - 1, now)
+        self._buckets[tenant] = (tokens - 1, max(counted, now))  # a clock behind never refills twice
 
     async def insert(self, job: Job, audit: AuditEntry | None = None, rate: SubmitRate | None = None) -> None:
         if job.id in self._jobs:

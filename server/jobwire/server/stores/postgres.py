@@ -237,7 +237,8 @@ _INSERT_AUDITED = (
 _TAKE_TOKEN = (
     "INSERT INTO tenant_rates (tenant, tokens, updated) VALUES ($1, $2 - 1, $3) "
     "ON CONFLICT (tenant) DO UPDATE SET "
-    "tokens = LEAST($2, tenant_rates.tokens + GREATEST(0, $3 - tenant_rates.updated) * $4) - 1, updated = $3 "
+    "tokens = LEAST($2, tenant_rates.tokens + GREATEST(0, $3 - tenant_rates.updated) * $4) - 1, "
+    "updated = GREATEST(tenant_rates.updated, $3) "
     "WHERE LEAST($2, tenant_rates.tokens + GREATEST(0, $3 - tenant_rates.updated) * $4) >= 1 RETURNING tokens"
 )
 _BUCKET = "SELECT LEAST($2, tokens + GREATEST(0, $3 - updated) * $4) FROM tenant_rates WHERE tenant = $1"

@@ -217,11 +217,12 @@ _PURGE_AUDIT = (
     f"(SELECT id FROM jobs WHERE expire_time <= ? AND +state IN ({_TERMINAL}))"
 )
 # A token from the tenant's bucket: refilled for the time since it was last counted, capped at the burst.
-# No row changes (rowcount 0) when the bucket holds less than one token.
+# No row changes (rowcount 0) when the bucket holds less than one token. The time counted never goes
+# back, so replicas whose clocks differ cannot refill the bucket twice for the same seconds.
 _TAKE_TOKEN = (
     "INSERT INTO tenant_rates (tenant, tokens, updated) VALUES (?1, ?2 - 1, ?3) "
     "ON CONFLICT (tenant) DO UPDATE SET tokens = MIN(?2, tokens + MAX(0, ?3 - updated) * ?4) - 1, "
-    "updated = ?3 WHERE MIN(?2, tokens + MAX(0, ?3 - updated) * ?4) >= 1"
+    "updated = MAX(updated, ?3) WHERE MIN(?2, tokens + MAX(0, ?3 - updated) * ?4) >= 1"
 )
 _BUCKET = "SELECT MIN(?2, tokens + MAX(0, ?3 - updated) * ?4) FROM tenant_rates WHERE tenant = ?1"
 
