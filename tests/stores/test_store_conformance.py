@@ -7,7 +7,6 @@ Backend-specific checks (SQLite group commit, flush timer, schema version and mi
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -1034,7 +1033,7 @@ async def trail(store: JobStore, job_id: str) -> list[AuditEntry]:
 
 def without_ids(entries: Sequence[AuditEntry]) -> list[AuditEntry]:
     """The entries as they were given to the store (entry_id 0), to compare with what it returns."""
-    return [dataclasses.replace(entry, entry_id=0) for entry in entries]
+    return [entry._replace(entry_id=0) for entry in entries]
 
 
 async def test_insert_records_its_audit_entry(store: JobStore, reopen: Reopen, make_job: MakeJob) -> None:
@@ -1056,7 +1055,7 @@ async def test_insert_records_its_audit_entry(store: JobStore, reopen: Reopen, m
     while source is not None:
         [got] = await source.list_audit(job.id, 0, 10)
         assert type(got.entry_id) is int and got.entry_id > 0
-        assert got == dataclasses.replace(submitted, entry_id=got.entry_id)
+        assert got == submitted._replace(entry_id=got.entry_id)
         assert await source.list_audit(quiet.id, 0, 10) == []
         source = await reopen(source) if source is store else None  # again from disk, if durable
 
@@ -1093,7 +1092,7 @@ async def test_transition_records_its_audit_only_when_it_happens(store: JobStore
     changes = {"result": {"ok": True}}
     assert await store.transition(job.id, Expect(JobState.RUNNING, 2), JobState.SUCCEEDED, changes, T0, done)
     [got] = await trail(store, job.id)
-    assert got == dataclasses.replace(done, entry_id=got.entry_id) and got.entry_id > 0
+    assert got == done._replace(entry_id=got.entry_id) and got.entry_id > 0
     assert (
         await store.transition(job.id, Expect(JobState.RUNNING, 2), JobState.FAILED, {}, T0, refused) is None
     )

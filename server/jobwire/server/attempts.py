@@ -145,8 +145,10 @@ def decide(job: Job, outcome: Outcome, now: float, ending: Ending) -> tuple[JobS
 _FAILURE_ACTIONS = {"LEASE_EXPIRED": audit.LEASE_EXPIRED, "ATTEMPT_TIMEOUT": audit.TIMED_OUT}
 
 
-def audit_entry(job: Job, outcome: Outcome, target: JobState, now: float, actor: Actor) -> AuditEntry:
-    """The audit trail's record of an attempt's end (``job`` as decided): what it meant, in words."""
+def audit_entry(
+    job: Job, outcome: Outcome, target: JobState, changes: dict[str, Any], now: float, actor: Actor
+) -> AuditEntry:
+    """The audit trail's record of an attempt's end (``changes`` as decided): what it meant, in words."""
     attempt = f"attempt {job.attempt}"
     if target is JobState.CANCELLED:
         why = outcome.error.message if isinstance(outcome, Failed | Abandoned) else "it completed"
@@ -158,7 +160,7 @@ def audit_entry(job: Job, outcome: Outcome, target: JobState, now: float, actor:
         action = audit.ATTEMPT_RELEASED if actor is not SERVER else audit.ATTEMPT_ABANDONED
         return actor.entry(job.id, now, action, f"{detail}; queued again as attempt {job.attempt + 1}")
     if target is JobState.QUEUED:
-        wait = max(0.0, (job.schedule_time or now) - now)
+        wait = max(0.0, (changes.get("schedule_time") or now) - now)
         detail += f"; attempt {job.attempt + 1} may start in {wait:.1f}s"
     else:
         detail += "; the job failed"
@@ -194,9 +196,7 @@ async def end_attempt(
         target, changes = decide(current, outcome, now, ending)
         check_transition(current.state, target)
         expect = Expect(current.state, epoch, lease_expired_by)
-        decided = current.copy()
-        decided.schedule_time = changes.get("schedule_time")
-        entry = audit_entry(decided, outcome, target, now, actor)
+        entry = audit_entry(current, outcome, target, changes, now, actor)
         updated = await store.transition(job.id, expect, target, changes, now, entry)
         if updated is not None:
             return updated

@@ -10,6 +10,7 @@ only its most recent ``MAX_AUDIT_ENTRIES``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from jobwire.server.job import clip
 
@@ -51,10 +52,7 @@ class Actor:
 SERVER = Actor("jobwire")
 
 
-@dataclass(slots=True)
-class AuditEntry:
-    """One recorded change. Every part is cut to its cap on construction, whoever supplied it."""
-
+class _AuditFields(NamedTuple):
     job_id: str
     time: float
     action: str
@@ -65,12 +63,39 @@ class AuditEntry:
     # Assigned by the store: increasing in the order entries were written (a page cursor).
     entry_id: int = 0
 
-    def __post_init__(self) -> None:
-        self.action = clip(self.action, MAX_ACTION)
-        self.principal = clip(self.principal, MAX_PRINCIPAL)
-        self.request_id = clip(self.request_id, MAX_REQUEST_ID)
-        self.peer = clip(self.peer, MAX_PEER)
-        self.detail = clip(self.detail, MAX_DETAIL)
+
+class AuditEntry(_AuditFields):
+    """One recorded change. Every part is cut to its cap on construction, whoever supplied it.
+
+    A named tuple rather than a dataclass: one is made for every change of every job, and a tuple of
+    strings and numbers is the cheapest thing to make and to keep (the garbage collector stops tracking
+    it).
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        job_id: str,
+        time: float,
+        action: str,
+        principal: str,
+        request_id: str = "",
+        peer: str = "",
+        detail: str = "",
+        entry_id: int = 0,
+    ) -> AuditEntry:
+        if (  # one test on the hot path; cutting is the rare case
+            len(detail) > MAX_DETAIL
+            or len(peer) > MAX_PEER
+            or len(request_id) > MAX_REQUEST_ID
+            or len(principal) > MAX_PRINCIPAL
+            or len(action) > MAX_ACTION
+        ):
+            action, principal = clip(action, MAX_ACTION), clip(principal, MAX_PRINCIPAL)
+            request_id, peer = clip(request_id, MAX_REQUEST_ID), clip(peer, MAX_PEER)
+            detail = clip(detail, MAX_DETAIL)
+        return tuple.__new__(cls, (job_id, time, action, principal, request_id, peer, detail, entry_id))
 
 
 def attempt_started(

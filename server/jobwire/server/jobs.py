@@ -10,7 +10,6 @@ streams (the event hub). Changes callers start run to completion even if the cal
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -133,7 +132,7 @@ class JobOperations:
         self._reload_types = reload_types
         self._ids = JobIdGenerator()
         self._inserting = 0
-        self._inserting_by_tenant: Counter[str] = Counter()
+        self._inserting_by_tenant: dict[str, int] = {}  # only for tenants with a queued limit
         self.draining = False
         # State changes asked for by callers, each running to its end even if its caller gives up.
         self.in_flight = InFlight()
@@ -166,7 +165,8 @@ class JobOperations:
         try:
             if len(self.queue) + self._inserting >= self.settings.max_queued:
                 raise QueueFull(f"the queue is full ({self.settings.max_queued} jobs waiting); retry later")
-            self._check_queued_quota(tenant, quota, self._inserting_by_tenant[tenant])
+            if quota.max_queued is not None:
+                self._check_queued_quota(tenant, quota, self._inserting_by_tenant.get(tenant, 0))
         except (QueueFull, QuotaExceeded):
             # A retry of a request already accepted is answered with its job, full queue or not.
             accepted = await self._accepted(tenant, request.request_id)
@@ -200,12 +200,20 @@ class JobOperations:
             created_by=principal.subject,
         )
         acknowledged = job.copy()
-        entry = caller.actor(request.request_id).entry(
-            job.id, now, audit.SUBMITTED, f"type {job.type}, priority {priority}"
+        entry = AuditEntry(
+            job.id,
+            now,
+            audit.SUBMITTED,
+            principal.label,
+            request.request_id,
+            caller.peer,
+            f"type {job.type}, priority {priority}",
         )
         rate = SubmitRate(quota.submit_rate) if quota.submit_rate else None
+        counted = quota.max_queued is not None  # inserts in flight count against the tenant's queue
         self._inserting += 1
-        self._inserting_by_tenant[tenant] += 1
+        if counted:
+            self._inserting_by_tenant[tenant] = self._inserting_by_tenant.get(tenant, 0) + 1
         try:
             await self.store.insert(job, entry, rate)
         except DuplicateRequestId:
@@ -222,9 +230,12 @@ class JobOperations:
             ) from None
         finally:
             self._inserting -= 1
-            self._inserting_by_tenant[tenant] -= 1
-            if not self._inserting_by_tenant[tenant]:
-                del self._inserting_by_tenant[tenant]
+            if counted:
+                left = self._inserting_by_tenant[tenant] - 1
+                if left:
+                    self._inserting_by_tenant[tenant] = left
+                else:
+                    del self._inserting_by_tenant[tenant]
         return acknowledged
 
     async def _accepted(self, tenant: str, request_id: str) -> Job | None:

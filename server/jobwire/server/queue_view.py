@@ -19,7 +19,7 @@ import heapq
 import sys
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from jobwire.server.changes import JobChange
 from jobwire.server.scheduler import Entry, Scheduler, Turn
@@ -27,8 +27,7 @@ from jobwire.server.state_machine import JobState
 from jobwire.server.stores.base import QueuedJob
 
 
-@dataclass(frozen=True, slots=True)
-class Taken:
+class Taken(NamedTuple):
     """A job taken out of the view for a claim: its entry, the sequence of its QUEUED change, and the
     fair-sharing turn it used (all that ``restore`` needs if the claim cannot be written)."""
 
@@ -75,10 +74,13 @@ class QueueView:
     def apply(self, change: JobChange, now: float) -> bool:
         """Follow one change; True when a job became ready to run (the dispatcher may have work)."""
         job_id = change.job_id
-        known = self._sequences.get(job_id, self._gone.get(job_id))
+        known = self._sequences.get(job_id)
+        if known is None:
+            known = self._gone.get(job_id)
+        elif change.sequence > known:
+            self._remove(job_id)  # it leaves the queue, or is queued again with a new order
         if known is not None and change.sequence <= known:
             return False
-        self._remove(job_id)
         if change.state is JobState.QUEUED:
             info = QueuedJob(
                 job_id,

@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 from sortedcontainers import SortedList
 
@@ -54,11 +52,15 @@ _PRIORITY: Final = 4
 _TENANT: Final = 5
 _QUEUE_TIME: Final = 6
 _K = TypeVar("_K")
+# Empty queues kept at most before they are dropped (a tenant or a type may come back; most do).
+_PRUNE_EMPTY_QUEUES = 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Turn:
-    """What one start changed in the fair-sharing state: ``restore`` puts it back exactly."""
+class Turn(NamedTuple):
+    """What one start changed in the fair-sharing state: ``restore`` puts it back exactly.
+
+    A named tuple: one is made per dispatch, and a tuple is the cheapest thing to make.
+    """
 
     tenant: str
     pass_before: float | None
@@ -86,15 +88,18 @@ class Scheduler:
         self.aging_interval = aging_interval
         self.tenants = tenants or TenantPolicies()
         # The same queues, indexed both ways: by type (what an executor takes), by tenant (fairness).
+        # A queue that empties stays (making one costs more than keeping it) until there are many.
         self._by_type: dict[str, dict[str, SortedList]] = {}
         self._by_tenant: dict[str, dict[str, SortedList]] = {}
+        self._empty_queues = 0
         self._entries: dict[str, Entry] = {}
         self._order = itertools.count()
-        self._running_by_type: Counter[str] = Counter()
-        self._running_by_tenant: Counter[str] = Counter()
-        self._running_by_tenant_type: Counter[tuple[str, str]] = Counter()
-        self._queued_by_priority: Counter[tuple[str, int]] = Counter()  # (tenant, priority)
-        self._queued_by_tenant: Counter[str] = Counter()
+        self._running_by_type: dict[str, int] = {}
+        self._running_by_tenant_type: dict[tuple[str, str], int] = {}
+        # Kept only when some tenant has a running limit (the only reader).
+        self._running_by_tenant: dict[str, int] | None = {} if self.tenants.limits_running else None
+        self._queued_by_priority: dict[tuple[str, int], int] = {}  # (tenant, priority)
+        self._queued_by_tenant: dict[str, int] = {}  # the tenants waiting: those with queued jobs
         self.running = 0
         # Fair sharing: each tenant's pass (stride scheduling), when it last had a job started, and the
         # pass of the last start (where a tenant joins when no other one is waiting).
@@ -129,39 +134,51 @@ class Scheduler:
 
     def _add(self, entry: Entry) -> None:
         tenant, job_type = entry[_TENANT], entry[_TYPE]
-        queues = self._by_tenant.get(tenant)
-        if queues is None:  # the tenant starts waiting: it joins behind nobody, and ahead of nobody
-            waiting = [self._pass.get(t, 0.0) for t in self._by_tenant]
-            floor = min(waiting) if waiting else self._last_pass
+        waiting = self._queued_by_tenant
+        queued = waiting.get(tenant, 0)
+        if not queued:  # the tenant starts waiting: it joins behind nobody, and ahead of nobody
+            passes = [self._pass.get(t, 0.0) for t in waiting]
+            floor = min(passes) if passes else self._last_pass
             self._pass[tenant] = max(self._pass.get(tenant, 0.0), floor)
+        waiting[tenant] = queued + 1
+        queues = self._by_tenant.get(tenant)
+        if queues is None:
             queues = self._by_tenant[tenant] = {}
         queue = queues.get(job_type)
         if queue is None:
             queue = queues[job_type] = SortedList()
             self._by_type.setdefault(job_type, {})[tenant] = queue
+        elif not queue:
+            self._empty_queues -= 1
         queue.add(entry)
         self._entries[entry[_ID]] = entry
-        self._queued_by_priority[(tenant, entry[_PRIORITY])] += 1
-        self._queued_by_tenant[tenant] += 1
-
-    def _take_out(self, entry: Entry, queue: SortedList) -> None:
-        tenant, job_type = entry[_TENANT], entry[_TYPE]
-        queue.remove(entry)
-        if not queue:
-            del self._by_tenant[tenant][job_type]
-            if not self._by_tenant[tenant]:
-                del self._by_tenant[tenant]
-            del self._by_type[job_type][tenant]
-            if not self._by_type[job_type]:
-                del self._by_type[job_type]
-        del self._entries[entry[_ID]]
         key = (tenant, entry[_PRIORITY])
-        self._queued_by_priority[key] -= 1
-        if not self._queued_by_priority[key]:
-            del self._queued_by_priority[key]
-        self._queued_by_tenant[tenant] -= 1
-        if not self._queued_by_tenant[tenant]:
-            del self._queued_by_tenant[tenant]
+        self._queued_by_priority[key] = self._queued_by_priority.get(key, 0) + 1
+
+    def _take_out(self, entry: Entry, queue: SortedList, head: bool = False) -> None:
+        tenant = entry[_TENANT]
+        if head:
+            queue.pop(0)
+        else:
+            queue.remove(entry)
+        if not queue:
+            self._empty_queues += 1
+            if self._empty_queues > _PRUNE_EMPTY_QUEUES:
+                self._prune()
+        del self._entries[entry[_ID]]
+        _decrement(self._queued_by_priority, (tenant, entry[_PRIORITY]))
+        _decrement(self._queued_by_tenant, tenant)
+
+    def _prune(self) -> None:
+        """Drop the empty queues (there are many: tenants or types that come and go)."""
+        for index in (self._by_type, self._by_tenant):
+            for outer in list(index):
+                inner = index[outer]
+                for name in [name for name, queue in inner.items() if not queue]:
+                    del inner[name]
+                if not inner:
+                    del index[outer]
+        self._empty_queues = 0
 
     def remove(self, job_id: str) -> bool:
         """Take a queued job out of the run order; False if it was not queued."""
@@ -184,11 +201,13 @@ class Scheduler:
 
     def _type_has_room(self, job_type: str) -> bool:
         limit = self.type_limits.get(job_type)
-        return limit is None or self._running_by_type[job_type] < limit
+        return limit is None or self._running_by_type.get(job_type, 0) < limit
 
     def _tenant_has_room(self, tenant: str) -> bool:
+        if self._running_by_tenant is None:
+            return True
         limit = self.tenants.max_running(tenant)
-        return limit is None or self._running_by_tenant[tenant] < limit
+        return limit is None or self._running_by_tenant.get(tenant, 0) < limit
 
     def set_type_limit(self, job_type: str, limit: int | None) -> None:
         if limit is None:
@@ -218,42 +237,60 @@ class Scheduler:
         """``pop_entry``, and what the start changed in the fair-sharing state (for ``restore``)."""
         if self.max_running is not None and self.running >= self.max_running:
             return None
-        heads = self._heads(types, tenant)
-        if not heads:
+        waiting = self._queued_by_tenant
+        if tenant is None and len(waiting) == 1:
+            tenant = next(iter(waiting))  # one tenant waiting (the usual case): no choice to make
+        if tenant is not None:
+            found = self._head_of(tenant, types)
+        else:
+            heads = self._heads(types)
+            found = (
+                None
+                if not heads
+                else next(iter(heads.values()))
+                if len(heads) == 1
+                else self._fairest(heads, now)
+            )
+        if found is None:
             return None
-        best = next(iter(heads.values())) if len(heads) == 1 else self._fairest(heads, now)
-        self._take_out(best, self._by_type[best[_TYPE]][best[_TENANT]])
-        self.mark_running(best[_TYPE], best[_TENANT])
+        best, queue = found
+        self._take_out(best, queue, head=True)
         chosen = best[_TENANT]
-        turn = Turn(chosen, self._pass.get(chosen), self._served.get(chosen), self._last_pass)
-        self._last_pass = self._pass.get(chosen, self._last_pass)
-        self._pass[chosen] = self._last_pass + 1.0 / self.tenants.weight(chosen)
+        self.mark_running(best[_TYPE], chosen)
+        last_pass = self._last_pass
+        current = self._pass.get(chosen)
+        turn = Turn(chosen, current, self._served.get(chosen), last_pass)
+        self._last_pass = last_pass = last_pass if current is None else current
+        self._pass[chosen] = last_pass + 1.0 / self.tenants.weight(chosen)
         self._served[chosen] = now
         return best, turn
 
-    def _heads(self, types: Iterable[str] | None, tenant: str | None) -> dict[str, Entry]:
-        """Per tenant with room, the head of its queues (of ``types``) that have room."""
-        heads: dict[str, Entry] = {}
-        if tenant is not None:
-            tenant_queues = self._by_tenant.get(tenant)
-            if not tenant_queues or not self._tenant_has_room(tenant):
-                return heads
-            pairs: Iterable[tuple[str, SortedList]] = (
-                tenant_queues.items()
-                if types is None
-                else ((t, tenant_queues[t]) for t in types if t in tenant_queues)
-            )
-            for job_type, queue in pairs:
-                head: Entry = queue[0]
-                if self._type_has_room(job_type) and (tenant not in heads or head < heads[tenant]):
-                    heads[tenant] = head
-            return heads
+    def _head_of(self, tenant: str, types: Iterable[str] | None) -> tuple[Entry, SortedList] | None:
+        """The tenant's next job among ``types`` whose type has room (and its queue), if it has room."""
+        queues = self._by_tenant.get(tenant)
+        if not queues or not self._tenant_has_room(tenant):
+            return None
+        best: tuple[Entry, SortedList] | None = None
+        pairs = queues.items() if types is None else ((t, queues[t]) for t in types if t in queues)
+        for job_type, queue in pairs:
+            if not queue:
+                continue
+            head: Entry = queue[0]
+            if (best is None or head < best[0]) and self._type_has_room(job_type):
+                best = (head, queue)
+        return best
+
+    def _heads(self, types: Iterable[str] | None) -> dict[str, tuple[Entry, SortedList]]:
+        """Per tenant with room, the head of its queues (of ``types``) that have room, and its queue."""
+        heads: dict[str, tuple[Entry, SortedList]] = {}
         room: dict[str, bool] = {}
         for job_type in self._by_type if types is None else types:
             by_tenant = self._by_type.get(job_type)
             if by_tenant is None or not self._type_has_room(job_type):
                 continue
             for owner, queue in by_tenant.items():
+                if not queue:
+                    continue
                 has_room = room.get(owner)
                 if has_room is None:
                     has_room = room[owner] = self._tenant_has_room(owner)
@@ -261,23 +298,29 @@ class Scheduler:
                     continue
                 head = queue[0]
                 current = heads.get(owner)
-                if current is None or head < current:
-                    heads[owner] = head
+                if current is None or head < current[0]:
+                    heads[owner] = (head, queue)
         return heads
 
-    def _fairest(self, heads: dict[str, Entry], now: float) -> Entry:
+    def _fairest(self, heads: dict[str, tuple[Entry, SortedList]], now: float) -> tuple[Entry, SortedList]:
         """Across tenants: highest level, then smallest pass, then smallest key (module docstring)."""
-        best: Entry | None = None
+        best: tuple[Entry, SortedList] | None = None
         best_rank: tuple[int, float] | None = None
         aging = self.aging_interval
-        for tenant, head in heads.items():
+        for tenant, found in heads.items():
+            head = found[0]
             level = head[_PRIORITY]
             if aging > 0:
                 since = max(self._served.get(tenant, head[_QUEUE_TIME]), head[_QUEUE_TIME])
                 level = min(PRIORITY_MAX, level + max(0, int((now - since) // aging)))
             rank = (-level, self._pass.get(tenant, 0.0))
-            if best is None or best_rank is None or rank < best_rank or (rank == best_rank and head < best):
-                best, best_rank = head, rank
+            if (
+                best is None
+                or best_rank is None
+                or rank < best_rank
+                or (rank == best_rank and head < best[0])
+            ):
+                best, best_rank = found, rank
         assert best is not None
         return best
 
@@ -293,29 +336,34 @@ class Scheduler:
     def mark_running(self, job_type: str, tenant: str = DEFAULT_TENANT) -> None:
         """Count a job as running without popping it (a job recovered or started elsewhere)."""
         self.running += 1
-        self._running_by_type[job_type] += 1
-        self._running_by_tenant[tenant] += 1
-        self._running_by_tenant_type[(tenant, job_type)] += 1
+        self._running_by_type[job_type] = self._running_by_type.get(job_type, 0) + 1
+        key = (tenant, job_type)
+        self._running_by_tenant_type[key] = self._running_by_tenant_type.get(key, 0) + 1
+        if self._running_by_tenant is not None:
+            self._running_by_tenant[tenant] = self._running_by_tenant.get(tenant, 0) + 1
 
     def set_running(self, by_tenant_type: dict[tuple[str, str], int]) -> None:
         """Replace the running counts (a new dispatcher counts the attempts it finds in the store)."""
-        self._running_by_tenant_type = Counter({k: n for k, n in by_tenant_type.items() if n > 0})
-        self._running_by_type = Counter()
-        self._running_by_tenant = Counter()
+        self._running_by_tenant_type = {k: n for k, n in by_tenant_type.items() if n > 0}
+        self._running_by_type = {}
+        tenants: dict[str, int] = {}
         for (tenant, job_type), n in self._running_by_tenant_type.items():
-            self._running_by_type[job_type] += n
-            self._running_by_tenant[tenant] += n
+            self._running_by_type[job_type] = self._running_by_type.get(job_type, 0) + n
+            tenants[tenant] = tenants.get(tenant, 0) + n
+        if self._running_by_tenant is not None:
+            self._running_by_tenant = tenants
         self.running = sum(self._running_by_type.values())
 
     def release(self, job_type: str, tenant: str = DEFAULT_TENANT) -> None:
         """A running job stopped: its slot is free."""
         key = (tenant, job_type)
-        if self._running_by_tenant_type[key] <= 0 or self.running <= 0:
+        if self._running_by_tenant_type.get(key, 0) <= 0 or self.running <= 0:
             raise ValueError(f"release of {job_type!r} of tenant {tenant!r} with nothing running")
         self.running -= 1
         _decrement(self._running_by_type, job_type)
-        _decrement(self._running_by_tenant, tenant)
         _decrement(self._running_by_tenant_type, key)
+        if self._running_by_tenant is not None:
+            _decrement(self._running_by_tenant, tenant)
 
     # -- introspection -------------------------------------------------------------------------------
 
@@ -332,11 +380,11 @@ class Scheduler:
             return 0
         tenant, priority = entry[_TENANT], entry[_PRIORITY]
         own: int = sum(queue.bisect_left(entry) for queue in self._by_tenant[tenant].values())
-        if len(self._by_tenant) == 1:
+        if len(self._queued_by_tenant) == 1:
             return 1 + own
         weight = self.tenants.weight(tenant)
         ahead = own
-        for other in self._by_tenant:
+        for other in self._queued_by_tenant:
             if other == tenant:
                 continue
             higher = sum(
@@ -364,8 +412,10 @@ class Scheduler:
     def queued_by_type(self, tenant: str | None = None) -> dict[str, int]:
         """Queued jobs per type (of one tenant, or of all)."""
         if tenant is not None:
-            return {job_type: len(queue) for job_type, queue in self._by_tenant.get(tenant, {}).items()}
-        return {job_type: sum(map(len, by.values())) for job_type, by in self._by_type.items()}
+            counts = {job_type: len(queue) for job_type, queue in self._by_tenant.get(tenant, {}).items()}
+        else:
+            counts = {job_type: sum(map(len, by.values())) for job_type, by in self._by_type.items()}
+        return {job_type: n for job_type, n in counts.items() if n}
 
     def queued_by_tenant(self) -> dict[str, int]:
         return dict(self._queued_by_tenant)
@@ -374,17 +424,19 @@ class Scheduler:
         return self._queued_by_tenant.get(tenant, 0)
 
     def queued_by_priority(self, tenant: str | None = None) -> dict[int, int]:
-        counts: Counter[int] = Counter()
+        counts: dict[int, int] = {}
         for (owner, priority), n in self._queued_by_priority.items():
             if tenant is None or owner == tenant:
-                counts[priority] += n
-        return dict(counts)
+                counts[priority] = counts.get(priority, 0) + n
+        return counts
 
 
-def _decrement(counter: Counter[_K], key: _K) -> None:
-    counter[key] -= 1
-    if not counter[key]:
-        del counter[key]
+def _decrement(counts: dict[_K, int], key: _K) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 def _put_back(values: dict[str, float], key: str, before: float | None) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bisect
 import builtins
-import dataclasses
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -108,7 +107,9 @@ class MemoryStore(JobStore):
         self._by_request_id: dict[tuple[str, str], str] = {}  # (tenant, request_id) -> job id
         self._job_types: dict[str, JobType] = {}  # JobType and its RetryDefaults are frozen: no copies
         self._listeners: list[ChangeListener] = []
-        self._audit: dict[str, list[AuditEntry]] = {}
+        # A job's trail is a tuple of tuples of strings and numbers, which the garbage collector stops
+        # tracking: a store that keeps a million entries costs no collection time.
+        self._audit: dict[str, tuple[AuditEntry, ...]] = {}
         self._audit_ids = 0
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, when counted)
 
@@ -135,7 +136,8 @@ class MemoryStore(JobStore):
         if entry is None:
             return
         self._audit_ids += 1
-        self._audit.setdefault(entry.job_id, []).append(dataclasses.replace(entry, entry_id=self._audit_ids))
+        numbered = tuple.__new__(AuditEntry, (*entry[:7], self._audit_ids))
+        self._audit[entry.job_id] = (*self._audit.get(entry.job_id, ()), numbered)
 
     def _take_token(self, tenant: str, rate: SubmitRate, now: float) -> None:
         tokens, counted = self._buckets.get(tenant, (rate.burst, now))
@@ -180,7 +182,7 @@ class MemoryStore(JobStore):
         if target is JobState.QUEUED:
             trail = self._audit.get(job_id)
             if trail is not None and len(trail) > MAX_AUDIT_ENTRIES:
-                del trail[:-MAX_AUDIT_ENTRIES]
+                self._audit[job_id] = trail[-MAX_AUDIT_ENTRIES:]
         updated = stored.copy()
         for name, value in changes.items():
             setattr(updated, name, value)
@@ -303,9 +305,9 @@ class MemoryStore(JobStore):
         ]
 
     async def list_audit(self, job_id: str, after_id: int, limit: int) -> builtins.list[AuditEntry]:
-        trail = self._audit.get(job_id, [])
-        start = bisect.bisect_right([e.entry_id for e in trail], after_id)
-        return [dataclasses.replace(e) for e in trail[start : start + max(0, limit)]]
+        trail = self._audit.get(job_id, ())
+        start = bisect.bisect_right([entry.entry_id for entry in trail], after_id)
+        return list(trail[start : start + max(0, limit)])
 
     async def load_queue(self) -> builtins.list[QueuedJob]:
         return [
