@@ -231,14 +231,18 @@ async def drive_load(
     warmup: float,
     duration: float,
     probe: Callable[[grpc.aio.Channel], Awaitable[tuple[int, int]]] | None = None,
+    metadata: tuple[tuple[str, str], ...] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> LoadResult:
     """``concurrency`` calls in flight for ``warmup`` + ``duration`` seconds; only the latter is measured.
 
     ``probe`` (Jobwire only) returns (queued, finished) job counts; it is called at both ends of the window.
+    ``metadata`` goes with every call (a bearer token); ``credentials`` make the channel TLS.
     """
-    async with open_aio_channel(server.target) as channel:  # round robin when it names several servers
+    # round robin when the target names several servers
+    async with open_aio_channel(server.target, credentials) as channel:
         call = channel.unary_unary(method)  # bytes in, bytes out: no client-side (de)serialization
-        check(await call(payload, timeout=10))
+        check(await call(payload, timeout=10, metadata=metadata))
         begin = time.perf_counter()
         window_start, window_end = begin + warmup, begin + warmup + duration
         latencies: list[float] = []
@@ -260,7 +264,7 @@ async def drive_load(
             nonlocal completed
             while (sent := time.perf_counter()) < window_end:
                 try:
-                    await call(payload, timeout=30)
+                    await call(payload, timeout=30, metadata=metadata)
                 except grpc.aio.AioRpcError as error:
                     name = error.code().name
                     errors[name] = errors.get(name, 0) + 1
