@@ -1,12 +1,14 @@
 """Fuzz every RPC of a Jobwire server at length and print what came back, by status code.
 
-Run: ``.venv/bin/python bench/fuzz.py [--calls 35000] [--seed 1] [--store sqlite] [--trace-memory]``
+Run: ``.venv/bin/python bench/fuzz.py [--calls 35000] [--seed 1] [--store sqlite] [--auth] [--trace-memory]``
 
 The server runs in a child process (SQLite store in a temp dir, the test handlers loaded); the fuzzer is
 ``tests/support/fuzzing.py``, the same one the test suite runs briefly. The report gives the count of each
 status (UNKNOWN and INTERNAL are defects) and the server's resident memory before, at the end and after a
 pause. With ``--trace-memory`` the server runs in this process instead, under tracemalloc, and the
-allocations still held after fuzzing are listed by the line of Jobwire code that made them.
+allocations still held after fuzzing are listed by the line of Jobwire code that made them. With
+``--auth`` the server checks bearer tokens, and each call carries a valid token of a random role and
+tenant, a junk one, or none.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(TESTS))
 
 from jobwire.server.config import ServerConfig  # noqa: E402
 from support.fuzzing import CLIENT_REFUSED_TRAILERS, Fuzzer  # noqa: E402
+from support.security import Keys  # noqa: E402
 from support.servers import ServerProcess, ServerThread  # noqa: E402
 
 DEFECTS = ("UNKNOWN", "INTERNAL", CLIENT_REFUSED_TRAILERS)
@@ -69,19 +72,29 @@ def report(fuzzer: Fuzzer, seconds: float, memory: dict[str, float], as_json: bo
         print()
         print("server memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
         print("defects (UNKNOWN, INTERNAL, oversized error trailers):", defects or "none")
+        for kind, sample in fuzzer.samples.items():
+            print(f"first {kind}: {sample}")
     return 1 if defects else 0
 
 
 def fuzz_child_process(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         store = "memory:" if args.store == "memory" else f"sqlite:///{tmp}/fuzz.db"
-        server = ServerProcess(store)
+        tokens: list[str] = []
+        extra: list[str] = []
+        if args.auth:  # valid tokens of every role in two tenants; the fuzzer also sends none and junk
+            keys = Keys(Path(tmp) / "keys.pem")
+            tokens = [
+                keys.token(t, role) for t in ("a", "b") for role in ("admin", "submitter", "viewer", "worker")
+            ]
+            extra = ["--auth-key-file", str(keys.path)]
+        server = ServerProcess(store, *extra)
         server.start()
         assert server.process is not None
         pid = server.process.pid
         try:
             memory = {"start": rss_mib(pid)}
-            fuzzer = Fuzzer(server.target, args.seed)
+            fuzzer = Fuzzer(server.target, args.seed, tokens=tokens)
             began = time.monotonic()
             asyncio.run(fuzzer.run(args.calls, args.concurrency))
             seconds = time.monotonic() - began
@@ -137,6 +150,11 @@ def main() -> int:
     parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite")
     parser.add_argument("--settle", type=float, default=10.0, help="seconds to wait before the last reading")
     parser.add_argument("--trace-memory", action="store_true")
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="authentication on: calls carry tokens of every role, none or junk",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     return fuzz_traced(args) if args.trace_memory else fuzz_child_process(args)

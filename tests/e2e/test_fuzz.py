@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from jobwire.server.config import ServerConfig
 from jobwire.v1 import job_service_pb2, job_service_pb2_grpc
 from support.fuzzing import CLIENT_REFUSED_TRAILERS, Fuzzer
+from support.security import Keys
 from support.servers import ServerThread
 
 CALLS = 1500
@@ -28,7 +31,7 @@ def test_fuzzed_calls_never_get_unknown_internal_or_oversized_errors(
         for path, counts in fuzzer.by_method.items()
         if counts["UNKNOWN"] or counts["INTERNAL"] or counts[CLIENT_REFUSED_TRAILERS]
     }
-    assert not bad, bad
+    assert not bad, (bad, fuzzer.samples)
     # The server side: no traceback logged while answering (grpcio logs handler exceptions as ERROR).
     errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors[:5]
@@ -41,3 +44,25 @@ def test_fuzzed_calls_never_get_unknown_internal_or_oversized_errors(
         job = stub.SubmitJob(job_service_pb2.SubmitJobRequest(type="test.echo"), timeout=5).job
         final = list(stub.WatchJob(job_service_pb2.WatchJobRequest(job_id=job.id), timeout=10))[-1]
         assert final.job.state == 3  # SUCCEEDED: the server still runs jobs
+
+
+def test_fuzzed_credentials_never_get_unknown_or_internal(tmp_path: Path) -> None:
+    """With authentication on: calls with valid tokens of every role, none, or broken ones, on every RPC."""
+    keys = Keys(tmp_path / "keys.pem")
+    tokens = [
+        keys.token(tenant, role)
+        for tenant in ("a", "b")
+        for role in ("admin", "submitter", "viewer", "worker")
+    ]
+    config = ServerConfig(host="127.0.0.1", port=0, store="memory:", auth_key_file=str(keys.path))
+    with ServerThread(config) as server:
+        fuzzer = Fuzzer(server.target, seed=20261202, tokens=tokens)
+        codes = asyncio.run(fuzzer.run(CALLS))
+    print("fuzzed calls with credentials by status:", dict(sorted(codes.items())))
+    bad = {
+        path: dict(counts)
+        for path, counts in fuzzer.by_method.items()
+        if counts["UNKNOWN"] or counts["INTERNAL"] or counts[CLIENT_REFUSED_TRAILERS]
+    }
+    assert not bad, (bad, fuzzer.samples)
+    assert codes["UNAUTHENTICATED"] > 0 and codes["PERMISSION_DENIED"] > 0 and codes["OK"] > 0

@@ -45,13 +45,26 @@ def _client_write_after_end(error: grpc.aio.AioRpcError) -> bool:
 class Fuzzer:
     """Builds and sends fuzzed calls; ``seed`` makes a run repeatable."""
 
-    def __init__(self, target: str, seed: int, *, max_string: int = 4096, rare_huge: bool = True) -> None:
+    def __init__(
+        self,
+        target: str,
+        seed: int,
+        *,
+        max_string: int = 4096,
+        rare_huge: bool = True,
+        tokens: list[str] | None = None,
+    ) -> None:
         self.target = target
+        # With ``tokens`` (a server with authentication on): most calls carry one of them, the others no
+        # credentials or broken ones.
+        self.tokens = tokens or []
         self.rng = random.Random(seed)
         self.max_string = max_string
         self.rare_huge = rare_huge
         self.job_ids: list[str] = []
         self.codes: Counter[str] = Counter()
+        # The first answer of each kind a test may need to look at (status, details, what grpc says).
+        self.samples: dict[str, str] = {}
         self.by_method: dict[str, Counter[str]] = {}
         self.methods: list[tuple[str, MethodDescriptor]] = [
             (f"/{service.full_name}/{method.name}", method)
@@ -234,18 +247,52 @@ class Fuzzer:
 
     # -- calls -----------------------------------------------------------------------------------------
 
+    def _sample(self, kind: str, path: str, error: grpc.aio.AioRpcError) -> None:
+        self.samples.setdefault(
+            kind, f"{path}: {error.details()!r} ({(error.debug_error_string() or '')[:300]})"
+        )
+
     def _record(self, path: str, code: grpc.StatusCode | str) -> None:
         name = code if isinstance(code, str) else code.name
         self.codes[name] += 1
         self.by_method.setdefault(path, Counter())[name] += 1
 
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """Credentials for one call: usually a valid token (when there are tokens), else none or junk."""
+        if not self.tokens:
+            return None
+        rng = self.rng
+        roll = rng.random()
+
+        def printable() -> str:  # what metadata may carry (the client refuses to send anything else)
+            return "".join(ch for ch in self.string() if 32 <= ord(ch) < 127)
+
+        if roll < 0.8:
+            return (("authorization", f"Bearer {rng.choice(self.tokens)}"),)
+        if roll < 0.85:
+            return None
+        junk = rng.choice(
+            [
+                "",
+                "Bearer",
+                "Bearer ",
+                "Basic dXNlcjpwYXNz",
+                f"Bearer {printable()}",
+                f"bearer {rng.choice(self.tokens)[:-3]}abc",
+                "Bearer " + "e" * rng.choice([10, 9000]),
+                f"Bearer {'.'.join(printable()[:40] for _ in range(3))}",
+            ]
+        )
+        return (("authorization", junk),)
+
     async def _seed_jobs(self, channel: grpc.aio.Channel) -> None:
         """A few real jobs, so that fuzzed ids and streams reach the code behind a successful lookup."""
         submit = channel.unary_unary("/jobwire.v1.JobService/SubmitJob")
+        metadata = (("authorization", f"Bearer {self.tokens[0]}"),) if self.tokens else None
         for job_type in ("test.echo", "demo.sleep", "test.gate"):
             request = job_service_pb2.SubmitJobRequest(type=job_type)
             request.params.update({"seconds": 0.2})
-            raw = await submit(request.SerializeToString(), timeout=5)
+            raw = await submit(request.SerializeToString(), timeout=5, metadata=metadata)
             self.job_ids.append(job_service_pb2.SubmitJobResponse.FromString(raw).job.id)
 
     async def call(self, channel: grpc.aio.Channel, path: str, method: MethodDescriptor) -> None:
@@ -253,11 +300,15 @@ class Fuzzer:
             if method.client_streaming:
                 await self._stream_call(channel, path, method)
             elif method.server_streaming:
-                call = channel.unary_stream(path)(self.request_bytes(method), timeout=0.5)
+                call = channel.unary_stream(path)(
+                    self.request_bytes(method), timeout=0.5, metadata=self.metadata()
+                )
                 async for _ in call:
                     pass
             else:
-                raw = await channel.unary_unary(path)(self.request_bytes(method), timeout=5)
+                raw = await channel.unary_unary(path)(
+                    self.request_bytes(method), timeout=5, metadata=self.metadata()
+                )
                 if path.endswith("SubmitJob"):
                     job_id = job_service_pb2.SubmitJobResponse.FromString(raw).job.id
                     if job_id:
@@ -272,10 +323,20 @@ class Fuzzer:
                 # INVALID_ARGUMENT): grpcio reports its own failed send as INTERNAL. Not the server's.
                 self._record(path, CLIENT_WRITE_AFTER_END)
                 return
-            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "metadata" in (error.details() or ""):
+            details = error.details() or ""
+            if (
+                error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                and "metadata" in details
+                and ":path" not in details
+            ):
                 # The client refused the answer's trailers as too large: the server's error was unbounded.
+                # (With ":path" listed it is the server refusing a request's headers past its 64 KiB limit,
+                # as it should: the fuzzer sends such tokens.)
+                self._sample(CLIENT_REFUSED_TRAILERS, path, error)
                 self._record(path, CLIENT_REFUSED_TRAILERS)
                 return
+            if error.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                self._sample(error.code().name, path, error)
             self._record(path, error.code())
 
     async def _stream_call(self, channel: grpc.aio.Channel, path: str, method: MethodDescriptor) -> None:
@@ -293,7 +354,7 @@ class Fuzzer:
                 yield self.request_bytes(method)
                 await asyncio.sleep(0)
 
-        call = channel.stream_stream(path)(requests(), timeout=0.5)
+        call = channel.stream_stream(path)(requests(), timeout=0.5, metadata=self.metadata())
         try:
             async for _ in call:
                 pass
