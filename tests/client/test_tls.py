@@ -1,14 +1,13 @@
 """TLS in the SDK, the worker and the CLI, proven against a tiny TLS server of our own (no Jobwire server).
 
-A throwaway CA signs a server certificate (for 127.0.0.1 and localhost) and a client certificate; a
-fake JobService on a grpc TLS server answers the calls the new SDK methods and CLI commands make
-(audit pages, cancel/retry with a request_id, tenant filters, a quota error) and records each request.
+A throwaway CA (``support.security.make_pki``) signs a server certificate (for 127.0.0.1 and localhost)
+and a client certificate; a fake JobService on a grpc TLS server answers the calls the new SDK
+methods and CLI commands make (audit pages, cancel/retry with a request_id, tenant filters, a quota
+error) and records each request.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import re
 import sys
@@ -22,10 +21,6 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from google.protobuf import duration_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -42,6 +37,7 @@ from jobwire.client import (
 from jobwire.client.channels import select_credentials
 from jobwire.v1 import job_pb2, job_service_pb2
 from jobwire.worker import Worker, load_handlers
+from support.security import make_pki, person
 
 HANDLERS = load_handlers(["support.worker_handlers"])
 
@@ -60,74 +56,17 @@ class Pki:
     other_ca: str  # a CA that signed nothing here: trusting only it must fail the handshake
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _certificate(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-    *,
-    ca: bool = False,
-    sans: list[x509.GeneralName] | None = None,
-) -> x509.Certificate:
-    """A certificate for ``subject``, signed by ``issuer`` (self-signed when None), valid for a day."""
-    now = datetime.datetime.now(datetime.UTC)
-    issuer_name, issuer_key = issuer if issuer is not None else (_name(subject), key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write(path: Path, data: bytes) -> str:
-    path.write_bytes(data)
-    return str(path)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca_key, other_key, server_key, client_key = _key(), _key(), _key(), _key()
-    ca_cert = _certificate("jobwire test CA", ca_key, None, ca=True)
-    other_cert = _certificate("some other CA", other_key, None, ca=True)
-    sans: list[x509.GeneralName] = [
-        x509.DNSName("localhost"),
-        x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
-    ]
-    server_cert = _certificate("localhost", server_key, (ca_cert.subject, ca_key), sans=sans)
-    client_cert = _certificate("alice", client_key, (ca_cert.subject, ca_key))
+    built = make_pki(tmp_path_factory.mktemp("pki"), {"client": person("alice", None, None)}, {})
+    client_cert, client_key = built.client("client")
     return Pki(
-        ca=_write(folder / "ca.pem", _cert_pem(ca_cert)),
-        server_cert=_write(folder / "server.pem", _cert_pem(server_cert)),
-        server_key=_write(folder / "server.key", _key_pem(server_key)),
-        client_cert=_write(folder / "client.pem", _cert_pem(client_cert)),
-        client_key=_write(folder / "client.key", _key_pem(client_key)),
-        other_ca=_write(folder / "other-ca.pem", _cert_pem(other_cert)),
+        ca=built.ca,
+        server_cert=built.server_cert,
+        server_key=built.server_key,
+        client_cert=client_cert,
+        client_key=client_key,
+        other_ca=built.other_ca,
     )
 
 

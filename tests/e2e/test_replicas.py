@@ -7,7 +7,6 @@ generated stubs (and a hand-driven worker session), one replica per role.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 from collections.abc import Iterator
@@ -20,41 +19,13 @@ from google.protobuf import json_format, struct_pb2
 from jobwire.server.state_machine import TRANSITIONS, JobState
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from jobwire.v1 import worker_service_pb2 as W
-from support.postgres import drop_schema, new_schema, require_postgres, store_url
+from support.postgres import require_postgres
 from support.raw_worker import RawWorker
-from support.servers import ServerProcess
+from support.replicas import Replicas
 
 S = job_service_pb2
 J = job_pb2
 TERMINAL = (J.JOB_STATE_SUCCEEDED, J.JOB_STATE_FAILED, J.JOB_STATE_CANCELLED)
-
-
-class Replicas:
-    """Three server processes on one schema, and a stub for each."""
-
-    def __init__(self, count: int = 3, *extra: str) -> None:
-        self.schema = new_schema()
-        self.url = store_url(self.schema)
-        self.servers = [ServerProcess(self.url, "--lease-duration", "2s", *extra) for _ in range(count)]
-        self.channels: list[grpc.Channel] = []
-        self.stubs: list[job_service_pb2_grpc.JobServiceStub] = []
-
-    def start(self) -> Replicas:
-        for server in self.servers:
-            server.start()
-            channel = grpc.insecure_channel(server.target)
-            self.channels.append(channel)
-            self.stubs.append(job_service_pb2_grpc.JobServiceStub(channel))
-        return self
-
-    def close(self) -> None:
-        for channel in self.channels:
-            channel.close()
-        for server in self.servers:
-            server.kill()
-        errors = [line for s in self.servers for line in s.log_lines if '"level": "ERROR"' in line]
-        asyncio.run(drop_schema(self.schema))
-        assert not errors, errors[:5]
 
 
 @pytest.fixture

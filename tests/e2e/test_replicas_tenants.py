@@ -8,7 +8,6 @@ wherever they were submitted.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,16 +15,18 @@ import grpc
 import pytest
 
 from jobwire.server.tokens import KeyRing, issue_token, write_key_file
-from jobwire.v1 import job_service_pb2, job_service_pb2_grpc
+from jobwire.v1 import job_service_pb2
 from jobwire.v1 import worker_service_pb2 as W
-from support.postgres import drop_schema, new_schema, require_postgres, store_url
+from support.postgres import require_postgres
 from support.raw_worker import RawWorker
-from support.servers import ServerProcess
+from support.replicas import Replicas
 
 S = job_service_pb2
 
 
-class Cluster:
+class Cluster(Replicas):
+    """Two replicas with authentication on, and tokens of two tenants, a worker and an admin."""
+
     def __init__(self, tmp_path: Path, *extra: str) -> None:
         keys = str(tmp_path / "keys.pem")
         write_key_file(keys, rotate=False)
@@ -39,30 +40,10 @@ class Cluster:
                 ("admin", "ops", "admin"),
             )
         }
-        self.schema = new_schema()
-        self.servers = [
-            ServerProcess(store_url(self.schema), "--auth-key-file", keys, *extra) for _ in range(2)
-        ]
-        self.channels: list[grpc.Channel] = []
-        self.stubs: list[job_service_pb2_grpc.JobServiceStub] = []
-
-    def start(self) -> Cluster:
-        for server in self.servers:
-            server.start()
-            channel = grpc.insecure_channel(server.target)
-            self.channels.append(channel)
-            self.stubs.append(job_service_pb2_grpc.JobServiceStub(channel))
-        return self
+        super().__init__(2, "--auth-key-file", keys, *extra)
 
     def as_(self, name: str) -> tuple[tuple[str, str]]:
         return (("authorization", f"Bearer {self.tokens[name]}"),)
-
-    def close(self) -> None:
-        for channel in self.channels:
-            channel.close()
-        for server in self.servers:
-            server.kill()
-        asyncio.run(drop_schema(self.schema))
 
 
 Start = Callable[..., Cluster]

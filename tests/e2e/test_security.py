@@ -48,10 +48,10 @@ from jobwire.client import JobwireClient, ResourceExhaustedError
 from jobwire.server.config import ServerConfig
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from jobwire.v1 import worker_service_pb2 as W
+from support.raw_worker import RawWorker
 from support.security import (
     Keys,
     Pki,
-    SecureRawWorker,
     bearer,
     error_info,
     expect_error,
@@ -74,16 +74,14 @@ ROOT = Path(__file__).resolve().parents[2]
 JOBWIRE_CLI = str(ROOT / ".venv" / "bin" / "jobwire")
 WAIT = 20.0
 
-RPCS = (
-    "SubmitJob",
-    "GetJob",
-    "ListJobs",
-    "CancelJob",
-    "WatchJob",
-    "GetQueueStats",
-    "RetryJob",
-    "ListJobAuditEntries",
-    "Connect",
+# Every RPC of both services, from the descriptors: a new RPC joins the role table by itself.
+RPCS = tuple(
+    method.name
+    for service in (
+        job_service_pb2.DESCRIPTOR.services_by_name["JobService"],
+        W.DESCRIPTOR.services_by_name["WorkerService"],
+    )
+    for method in service.methods
 )
 
 
@@ -213,7 +211,7 @@ def invoke(api: Api, rpc: str, token: str | None, job_id: str, worker_type: str 
         audit = S.ListJobAuditEntriesRequest(job_id=job_id)
         return stub.ListJobAuditEntries(audit, metadata=metadata, timeout=10)
     assert rpc == "Connect", rpc
-    with SecureRawWorker(api.target, token) as worker:
+    with RawWorker(api.target, token) as worker:
         return worker.register(worker_type, credits=1, worker_id=f"w-{rpc}")
 
 
@@ -587,7 +585,7 @@ def test_request_ids_and_page_tokens_are_scoped_to_the_tenant(keys: Keys, tmp_pa
 # --- 4. workers -------------------------------------------------------------------------------------
 
 
-def _complete(worker: SecureRawWorker, assignment: W.JobAssignment, result: dict[str, Any]) -> None:
+def _complete(worker: RawWorker, assignment: W.JobAssignment, result: dict[str, Any]) -> None:
     request = W.ConnectRequest(complete_job=W.CompleteJob(lease=assignment.lease))
     request.complete_job.result.update(result)
     worker.send(request)
@@ -600,7 +598,7 @@ def test_a_tenants_worker_declares_only_its_types_and_runs_only_its_jobs(keys: K
         worker_a = keys.token("a", "worker", "wa", types=["a.*"])
         worker_b = keys.token("b", "worker", "wb")
         admin = keys.token("ops", "admin", "root")
-        with SecureRawWorker(target, worker_a) as wa, SecureRawWorker(target, admin) as shared:
+        with RawWorker(target, worker_a) as wa, RawWorker(target, admin) as shared:
             assert wa.register("a.work", credits=100, worker_id="wa").session_id
             assert shared.register("shared.work", credits=100, worker_id="shared").session_id
 
@@ -614,13 +612,13 @@ def test_a_tenants_worker_declares_only_its_types_and_runs_only_its_jobs(keys: K
                 (keys.token("a", "viewer"), "a.work"),
             ]
             for token, job_type in refused:
-                with SecureRawWorker(target, token) as intruder:
+                with RawWorker(target, token) as intruder:
                     expect_error(
                         functools.partial(intruder.register, job_type, worker_id="intruder"),
                         Code.PERMISSION_DENIED,
                         "PERMISSION_DENIED",
                     )
-            with SecureRawWorker(target, worker_b) as wb:
+            with RawWorker(target, worker_b) as wb:
                 assert wb.register("b.work", worker_id="wb").session_id  # its own new type is fine
 
             # Tenant b cannot even see tenant a's type: unknown, and not listed among the known ones.
@@ -709,8 +707,8 @@ def test_a_worker_cannot_take_over_a_job_of_a_type_it_may_not_run(keys: Keys) ->
         target, api = server.target, Api(server.target)
         alice = keys.token("a", "submitter", "alice")
         with (
-            SecureRawWorker(target, keys.token("a", "worker", "wa", types=["a.*"])) as wa,
-            SecureRawWorker(target, keys.token("ops", "admin", "root")) as shared,
+            RawWorker(target, keys.token("a", "worker", "wa", types=["a.*"])) as wa,
+            RawWorker(target, keys.token("ops", "admin", "root")) as shared,
         ):
             wa.register("a.work", credits=10, worker_id="wa")
             shared.register("shared.work", credits=10, worker_id="shared")
@@ -871,7 +869,7 @@ def test_tokens_work_over_mutual_tls(pki: Pki, keys: Keys) -> None:
         alice.close()
 
         worker = keys.token("a", "worker", "wa", types=["a.*"])
-        with SecureRawWorker(target, worker, pki.credentials("root")) as over_tls:
+        with RawWorker(target, worker, pki.credentials("root")) as over_tls:
             assert over_tls.register("a.tls", worker_id="tls-worker").session_id
 
 
@@ -1026,13 +1024,13 @@ def test_the_audit_trail_says_who_did_what_from_where(keys: Keys, capsys: pytest
         alice = keys.token("a", "submitter", "alice")
         root = keys.token("ops", "admin", "root")
         worker = keys.token("a", "worker", "wa", types=["a.*"])
-        with SecureRawWorker(target, worker) as declaring:
+        with RawWorker(target, worker) as declaring:
             declaring.register("a.audit", worker_id="wa-declare")  # the type stays known after it leaves
 
         job = api.submit(alice, "a.audit", request_id="r1", params={"x": 1})
         assert api.cancel(root, job.id, request_id="r2").state == J.JOB_STATE_CANCELLED
         assert api.retry(alice, job.id, request_id="r3").state == J.JOB_STATE_QUEUED
-        with SecureRawWorker(target, worker) as running_worker:
+        with RawWorker(target, worker) as running_worker:
             running_worker.register("a.audit", worker_id="wa-1")
             assignment = running_worker.next("assignment").assignment
             assert assignment.job.id == job.id

@@ -7,8 +7,11 @@ every answer.
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import Any
 
 import grpc
 
@@ -19,24 +22,45 @@ WAIT = 20.0
 
 
 class RawWorker:
-    """One Connect stream: ``send`` requests, ``next`` responses of a given kind."""
+    """One WorkerService.Connect stream: ``send`` requests, ``next`` responses of a given kind.
 
-    def __init__(self, target: str, token: str | None = None) -> None:
+    ``token`` is sent as a bearer token, ``credentials`` (grpc channel credentials) make the channel
+    TLS. A thread reads every response into a queue, so that ``next`` can wait with a deadline, and
+    ``received`` keeps them all.
+    """
+
+    def __init__(self, target: str, token: str | None = None, credentials: Any = None) -> None:
         self._requests: queue.Queue[W.ConnectRequest | None] = queue.Queue()
-        self._channel = grpc.insecure_channel(target)
-        metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._responses = worker_service_pb2_grpc.WorkerServiceStub(self._channel).Connect(
-            self._outgoing(), timeout=120, metadata=metadata
+        self._responses: queue.Queue[W.ConnectResponse | BaseException] = queue.Queue()
+        self.received: list[W.ConnectResponse] = []
+        self._channel = (
+            grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
         )
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._call = worker_service_pb2_grpc.WorkerServiceStub(self._channel).Connect(
+            self._outgoing(), metadata=metadata, timeout=120
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _outgoing(self) -> Iterator[W.ConnectRequest]:
         while (request := self._requests.get()) is not None:
             yield request
 
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self._responses.put(response)
+        except grpc.RpcError as err:
+            self._responses.put(err)
+        else:
+            self._responses.put(EOFError("the stream ended"))
+
     def send(self, request: W.ConnectRequest) -> None:
         self._requests.put(request)
 
     def register(self, *types: str, credits: int = 1, worker_id: str = "raw") -> W.WorkerRegistered:
+        """Send RegisterWorker; its WorkerRegistered, or the RpcError that ended the stream."""
         self.send(
             W.ConnectRequest(
                 register=W.RegisterWorker(
@@ -48,18 +72,35 @@ class RawWorker:
         )
         return self.next("registered").registered
 
-    def next(self, kind: str) -> W.ConnectResponse:
-        """The next response of this kind (others are skipped); raises the call's RpcError if it ends."""
-        response: W.ConnectResponse
-        for response in self._responses:
-            if response.WhichOneof("message") == kind:
-                return response
-        raise AssertionError(f"the stream ended while {kind} was expected")
+    def next(
+        self, kind: str, timeout: float = WAIT, where: Callable[[W.ConnectResponse], bool] | None = None
+    ) -> W.ConnectResponse:
+        """The next response of this kind (that ``where`` accepts); others are kept in ``received`` only.
+        Raises the call's RpcError if the stream ended with one, EOFError if it ended with OK."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {kind} within {timeout}s; received {len(self.received)} messages")
+            try:
+                item = self._responses.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if isinstance(item, BaseException):
+                self._responses.put(item)  # every later next() sees the end too
+                raise item
+            self.received.append(item)
+            if item.WhichOneof("message") == kind and (where is None or where(item)):
+                return item
+
+    def messages(self, kind: str) -> list[W.ConnectResponse]:
+        return [m for m in self.received if m.WhichOneof("message") == kind]
 
     def close(self) -> None:
         self._requests.put(None)
-        self._responses.cancel()
+        self._call.cancel()
         self._channel.close()
+        self._reader.join(5)
 
     def __enter__(self) -> RawWorker:
         return self

@@ -11,13 +11,10 @@ import base64
 import datetime
 import ipaddress
 import json
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -31,7 +28,6 @@ from google.rpc import error_details_pb2, status_pb2
 
 from jobwire.server.tokens import KeyRing, generate_private_key_pem, issue_token, write_key_file
 from jobwire.v1 import worker_service_pb2 as W
-from jobwire.v1 import worker_service_pb2_grpc
 
 DETAILS_KEY = "grpc-status-details-bin"
 ERROR_DOMAIN = "jobwire.dev"
@@ -324,96 +320,8 @@ def make_pki(folder: Path, clients: dict[str, x509.Name], stranger_clients: dict
     )
 
 
-# --- a worker session by hand, with credentials -----------------------------------------------------
+# --- worker leases ---------------------------------------------------------------------------------
 
 
 def lease(job_id: str, attempt: int, epoch: int) -> W.LeaseToken:
     return W.LeaseToken(job_id=job_id, attempt=attempt, epoch=epoch)
-
-
-class SecureRawWorker:
-    """One WorkerService.Connect stream with a bearer token (and optional channel credentials).
-
-    Like ``support.raw_worker.RawWorker`` it sends exactly what the test says; a thread reads every
-    response into a queue, so that ``next`` can wait with a deadline, and ``received`` keeps them all.
-    """
-
-    def __init__(self, target: str, token: str | None, credentials: Any = None) -> None:
-        self._requests: queue.Queue[W.ConnectRequest | None] = queue.Queue()
-        self._responses: queue.Queue[W.ConnectResponse | BaseException] = queue.Queue()
-        self.received: list[W.ConnectResponse] = []
-        self._channel = (
-            grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
-        )
-        self._call = worker_service_pb2_grpc.WorkerServiceStub(self._channel).Connect(
-            self._outgoing(), metadata=bearer(token), timeout=120
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _outgoing(self) -> Iterator[W.ConnectRequest]:
-        while (request := self._requests.get()) is not None:
-            yield request
-
-    def _read(self) -> None:
-        try:
-            for response in self._call:
-                self._responses.put(response)
-        except grpc.RpcError as err:
-            self._responses.put(err)
-        else:
-            self._responses.put(EOFError("the stream ended"))
-
-    def send(self, request: W.ConnectRequest) -> None:
-        self._requests.put(request)
-
-    def register(self, *types: str, credits: int = 1, worker_id: str = "raw") -> W.WorkerRegistered:
-        """Send RegisterWorker; its WorkerRegistered, or the RpcError that ended the stream."""
-        self.send(
-            W.ConnectRequest(
-                register=W.RegisterWorker(
-                    worker_id=worker_id,
-                    job_types=[W.JobTypeDeclaration(type=t) for t in types],
-                    credits=credits,
-                )
-            )
-        )
-        return self.next("registered").registered
-
-    def next(
-        self, kind: str, timeout: float = WAIT, where: Callable[[W.ConnectResponse], bool] | None = None
-    ) -> W.ConnectResponse:
-        """The next response of this kind (that ``where`` accepts); others are kept in ``received`` only.
-        Raises the call's RpcError if the stream ended with one."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no {kind} within {timeout}s; received {len(self.received)} messages")
-            try:
-                item = self._responses.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if isinstance(item, BaseException):
-                self._responses.put(item)  # every later next() sees the end too
-                raise item
-            self.received.append(item)
-            if item.WhichOneof("message") == kind and (where is None or where(item)):
-                return item
-
-    def messages(self, kind: str) -> list[W.ConnectResponse]:
-        return [m for m in self.received if m.WhichOneof("message") == kind]
-
-    def close(self) -> None:
-        self._requests.put(None)
-        self._call.cancel()
-        self._channel.close()
-        self._reader.join(5)
-
-    def __enter__(self) -> SecureRawWorker:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

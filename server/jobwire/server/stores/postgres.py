@@ -368,34 +368,8 @@ def _change_summary(change: JobChange) -> list[Any]:
 
 
 def _change_from(summary: list[Any]) -> JobChange:
-    (
-        job_id,
-        sequence,
-        kind,
-        state,
-        job_type,
-        priority,
-        queue_time,
-        schedule_time,
-        epoch,
-        executor,
-        start,
-        tenant,
-    ) = summary
-    return JobChange(
-        job_id,
-        sequence,
-        ChangeKind(kind),
-        JobState(state),
-        job_type,
-        priority,
-        queue_time,
-        schedule_time,
-        epoch,
-        executor,
-        start,
-        tenant,
-    )
+    job_id, sequence, kind, state, *rest = summary
+    return JobChange(job_id, sequence, ChangeKind(kind), JobState(state), *rest)
 
 
 def notify_payloads(origin: str, items: Sequence[Any]) -> list[str]:
