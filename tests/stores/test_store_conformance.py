@@ -1922,3 +1922,81 @@ async def test_a_shared_store_keeps_each_transition_for_watchers_elsewhere(
     assert await store.read_change(job.id, claimed.sequence) == claimed
     assert await store.read_changes(job.id, ended.sequence) == []
     assert await store.read_changes("0" * 26, 0) is None
+
+
+# --- batches of inserts ----------------------------------------------------------------------------
+
+
+async def test_a_batch_is_stored_whole_with_its_audit_entries_and_announced(
+    store: JobStore, reopen: Reopen, make_job: MakeJob
+) -> None:
+    feed = Feed(store)
+    jobs = [make_job(tenant="acme", request_id=f"b-{i}", priority=i % 10) for i in range(250)]
+    entries = [audit_entry(job.id, i, SUBMITTED) for i, job in enumerate(jobs)]
+    await store.insert_many(jobs, entries)
+    assert [c.job_id for c in feed.changes] == [job.id for job in jobs]
+    source: JobStore | None = store
+    while source is not None:
+        for i in (0, 117, 249):
+            assert await source.get(jobs[i].id) == jobs[i]
+            assert without_ids(await trail(source, jobs[i].id)) == [entries[i]]
+        assert (await source.get_by_request_id("acme", "b-42")) == jobs[42]
+        assert len(await source.list(JobQuery(limit=1000))) == 250
+        source = await reopen(source) if source is store else None
+
+
+async def test_a_batch_with_a_used_request_id_stores_nothing_and_names_every_one(
+    store: JobStore, make_job: MakeJob
+) -> None:
+    await store.insert(make_job(tenant="t", request_id="taken-1"))
+    await store.insert(make_job(tenant="t", request_id="taken-2"))
+    await store.insert(make_job(tenant="other", request_id="free"))  # another tenant's: no conflict
+    feed = Feed(store)
+    batch = [make_job(tenant="t", request_id=rid) for rid in ("new-1", "taken-2", "free", "taken-1", "")]
+    with pytest.raises(DuplicateRequestId) as refused:
+        await store.insert_many(batch, [audit_entry(job.id, 0, SUBMITTED) for job in batch])
+    assert sorted(refused.value.request_ids) == ["taken-1", "taken-2"]
+    for job in batch:
+        assert await store.get(job.id) is None
+        assert await trail(store, job.id) == []
+    assert feed.changes == []
+    assert await store.get_by_request_id("t", "new-1") is None
+
+
+async def test_a_request_id_repeated_within_a_batch_is_refused(store: JobStore, make_job: MakeJob) -> None:
+    batch = [make_job(request_id="same"), make_job(request_id="other"), make_job(request_id="same")]
+    with pytest.raises(DuplicateRequestId) as refused:
+        await store.insert_many(batch, [])
+    assert refused.value.request_ids == ["same"]
+    assert len(await store.list(JobQuery())) == 0
+
+
+async def test_a_batch_takes_a_token_per_job_or_none(store: JobStore, make_job: MakeJob) -> None:
+    rate = SubmitRate(per_minute=10)
+    await store.insert_many([make_job(tenant="a") for _ in range(4)], [], SubmitRate(10, jobs=4))
+    too_many = [make_job(tenant="a") for _ in range(7)]  # 6 tokens left
+    with pytest.raises(RateLimited) as limited:
+        await store.insert_many(too_many, [], SubmitRate(10, jobs=7))
+    assert limited.value.retry_after == pytest.approx(6.0)  # one more token: 6 s at 10 a minute
+    assert len(await store.list(JobQuery(limit=100))) == 4
+    await store.insert_many([make_job(tenant="a") for _ in range(6)], [], SubmitRate(10, jobs=6))
+    with pytest.raises(RateLimited):
+        await store.insert(make_job(tenant="a"), rate=rate)
+    await store.insert(make_job(tenant="b"), rate=rate)  # another tenant's bucket is full
+    assert len(await store.list(JobQuery(limit=100))) == 11
+
+
+async def test_concurrent_batches_and_inserts_of_one_request_id_store_it_once(
+    store: JobStore, make_job: MakeJob
+) -> None:
+    calls = [
+        store.insert_many([make_job(request_id=f"x-{i}") for i in range(k, k + 5)], []) for k in (0, 3, 6)
+    ]
+    calls.append(store.insert(make_job(request_id="x-4")))
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(o is None or isinstance(o, DuplicateRequestId) for o in outcomes), outcomes
+    stored = await store.list(JobQuery(limit=100))
+    request_ids = [job.request_id for job in stored]
+    assert len(request_ids) == len(set(request_ids))
+    batches_stored = sum(o is None for o in outcomes[:3])
+    assert len(stored) == 5 * batches_stored + (outcomes[3] is None)

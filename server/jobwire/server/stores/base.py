@@ -52,11 +52,16 @@ def check_changeable(changes: Mapping[str, Any]) -> None:
 
 
 class DuplicateRequestId(Exception):
-    """``insert`` found another job of the tenant with the same request_id (the caller re-reads)."""
+    """``insert`` found jobs of the tenant with these request_ids, and stored nothing (the caller
+    re-reads them)."""
+
+    def __init__(self, request_ids: Sequence[str]) -> None:
+        super().__init__(f"request_id already used: {', '.join(map(repr, request_ids[:5]))}")
+        self.request_ids = list(request_ids)
 
 
 class RateLimited(Exception):
-    """``insert`` found the tenant's submit bucket empty: nothing was stored."""
+    """``insert`` found too few tokens in the tenant's submit bucket: nothing was stored."""
 
     def __init__(self, retry_after: float) -> None:
         super().__init__(f"submit rate exceeded; retry in {retry_after:.2f} s")
@@ -71,6 +76,7 @@ class SubmitRate:
     """
 
     per_minute: int
+    jobs: int = 1  # the tokens one insert takes: one per job stored
 
     @property
     def per_second(self) -> float:
@@ -203,6 +209,16 @@ class JobStore(abc.ABC):
         """Store a new job (sequence 1) and its ``audit`` entry. Raises DuplicateRequestId if its tenant
         has a job with its request_id; with ``rate``, first takes a token from the tenant's bucket, and
         raises RateLimited (storing nothing) when there is none."""
+
+    @abc.abstractmethod
+    async def insert_many(
+        self, jobs: Sequence[Job], audits: Sequence[AuditEntry], rate: SubmitRate | None = None
+    ) -> None:
+        """Store new jobs of one tenant and their audit entries (one each, or none at all) in one
+        transaction: all or none. Raises DuplicateRequestId naming every request_id among them that the
+        tenant has already used (or that repeats); with ``rate`` (``rate.jobs`` == len(jobs)) takes that
+        many tokens from the tenant's bucket, and raises RateLimited when there are fewer. Either way
+        nothing is stored."""
 
     @abc.abstractmethod
     async def transition(

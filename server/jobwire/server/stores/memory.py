@@ -139,31 +139,55 @@ class MemoryStore(JobStore):
         numbered = tuple.__new__(AuditEntry, (*entry[:7], self._audit_ids))
         self._audit[entry.job_id] = (*self._audit.get(entry.job_id, ()), numbered)
 
-    def _take_token(self, tenant: str, rate: SubmitRate, now: float) -> None:
+    def _take_tokens(self, tenant: str, rate: SubmitRate, now: float) -> None:
         tokens, counted = self._buckets.get(tenant, (rate.burst, now))
         tokens = min(rate.burst, tokens + max(0.0, now - counted) * rate.per_second)
-        if tokens < 1:
-            raise RateLimited((1 - tokens) / rate.per_second)
-        self._buckets[tenant] = (tokens - 1, max(counted, now))  # a clock behind never refills twice
+        if tokens < rate.jobs:
+            raise RateLimited((rate.jobs - tokens) / rate.per_second)
+        self._buckets[tenant] = (tokens - rate.jobs, max(counted, now))  # a clock behind never refills twice
 
     async def insert(self, job: Job, audit: AuditEntry | None = None, rate: SubmitRate | None = None) -> None:
-        if job.id in self._jobs:
-            raise ValueError(f"job {job.id} already exists")
-        request_key = (job.tenant, job.request_id)
-        if job.request_id and request_key in self._by_request_id:
-            raise DuplicateRequestId(job.request_id)
-        if rate is not None:
-            self._take_token(job.tenant, rate, job.create_time)
-        stored = _snapshot(job)
-        self._jobs[job.id] = stored
-        if not self._ids or job.id > self._ids[-1]:
-            self._ids.append(job.id)
-        else:
-            bisect.insort(self._ids, job.id)
-        if job.request_id:
-            self._by_request_id[request_key] = job.id
-        self._record(audit)
-        self._publish(stored, ChangeKind.STATE)
+        self._insert([job], [audit], rate)
+
+    async def insert_many(
+        self, jobs: Sequence[Job], audits: Sequence[AuditEntry], rate: SubmitRate | None = None
+    ) -> None:
+        self._insert(jobs, audits, rate)
+
+    def _insert(
+        self, jobs: Sequence[Job], audits: Sequence[AuditEntry | None], rate: SubmitRate | None
+    ) -> None:
+        """Checks everything first, then stores every job: all or nothing."""
+        for job in jobs:
+            if job.id in self._jobs:
+                raise ValueError(f"job {job.id} already exists")
+        seen: set[tuple[str, str]] = set()
+        used = []
+        for job in jobs:
+            key = (job.tenant, job.request_id)
+            if job.request_id and (key in self._by_request_id or key in seen):
+                used.append(job.request_id)
+            seen.add(key)
+        if used:
+            raise DuplicateRequestId(used)
+        if rate is not None and jobs:
+            self._take_tokens(jobs[0].tenant, rate, jobs[0].create_time)
+        stored_jobs = []
+        for job, audit in zip(jobs, audits or [None] * len(jobs), strict=True):
+            stored = _snapshot(job)
+            stored_jobs.append(stored)
+            self._jobs[job.id] = stored
+            if not self._ids or job.id > self._ids[-1]:
+                self._ids.append(job.id)
+            else:
+                bisect.insort(self._ids, job.id)
+            if job.request_id:
+                self._by_request_id[(job.tenant, job.request_id)] = job.id
+            self._record(audit)
+        if self._listeners:
+            changes = [JobChange.of(stored, ChangeKind.STATE) for stored in stored_jobs]
+            for listener in self._listeners:
+                listener(changes)
 
     async def transition(
         self,

@@ -32,7 +32,7 @@ import json
 import logging
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -228,6 +228,10 @@ _INSERT = (
     f"INSERT INTO jobs ({_COLS}) VALUES ({', '.join(f'${i + 1}' for i in range(len(COLUMNS)))}) "
     "ON CONFLICT DO NOTHING RETURNING id"
 )
+# For a batch (executemany): a job whose request_id is taken fails the statement, it is not skipped.
+_INSERT_STRICT = f"INSERT INTO jobs ({_COLS}) VALUES ({', '.join(f'${i + 1}' for i in range(len(COLUMNS)))})"
+_INSERT_AUDIT = f"INSERT INTO job_audit ({_AUDIT_COLS}) VALUES ({', '.join(f'${i + 1}' for i in range(7))})"
+_USED_REQUEST_IDS = "SELECT request_id FROM jobs WHERE tenant = $1 AND request_id = ANY($2::text[])"
 # The job and its audit entry in one statement (one round trip).
 _N = len(COLUMNS)
 _INSERT_AUDITED = (
@@ -235,11 +239,12 @@ _INSERT_AUDITED = (
     f"SELECT i.id, ${_N + 1}, ${_N + 2}, ${_N + 3}, ${_N + 4}, ${_N + 5}, ${_N + 6} FROM i) SELECT id FROM i"
 )
 _TAKE_TOKEN = (
-    "INSERT INTO tenant_rates (tenant, tokens, updated) VALUES ($1, $2 - 1, $3) "
+    "INSERT INTO tenant_rates (tenant, tokens, updated) VALUES ($1, $2::float8 - $5::float8, $3) "
     "ON CONFLICT (tenant) DO UPDATE SET "
-    "tokens = LEAST($2, tenant_rates.tokens + GREATEST(0, $3 - tenant_rates.updated) * $4) - 1, "
+    "tokens = LEAST($2, tenant_rates.tokens + GREATEST(0, $3 - tenant_rates.updated) * $4) - $5, "
     "updated = GREATEST(tenant_rates.updated, $3) "
-    "WHERE LEAST($2, tenant_rates.tokens + GREATEST(0, $3 - tenant_rates.updated) * $4) >= 1 RETURNING tokens"
+    "WHERE LEAST($2, tenant_rates.tokens + GREATEST(0, $3 - tenant_rates.updated) * $4) >= $5 "
+    "RETURNING tokens"
 )
 _BUCKET = "SELECT LEAST($2, tokens + GREATEST(0, $3 - updated) * $4) FROM tenant_rates WHERE tenant = $1"
 _TRIM_AUDIT = (
@@ -348,6 +353,16 @@ WriteFn = Callable[[asyncpg.Connection, float], Awaitable[tuple[Any, Changes]]]
 class _Op:
     apply: WriteFn
     future: asyncio.Future[Any]
+
+
+async def _take_tokens(conn: asyncpg.Connection, tenant: str, rate: SubmitRate, now: float) -> float:
+    """0 when ``rate.jobs`` tokens were taken from the tenant's bucket, else the seconds until they are
+    there."""
+    bucket = (tenant, rate.burst, now, rate.per_second)
+    if await conn.fetchval(_TAKE_TOKEN, *bucket, rate.jobs) is not None:
+        return 0.0
+    tokens = await conn.fetchval(_BUCKET, *bucket)
+    return max(0.001, (rate.jobs - (tokens or 0.0)) / rate.per_second)
 
 
 def _change_summary(change: JobChange) -> list[Any]:
@@ -500,21 +515,46 @@ class PostgresStore(JobStore):
         sql, args = (_INSERT, row) if audit is None else (_INSERT_AUDITED, (*row, *audit_to_row(audit)[1:]))
 
         async def apply(conn: asyncpg.Connection, now: float) -> tuple[float, Changes]:
-            if rate is not None:
-                bucket = (job.tenant, rate.burst, job.create_time, rate.per_second)
-                if await conn.fetchval(_TAKE_TOKEN, *bucket) is None:
-                    tokens = await conn.fetchval(_BUCKET, *bucket)
-                    return max(0.001, (1 - (tokens or 0.0)) / rate.per_second), []
+            if rate is not None and (wait := await _take_tokens(conn, job.tenant, rate, job.create_time)):
+                return wait, []
             inserted = await conn.fetchval(sql, *args)
             if inserted is None:
-                if job.request_id and await conn.fetchval(
-                    "SELECT 1 FROM jobs WHERE tenant = $1 AND request_id = $2 AND request_id <> ''",
-                    job.tenant,
-                    job.request_id,
-                ):
-                    raise DuplicateRequestId(job.request_id)
+                if job.request_id and await conn.fetchval(_USED_REQUEST_IDS, job.tenant, [job.request_id]):
+                    raise DuplicateRequestId([job.request_id])
                 raise ValueError(f"job {job.id} already exists")
             return 0.0, [JobChange.of(snapshot, ChangeKind.STATE)]
+
+        wait: float = await self._submit(apply)
+        if wait:
+            raise RateLimited(wait)
+
+    async def insert_many(
+        self, jobs: Sequence[Job], audits: Sequence[AuditEntry], rate: SubmitRate | None = None
+    ) -> None:
+        if not jobs:
+            return
+        tenant, now_of_jobs = jobs[0].tenant, jobs[0].create_time
+        rows = [job_to_row(job) for job in jobs]
+        entries = [audit_to_row(audit) for audit in audits]
+        snapshots = [job.copy() for job in jobs]
+        wanted = [job.request_id for job in jobs if job.request_id]
+
+        async def apply(conn: asyncpg.Connection, now: float) -> tuple[float, Changes]:
+            if wanted:
+                stored = {r[0] for r in await conn.fetch(_USED_REQUEST_IDS, tenant, wanted)}
+                used = stored | {rid for rid, n in Counter(wanted).items() if n > 1}
+                if used:
+                    raise DuplicateRequestId(sorted(used))
+            if rate is not None and (wait := await _take_tokens(conn, tenant, rate, now_of_jobs)):
+                return wait, []
+            try:
+                await conn.executemany(_INSERT_STRICT, rows)
+            except asyncpg.UniqueViolationError as error:
+                # Another replica took one of the request_ids since the check: the writer replays this
+                # write alone (with a savepoint), and the check then names it.
+                raise DuplicateRequestId(wanted) from error
+            await conn.executemany(_INSERT_AUDIT, entries)
+            return 0.0, [JobChange.of(snapshot, ChangeKind.STATE) for snapshot in snapshots]
 
         wait: float = await self._submit(apply)
         if wait:

@@ -23,7 +23,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -216,13 +216,13 @@ _PURGE_AUDIT = (
     "DELETE FROM job_audit WHERE job_id IN "
     f"(SELECT id FROM jobs WHERE expire_time <= ? AND +state IN ({_TERMINAL}))"
 )
-# A token from the tenant's bucket: refilled for the time since it was last counted, capped at the burst.
-# No row changes (rowcount 0) when the bucket holds less than one token. The time counted never goes
+# ?5 tokens from the tenant's bucket: refilled for the time since it was last counted, capped at the
+# burst. No row changes (rowcount 0) when the bucket holds fewer. The time counted never goes
 # back, so replicas whose clocks differ cannot refill the bucket twice for the same seconds.
 _TAKE_TOKEN = (
-    "INSERT INTO tenant_rates (tenant, tokens, updated) VALUES (?1, ?2 - 1, ?3) "
-    "ON CONFLICT (tenant) DO UPDATE SET tokens = MIN(?2, tokens + MAX(0, ?3 - updated) * ?4) - 1, "
-    "updated = MAX(updated, ?3) WHERE MIN(?2, tokens + MAX(0, ?3 - updated) * ?4) >= 1"
+    "INSERT INTO tenant_rates (tenant, tokens, updated) VALUES (?1, ?2 - ?5, ?3) "
+    "ON CONFLICT (tenant) DO UPDATE SET tokens = MIN(?2, tokens + MAX(0, ?3 - updated) * ?4) - ?5, "
+    "updated = MAX(updated, ?3) WHERE MIN(?2, tokens + MAX(0, ?3 - updated) * ?4) >= ?5"
 )
 _BUCKET = "SELECT MIN(?2, tokens + MAX(0, ?3 - updated) * ?4) FROM tenant_rates WHERE tenant = ?1"
 
@@ -232,34 +232,53 @@ Changes = list[JobChange]
 # --- operations run by the writer thread: each returns its result and the changes it made -----------
 
 
-def _take_token(tenant: str, rate: SubmitRate, now: float, conn: sqlite3.Connection) -> float:
-    """0 when a token was taken from the tenant's bucket, else the seconds until one is there."""
+def _take_tokens(tenant: str, rate: SubmitRate, now: float, conn: sqlite3.Connection) -> float:
+    """0 when ``rate.jobs`` tokens were taken from the tenant's bucket, else the seconds until they are
+    there."""
     args = (tenant, rate.burst, now, rate.per_second)
-    if conn.execute(_TAKE_TOKEN, args).rowcount == 1:
+    if conn.execute(_TAKE_TOKEN, (*args, rate.jobs)).rowcount == 1:
         return 0.0
     tokens: float = conn.execute(_BUCKET, args).fetchone()[0]
-    return max(0.001, (1 - tokens) / rate.per_second)
+    return max(0.001, (rate.jobs - tokens) / rate.per_second)
+
+
+def _used_request_ids(jobs: Sequence[Job], conn: sqlite3.Connection) -> list[str]:
+    """The batch's request_ids that its tenant has already used, or that repeat within the batch."""
+    wanted = [job.request_id for job in jobs if job.request_id]
+    if not wanted:
+        return []
+    marks = ", ".join("?" * len(wanted))
+    stored = conn.execute(
+        f"SELECT request_id FROM jobs WHERE tenant = ? AND request_id IN ({marks})", (jobs[0].tenant, *wanted)
+    ).fetchall()
+    counts = Counter(wanted)
+    return sorted({row[0] for row in stored} | {rid for rid, n in counts.items() if n > 1})
 
 
 def _apply_insert(
-    job: Job, row: Row, audit: Row | None, rate: SubmitRate | None, conn: sqlite3.Connection
+    jobs: Sequence[Job],
+    rows: list[Row],
+    audits: list[Row],
+    rate: SubmitRate | None,
+    conn: sqlite3.Connection,
 ) -> tuple[float, Changes]:
-    """Returns 0, or (nothing stored) the seconds until the tenant's bucket has a token again."""
+    """Returns 0, or (nothing stored) the seconds until the tenant's bucket has the tokens again."""
+    if len(jobs) > 1 and (used := _used_request_ids(jobs, conn)):
+        raise DuplicateRequestId(used)
     if rate is not None:
-        wait = _take_token(job.tenant, rate, job.create_time, conn)
+        wait = _take_tokens(jobs[0].tenant, rate, jobs[0].create_time, conn)
         if wait:
             return wait, []
     try:
-        conn.execute(_INSERT, row)
+        conn.executemany(_INSERT, rows)
     except sqlite3.IntegrityError as exc:
         if "jobs.tenant, jobs.request_id" in str(exc):
-            raise DuplicateRequestId(job.request_id) from exc
+            raise DuplicateRequestId([job.request_id for job in jobs]) from exc
         if "jobs.id" in str(exc):
-            raise ValueError(f"job {job.id} already exists") from exc
+            raise ValueError(f"a job of {[job.id for job in jobs][:5]} already exists") from exc
         raise
-    if audit is not None:
-        conn.execute(_AUDIT, audit)
-    return 0.0, [JobChange.of(job, ChangeKind.STATE)]
+    conn.executemany(_AUDIT, audits)
+    return 0.0, [JobChange.of(job, ChangeKind.STATE) for job in jobs]
 
 
 def _apply_transition(
@@ -629,9 +648,18 @@ class SqliteStore(JobStore):
         return await future
 
     async def insert(self, job: Job, audit: AuditEntry | None = None, rate: SubmitRate | None = None) -> None:
-        snapshot = job.copy()  # the change the feed carries: later edits of ``job`` must not reach it
-        entry = None if audit is None else audit_to_row(audit)
-        wait = await self._submit(functools.partial(_apply_insert, snapshot, job_to_row(job), entry, rate))
+        await self.insert_many([job], [] if audit is None else [audit], rate)
+
+    async def insert_many(
+        self, jobs: Sequence[Job], audits: Sequence[AuditEntry], rate: SubmitRate | None = None
+    ) -> None:
+        if not jobs:
+            return
+        # Rows are made in the caller's thread; the feed carries copies that later edits cannot reach.
+        snapshots = [job.copy() for job in jobs]
+        rows = [job_to_row(job) for job in jobs]
+        entries = [audit_to_row(audit) for audit in audits]
+        wait = await self._submit(functools.partial(_apply_insert, snapshots, rows, entries, rate))
         if wait:
             raise RateLimited(wait)
 
