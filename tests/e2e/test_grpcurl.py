@@ -137,6 +137,7 @@ def test_list_shows_services_through_reflection(grpcurl: Grpcurl) -> None:
         f"{SERVICE}.{name}"
         for name in (
             "SubmitJob",
+            "BatchSubmitJobs",
             "GetJob",
             "ListJobs",
             "CancelJob",

@@ -191,6 +191,11 @@ def invoke(api: Api, rpc: str, token: str | None, job_id: str, worker_type: str 
     if rpc == "SubmitJob":
         request = S.SubmitJobRequest(type="demo.echo", schedule_time=in_an_hour())
         return stub.SubmitJob(request, metadata=metadata, timeout=10)
+    if rpc == "BatchSubmitJobs":
+        batch = S.BatchSubmitJobsRequest(
+            requests=[S.SubmitJobRequest(type="demo.echo", schedule_time=in_an_hour()) for _ in range(2)]
+        )
+        return stub.BatchSubmitJobs(batch, metadata=metadata, timeout=10)
     if rpc == "GetJob":
         return stub.GetJob(S.GetJobRequest(job_id=job_id), metadata=metadata, timeout=10)
     if rpc == "ListJobs":
@@ -321,6 +326,7 @@ OK, DENIED = "OK", "PERMISSION_DENIED"
 EXPECTED: dict[str, dict[str, str]] = {
     "admin": {
         "SubmitJob": OK,
+        "BatchSubmitJobs": OK,
         "GetJob": OK,
         "ListJobs": OK,
         "CancelJob": OK,
@@ -332,6 +338,7 @@ EXPECTED: dict[str, dict[str, str]] = {
     },
     "submitter": {
         "SubmitJob": OK,
+        "BatchSubmitJobs": OK,
         "GetJob": OK,
         "ListJobs": OK,
         "CancelJob": OK,
@@ -343,6 +350,7 @@ EXPECTED: dict[str, dict[str, str]] = {
     },
     "viewer": {
         "SubmitJob": DENIED,
+        "BatchSubmitJobs": DENIED,
         "GetJob": OK,
         "ListJobs": OK,
         "CancelJob": DENIED,
@@ -354,6 +362,7 @@ EXPECTED: dict[str, dict[str, str]] = {
     },
     "worker": {
         "SubmitJob": DENIED,
+        "BatchSubmitJobs": DENIED,
         "GetJob": DENIED,
         "ListJobs": DENIED,
         "CancelJob": DENIED,
@@ -367,6 +376,7 @@ EXPECTED: dict[str, dict[str, str]] = {
 # The action a refusal names (ErrorInfo metadata "action").
 ACTIONS = {
     "SubmitJob": "submit",
+    "BatchSubmitJobs": "submit",
     "GetJob": "read",
     "ListJobs": "read",
     "CancelJob": "cancel",
@@ -396,6 +406,8 @@ def test_each_role_may_make_exactly_the_calls_of_the_table(api: Api, keys: Keys,
             assert (before.state, answer.job.state) == (J.JOB_STATE_CANCELLED, J.JOB_STATE_QUEUED)
         elif rpc == "SubmitJob":
             assert (answer.job.tenant, answer.job.created_by) == ("a", f"{role}-1")
+        elif rpc == "BatchSubmitJobs":
+            assert [(j.tenant, j.created_by) for j in answer.jobs] == [("a", f"{role}-1")] * 2
         elif rpc in ("GetJob", "WatchJob"):
             assert answer.job.id == job.id
         elif rpc == "Connect":

@@ -190,6 +190,59 @@ class SubmitJobResponse(_message.Message):
 Global___SubmitJobResponse: _TypeAlias = SubmitJobResponse  # noqa: Y015
 
 @_typing.final
+class BatchSubmitJobsRequest(_message.Message):
+    """Request for BatchSubmitJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitJobRequest]:
+        """Required. The jobs to submit, 1 to 1,000, each as for SubmitJob. The
+        whole request must fit the server's 4 MiB message limit.
+        """
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___SubmitJobRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchSubmitJobsRequest: _TypeAlias = BatchSubmitJobsRequest  # noqa: Y015
+
+@_typing.final
+class BatchSubmitJobsResponse(_message.Message):
+    """Response for BatchSubmitJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.Job]:
+        """The jobs, one per request and in the order of the requests, in the
+        JOB_VIEW_BASIC view (without params; GetJob returns them): each QUEUED,
+        or for a repeated request_id the job as it is now.
+        """
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[_job_pb2.Job] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchSubmitJobsResponse: _TypeAlias = BatchSubmitJobsResponse  # noqa: Y015
+
+@_typing.final
 class GetJobRequest(_message.Message):
     """Request for GetJob."""
 

@@ -61,6 +61,11 @@ class JobServiceStub:
                 request_serializer=jobwire_dot_v1_dot_job__service__pb2.SubmitJobRequest.SerializeToString,
                 response_deserializer=jobwire_dot_v1_dot_job__service__pb2.SubmitJobResponse.FromString,
                 _registered_method=True)
+        self.BatchSubmitJobs = channel.unary_unary(
+                '/jobwire.v1.JobService/BatchSubmitJobs',
+                request_serializer=jobwire_dot_v1_dot_job__service__pb2.BatchSubmitJobsRequest.SerializeToString,
+                response_deserializer=jobwire_dot_v1_dot_job__service__pb2.BatchSubmitJobsResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/jobwire.v1.JobService/GetJob',
                 request_serializer=jobwire_dot_v1_dot_job__service__pb2.GetJobRequest.SerializeToString,
@@ -131,6 +136,21 @@ class JobServiceServicer:
         is at its configured limit, or the caller's tenant is over a quota: its
         queued jobs or its submit rate; the details hold a google.rpc.QuotaFailure
         and a google.rpc.RetryInfo), UNAVAILABLE (the server is draining).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchSubmitJobs(self, request, context):
+        """Accepts up to 1,000 jobs in one call (AIP-233): all are stored durably in
+        one transaction, or none is. Each request is judged as SubmitJob judges
+        it, and errors name the request by its index (`requests[3].type`). A
+        request whose request_id was already used gets the job it made, so a
+        retried batch returns the same jobs. Errors: as SubmitJob's, for the
+        batch as a whole; INVALID_ARGUMENT also for an empty batch, more than
+        1,000 requests, a request_id repeated within the batch, or more jobs than
+        the caller's tenant may submit in a minute; RESOURCE_EXHAUSTED when the
+        queue has no room for them all.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -224,6 +244,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     request_deserializer=jobwire_dot_v1_dot_job__service__pb2.SubmitJobRequest.FromString,
                     response_serializer=jobwire_dot_v1_dot_job__service__pb2.SubmitJobResponse.SerializeToString,
             ),
+            'BatchSubmitJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchSubmitJobs,
+                    request_deserializer=jobwire_dot_v1_dot_job__service__pb2.BatchSubmitJobsRequest.FromString,
+                    response_serializer=jobwire_dot_v1_dot_job__service__pb2.BatchSubmitJobsResponse.SerializeToString,
+            ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
                     request_deserializer=jobwire_dot_v1_dot_job__service__pb2.GetJobRequest.FromString,
@@ -309,6 +334,33 @@ class JobService:
             '/jobwire.v1.JobService/SubmitJob',
             jobwire_dot_v1_dot_job__service__pb2.SubmitJobRequest.SerializeToString,
             jobwire_dot_v1_dot_job__service__pb2.SubmitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchSubmitJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobwire.v1.JobService/BatchSubmitJobs',
+            jobwire_dot_v1_dot_job__service__pb2.BatchSubmitJobsRequest.SerializeToString,
+            jobwire_dot_v1_dot_job__service__pb2.BatchSubmitJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,17 @@ class JobServiceStub:
     queued jobs or its submit rate; the details hold a google.rpc.QuotaFailure
     and a google.rpc.RetryInfo), UNAVAILABLE (the server is draining).
     """
+    BatchSubmitJobs: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.BatchSubmitJobsRequest, _job_service_pb2.BatchSubmitJobsResponse]
+    """Accepts up to 1,000 jobs in one call (AIP-233): all are stored durably in
+    one transaction, or none is. Each request is judged as SubmitJob judges
+    it, and errors name the request by its index (`requests[3].type`). A
+    request whose request_id was already used gets the job it made, so a
+    retried batch returns the same jobs. Errors: as SubmitJob's, for the
+    batch as a whole; INVALID_ARGUMENT also for an empty batch, more than
+    1,000 requests, a request_id repeated within the batch, or more jobs than
+    the caller's tenant may submit in a minute; RESOURCE_EXHAUSTED when the
+    queue has no room for them all.
+    """
     GetJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]
     """Returns one job. Errors: NOT_FOUND (no such job, or it was purged after
     its retention period), INVALID_ARGUMENT (empty job_id).
@@ -152,6 +163,17 @@ class JobServiceAsyncStub(JobServiceStub):
     is at its configured limit, or the caller's tenant is over a quota: its
     queued jobs or its submit rate; the details hold a google.rpc.QuotaFailure
     and a google.rpc.RetryInfo), UNAVAILABLE (the server is draining).
+    """
+    BatchSubmitJobs: _aio.UnaryUnaryMultiCallable[_job_service_pb2.BatchSubmitJobsRequest, _job_service_pb2.BatchSubmitJobsResponse]  # type: ignore[assignment]
+    """Accepts up to 1,000 jobs in one call (AIP-233): all are stored durably in
+    one transaction, or none is. Each request is judged as SubmitJob judges
+    it, and errors name the request by its index (`requests[3].type`). A
+    request whose request_id was already used gets the job it made, so a
+    retried batch returns the same jobs. Errors: as SubmitJob's, for the
+    batch as a whole; INVALID_ARGUMENT also for an empty batch, more than
+    1,000 requests, a request_id repeated within the batch, or more jobs than
+    the caller's tenant may submit in a minute; RESOURCE_EXHAUSTED when the
+    queue has no room for them all.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """Returns one job. Errors: NOT_FOUND (no such job, or it was purged after
@@ -244,6 +266,23 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         is at its configured limit, or the caller's tenant is over a quota: its
         queued jobs or its submit rate; the details hold a google.rpc.QuotaFailure
         and a google.rpc.RetryInfo), UNAVAILABLE (the server is draining).
+        """
+
+    @_abc_1.abstractmethod
+    def BatchSubmitJobs(
+        self,
+        request: _job_service_pb2.BatchSubmitJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.BatchSubmitJobsResponse, _abc.Awaitable[_job_service_pb2.BatchSubmitJobsResponse]]:
+        """Accepts up to 1,000 jobs in one call (AIP-233): all are stored durably in
+        one transaction, or none is. Each request is judged as SubmitJob judges
+        it, and errors name the request by its index (`requests[3].type`). A
+        request whose request_id was already used gets the job it made, so a
+        retried batch returns the same jobs. Errors: as SubmitJob's, for the
+        batch as a whole; INVALID_ARGUMENT also for an empty batch, more than
+        1,000 requests, a request_id repeated within the batch, or more jobs than
+        the caller's tenant may submit in a minute; RESOURCE_EXHAUSTED when the
+        queue has no room for them all.
         """
 
     @_abc_1.abstractmethod

@@ -10,7 +10,7 @@ streams (the event hub). Changes callers start run to completion even if the cal
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,6 +24,7 @@ from jobwire.server.completion import InFlight, completes
 from jobwire.server.errors import (
     Draining,
     FieldViolation,
+    InvalidArgument,
     JobAlreadyFinished,
     JobNotFound,
     JobwireError,
@@ -50,7 +51,13 @@ from jobwire.server.stores.base import (
     SubmitRate,
 )
 from jobwire.server.tenants import TenantPolicies, TenantQuota
-from jobwire.server.validation import SubmitRequest, check, fingerprint, submit_violations
+from jobwire.server.validation import (
+    SubmitRequest,
+    batch_violations,
+    check,
+    fingerprint,
+    submit_violations,
+)
 
 log = logging.getLogger("jobwire.jobs")
 
@@ -142,46 +149,119 @@ class JobOperations:
     @completes
     async def submit(self, request: SubmitRequest, caller: Caller = LOCAL_CALLER) -> Job:
         """Store a new job of the caller's tenant durably (the dispatcher hears of it through the feed);
-        returns it QUEUED."""
-        principal = caller.principal
-        principal.require(Action.SUBMIT)
+        returns it QUEUED, or for a request_id already used, the job it made."""
+        caller.principal.require(Action.SUBMIT)
         if self.draining:
             raise Draining()
         check(submit_violations(request))
-        principal.require_type(request.type)
+        (job,) = await self._submit_all([request], caller, batch=False)
+        return job
+
+    @completes
+    async def submit_many(
+        self, requests: Sequence[SubmitRequest], caller: Caller = LOCAL_CALLER
+    ) -> list[Job]:
+        """Store new jobs in one transaction, all or none (AIP-233); returns them in order, each QUEUED
+        or, for a request_id already used, the job it made. Errors name ``requests[i].field``."""
+        caller.principal.require(Action.SUBMIT)
+        if self.draining:
+            raise Draining()
+        check(batch_violations(requests))
+        submit_rate = self.settings.tenants.quota(caller.principal.tenant).submit_rate
+        if submit_rate and len(requests) > submit_rate:
+            raise InvalidArgument(
+                violations=[
+                    FieldViolation(
+                        "requests",
+                        f"at most {submit_rate} jobs in one batch: the submit rate of tenant "
+                        f"{caller.principal.tenant} per minute",
+                    )
+                ]
+            )
+        return await self._submit_all(requests, caller, batch=True)
+
+    async def _submit_all(self, requests: Sequence[SubmitRequest], caller: Caller, batch: bool) -> list[Job]:
+        """Submit validated requests: one store insert for all of them, retried without the requests
+        whose request_id turns out to be taken (those get the job that has it)."""
+        principal = caller.principal
         tenant = principal.tenant
-        job_type = self._type_for(request.type, tenant)
-        if job_type is None and self.store.shared:
-            await self._reload_types()  # declared through another replica a moment ago?
-            job_type = self._type_for(request.type, tenant)
-        if job_type is None:
-            visible = self.types.visible(tenant)
-            known = f"known types: {_name_some(visible) or '(none registered)'}"
-            raise UnknownJobType(
-                f"unknown job type {request.type!r}; {known}",
-                [FieldViolation("type", f"no handler or worker has declared {request.type!r}; {known}")],
-            )
-        quota = self.settings.tenants.quota(tenant)
-        try:
-            if len(self.queue) + self._inserting >= self.settings.max_queued:
-                raise QueueFull(f"the queue is full ({self.settings.max_queued} jobs waiting); retry later")
-            if quota.max_queued is not None:
-                self._check_queued_quota(tenant, quota, self._inserting_by_tenant.get(tenant, 0))
-        except (QueueFull, QuotaExceeded):
-            # A retry of a request already accepted is answered with its job, full queue or not.
-            accepted = await self._accepted(tenant, request.request_id)
-            if accepted is None:
-                raise
-            priority = PRIORITY_DEFAULT if request.priority is None else request.priority
-            return await self._existing_for_request(
-                tenant, request.request_id, fingerprint(request, priority)
-            )
-        priority = PRIORITY_DEFAULT if request.priority is None else request.priority
+        for name in dict.fromkeys(request.type for request in requests):
+            principal.require_type(name)
+        job_types = await self._job_types_for(requests, tenant, batch)
         now = self.clock.now()
+        jobs = [self._new_job(r, t, caller, now) for r, t in zip(requests, job_types, strict=True)]
+        entries = [
+            AuditEntry(
+                job.id,
+                now,
+                audit.SUBMITTED,
+                principal.label,
+                job.request_id,
+                caller.peer,
+                f"type {job.type}, priority {job.priority}",
+            )
+            for job in jobs
+        ]
+        acknowledged = [job.copy() for job in jobs]
+        answers: list[Job | None] = [None] * len(jobs)
+        pending = list(range(len(jobs)))
+        for _ in range(_CAS_TRIES):
+            try:
+                await self._insert(tenant, [jobs[i] for i in pending], [entries[i] for i in pending])
+            except DuplicateRequestId as duplicate:
+                taken = set(duplicate.request_ids)
+            except (QueueFull, QuotaExceeded):
+                # A retry of requests already accepted is answered with their jobs, full queue or not.
+                if not all([await self._accepted(tenant, jobs[i].request_id) for i in pending]):
+                    raise
+                taken = {jobs[i].request_id for i in pending}
+            else:
+                for i in pending:
+                    answers[i] = acknowledged[i]
+                return [answer for answer in answers if answer is not None]
+            still = []
+            for i in pending:
+                if jobs[i].request_id in taken:
+                    answers[i] = await self._existing_for_request(
+                        tenant, jobs[i], f"requests[{i}]" if batch else ""
+                    )
+                else:
+                    still.append(i)
+            pending = still
+            if not pending:
+                return [answer for answer in answers if answer is not None]
+        raise JobwireError("request_ids of this batch kept being taken while it was stored; retry it")
+
+    async def _job_types_for(self, requests: Sequence[SubmitRequest], tenant: str, batch: bool) -> list[Any]:
+        """The job type of each request; UnknownJobType naming every request of a type the tenant may
+        not use (re-read from a shared store first: it may have been declared through another replica)."""
+        names = list(dict.fromkeys(request.type for request in requests))
+        found = {name: self._type_for(name, tenant) for name in names}
+        if None in found.values() and self.store.shared:
+            await self._reload_types()
+            found = {name: self._type_for(name, tenant) for name in names}
+        unknown = [name for name, job_type in found.items() if job_type is None]
+        if unknown:
+            known = f"known types: {_name_some(self.types.visible(tenant)) or '(none registered)'}"
+            raise UnknownJobType(
+                f"unknown job type {unknown[0]!r}; {known}",
+                [
+                    FieldViolation(
+                        f"requests[{i}].type" if batch else "type",
+                        f"no handler or worker has declared {r.type!r}; {known}",
+                    )
+                    for i, r in enumerate(requests)
+                    if found[r.type] is None
+                ],
+            )
+        return [found[request.type] for request in requests]
+
+    def _new_job(self, request: SubmitRequest, job_type: Any, caller: Caller, now: float) -> Job:
+        priority = PRIORITY_DEFAULT if request.priority is None else request.priority
         schedule_time = (
             request.schedule_time if request.schedule_time and request.schedule_time > now else None
         )
-        job = Job(
+        return Job(
             id=self._ids.new_id(),
             type=request.type,
             state=JobState.QUEUED,
@@ -196,31 +276,35 @@ class JobOperations:
             timeout=request.timeout,
             retry_policy=resolve_retry_policy(request.retry, job_type.retry, self.settings.retry_policy),
             schedule_time=schedule_time,
-            tenant=tenant,
-            created_by=principal.subject,
+            tenant=caller.principal.tenant,
+            created_by=caller.principal.subject,
         )
-        acknowledged = job.copy()
-        entry = AuditEntry(
-            job.id,
-            now,
-            audit.SUBMITTED,
-            principal.label,
-            request.request_id,
-            caller.peer,
-            f"type {job.type}, priority {priority}",
-        )
-        rate = SubmitRate(quota.submit_rate) if quota.submit_rate else None
+
+    async def _insert(self, tenant: str, jobs: list[Job], entries: list[AuditEntry]) -> None:
+        """Store new jobs if the queue and the tenant's quotas have room for them: QueueFull or
+        QuotaExceeded if not. Jobs being stored count against the room until they are."""
+        count = len(jobs)
+        quota = self.settings.tenants.quota(tenant)
+        room = self.settings.max_queued - len(self.queue) - self._inserting
+        if count > room:
+            raise QueueFull(
+                f"the queue is full ({self.settings.max_queued} jobs waiting); retry later"
+                if count == 1 or room <= 0
+                else f"the queue has room for {room} more jobs, not {count}; retry later"
+            )
         counted = quota.max_queued is not None  # inserts in flight count against the tenant's queue
-        self._inserting += 1
         if counted:
-            self._inserting_by_tenant[tenant] = self._inserting_by_tenant.get(tenant, 0) + 1
+            self._check_queued_quota(tenant, quota, self._inserting_by_tenant.get(tenant, 0) + count - 1)
+        rate = SubmitRate(quota.submit_rate, count) if quota.submit_rate else None
+        self._inserting += count
+        if counted:
+            self._inserting_by_tenant[tenant] = self._inserting_by_tenant.get(tenant, 0) + count
         try:
-            await self.store.insert(job, entry, rate)
-        except DuplicateRequestId:
-            return await self._existing_for_request(tenant, job.request_id, job.request_fingerprint)
+            if count == 1:
+                await self.store.insert(jobs[0], entries[0], rate)
+            else:
+                await self.store.insert_many(jobs, entries, rate)
         except RateLimited as limited:
-            if await self._accepted(tenant, job.request_id) is not None:  # answered, not limited
-                return await self._existing_for_request(tenant, job.request_id, job.request_fingerprint)
             raise QuotaExceeded(
                 f"tenant {tenant} may submit {quota.submit_rate} jobs per minute; retry in "
                 f"{limited.retry_after:.1f}s",
@@ -229,14 +313,13 @@ class JobOperations:
                 retry_after=limited.retry_after,
             ) from None
         finally:
-            self._inserting -= 1
+            self._inserting -= count
             if counted:
-                left = self._inserting_by_tenant[tenant] - 1
+                left = self._inserting_by_tenant[tenant] - count
                 if left:
                     self._inserting_by_tenant[tenant] = left
                 else:
                     del self._inserting_by_tenant[tenant]
-        return acknowledged
 
     async def _accepted(self, tenant: str, request_id: str) -> Job | None:
         """The tenant's job made by an earlier call with this request_id, if any."""
@@ -256,15 +339,16 @@ class JobOperations:
                 retry_after=1.0,
             )
 
-    async def _existing_for_request(self, tenant: str, request_id: str, request_fingerprint: str) -> Job:
-        """The job an earlier call with this request_id made, if this call asks for the same job."""
-        existing = await self.store.get_by_request_id(tenant, request_id)
+    async def _existing_for_request(self, tenant: str, job: Job, field_prefix: str = "") -> Job:
+        """The job an earlier call with ``job``'s request_id made, if this call asks for the same job
+        (RequestIdReused if not, naming ``field_prefix``.request_id when given)."""
+        existing = await self.store.get_by_request_id(tenant, job.request_id)
         if existing is None:
             raise JobwireError("the job of this request_id vanished while it was being read; retry")
-        if existing.request_fingerprint != request_fingerprint:
-            raise RequestIdReused(
-                f"request_id {request_id!r} was already used by job {existing.id} with a different request"
-            )
+        if existing.request_fingerprint != job.request_fingerprint:
+            message = f"request_id {job.request_id!r} was already used by job {existing.id}, another request"
+            field = f"{field_prefix}.request_id" if field_prefix else ""
+            raise RequestIdReused(message, [FieldViolation(field, message)] if field else None)
         return self._annotated(existing)
 
     # -- reads ----------------------------------------------------------------------------------------

@@ -380,6 +380,11 @@ class JobManager:
     async def submit(self, request: SubmitRequest, caller: Caller = LOCAL_CALLER) -> Job:
         return await self.jobs.submit(request, caller)
 
+    async def submit_many(
+        self, requests: Sequence[SubmitRequest], caller: Caller = LOCAL_CALLER
+    ) -> list[Job]:
+        return await self.jobs.submit_many(requests, caller)
+
     async def get(self, job_id: str, caller: Caller = LOCAL_CALLER) -> Job:
         return await self.jobs.get(job_id, caller)
 

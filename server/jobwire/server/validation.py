@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ MAX_FILTER_TYPES = 100
 MAX_TYPES_PER_WORKER = 200
 MAX_LABEL_VALUE = 256
 MAX_REQUEST_ID = 128
+MAX_BATCH_JOBS = 1000  # jobs in one BatchSubmitJobs call (AIP-233)
 MAX_REASON = 1024
 MIN_TIMEOUT = 0.001
 MAX_TIMEOUT = 7 * 24 * 3600.0
@@ -62,6 +64,29 @@ def submit_violations(request: SubmitRequest) -> list[FieldViolation]:
         violations.extend(retry_violations(request.retry, "retry_policy"))
     if request.schedule_time is not None and request.schedule_time > time.time() + MAX_SCHEDULE_AHEAD:
         violations.append(FieldViolation("schedule_time", "at most 365 days ahead"))
+    return violations
+
+
+def batch_violations(requests: Sequence[SubmitRequest]) -> list[FieldViolation]:
+    """Every problem of a batch of submit requests, each field named ``requests[i].field``."""
+    if not requests:
+        return [FieldViolation("requests", "at least one job")]
+    if len(requests) > MAX_BATCH_JOBS:
+        return [
+            FieldViolation("requests", f"at most {MAX_BATCH_JOBS} jobs in one batch, got {len(requests)}")
+        ]
+    violations: list[FieldViolation] = []
+    first_use: dict[str, int] = {}
+    for index, request in enumerate(requests):
+        violations.extend(
+            FieldViolation(f"requests[{index}].{v.field}", v.description) for v in submit_violations(request)
+        )
+        if request.request_id:
+            first = first_use.setdefault(request.request_id, index)
+            if first != index:
+                violations.append(
+                    FieldViolation(f"requests[{index}].request_id", f"repeats requests[{first}].request_id")
+                )
     return violations
 
 

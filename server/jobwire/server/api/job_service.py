@@ -39,30 +39,27 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
         self, request: job_service_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> job_service_pb2.SubmitJobResponse:
         try:
-            if request.params.ByteSize() > MAX_PARAMS_BYTES:
-                raise invalid("params", f"larger than {MAX_PARAMS_BYTES} bytes once serialized")
-            job = await self._manager.submit(
-                SubmitRequest(
-                    type=request.type,
-                    params=convert.struct_to_dict(request.params) if request.params.fields else {},
-                    priority=request.priority if request.HasField("priority") else None,
-                    labels=dict(request.labels),
-                    request_id=request.request_id,
-                    timeout=convert.duration_seconds(request.timeout)
-                    if request.HasField("timeout")
-                    else None,
-                    retry=convert.retry_from_proto(request.retry_policy)
-                    if request.HasField("retry_policy")
-                    else None,
-                    schedule_time=convert.timestamp_seconds(request.schedule_time)
-                    if request.HasField("schedule_time")
-                    else None,
-                ),
-                current_caller(),
-            )
+            job = await self._manager.submit(submit_request(request), current_caller())
         except JobwireError as error:
             await abort(context, error)
         return job_service_pb2.SubmitJobResponse(job=convert.job_to_proto(job))
+
+    async def BatchSubmitJobs(
+        self, request: job_service_pb2.BatchSubmitJobsRequest, context: grpc.aio.ServicerContext
+    ) -> job_service_pb2.BatchSubmitJobsResponse:
+        try:
+            echoed = sum(r.ByteSize() - r.params.ByteSize() for r in request.requests)
+            if echoed > PAGE_BYTES:  # the reply repeats all but params: it must fit in a message
+                raise invalid(
+                    "requests", f"more than {PAGE_BYTES} bytes without params; send fewer jobs per batch"
+                )
+            requests = [submit_request(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
+            jobs = await self._manager.submit_many(requests, current_caller())
+        except JobwireError as error:
+            await abort(context, error)
+        return job_service_pb2.BatchSubmitJobsResponse(
+            jobs=[convert.job_to_proto(job, with_payload=False) for job in jobs]
+        )
 
     async def GetJob(
         self, request: job_service_pb2.GetJobRequest, context: grpc.aio.ServicerContext
@@ -259,3 +256,22 @@ def _job_id(job_id: str) -> str:
 
 
 __all__ = ["JobServiceServicer", "job_pb2"]
+
+
+def submit_request(request: job_service_pb2.SubmitJobRequest, field_prefix: str = "") -> SubmitRequest:
+    """The domain request of a SubmitJobRequest (InvalidArgument naming ``field_prefix``params if its
+    params are over the cap)."""
+    if request.params.ByteSize() > MAX_PARAMS_BYTES:
+        raise invalid(f"{field_prefix}params", f"larger than {MAX_PARAMS_BYTES} bytes once serialized")
+    return SubmitRequest(
+        type=request.type,
+        params=convert.struct_to_dict(request.params) if request.params.fields else {},
+        priority=request.priority if request.HasField("priority") else None,
+        labels=dict(request.labels),
+        request_id=request.request_id,
+        timeout=convert.duration_seconds(request.timeout) if request.HasField("timeout") else None,
+        retry=convert.retry_from_proto(request.retry_policy) if request.HasField("retry_policy") else None,
+        schedule_time=convert.timestamp_seconds(request.schedule_time)
+        if request.HasField("schedule_time")
+        else None,
+    )
