@@ -177,6 +177,15 @@ def test_submit_returns_queued_job(grpcurl: Grpcurl) -> None:
     assert job["create_time"].endswith("Z")
 
 
+def test_batch_submit_from_grpcurl(grpcurl: Grpcurl) -> None:
+    requests = [{"type": "demo.echo", "params": {"n": n}, "request_id": f"g-{n}"} for n in range(3)]
+    jobs = grpcurl.unary("BatchSubmitJobs", {"requests": requests})["jobs"]
+    assert [job["request_id"] for job in jobs] == ["g-0", "g-1", "g-2"]
+    assert all("params" not in job for job in jobs)  # the BASIC view: the caller has the params
+    again = grpcurl.unary("BatchSubmitJobs", {"requests": requests})["jobs"]
+    assert [job["id"] for job in again] == [job["id"] for job in jobs]
+
+
 def test_watch_streams_to_succeeded_then_get(grpcurl: Grpcurl) -> None:
     # Long enough for the watch (a new grpcurl process) to join while the job still runs.
     job = submit(grpcurl, {"type": "demo.sleep", "params": {"seconds": 1.0, "steps": 4}})

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import socket
@@ -460,3 +461,74 @@ def test_cli_retry_max_attempts_schedule_and_why_a_job_waits(
     assert "scheduled: scheduled to start in" in capsys.readouterr().out
     assert main([*base, "get", scheduled["id"], "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["wait_reason"] == "WAIT_REASON_SCHEDULED"
+
+
+# --- batches ----------------------------------------------------------------------------------------
+
+
+def test_submit_many_stores_every_job_or_none(client: JobwireClient) -> None:
+    jobs = client.submit_many(
+        [
+            {"type": "test.echo", "params": {"n": n}, "priority": n % 10, "labels": {"b": "1"}}
+            for n in range(20)
+        ]
+    )
+    assert [job.priority for job in jobs] == [n % 10 for n in range(20)]
+    assert all(job.request_id for job in jobs)  # generated, so that the SDK's retries are idempotent
+    assert job_result(client.wait(jobs[13].id, timeout=WAIT)) == {"n": 13}
+    with pytest.raises(InvalidArgumentError) as refused:
+        client.submit_many([{"type": "test.echo"}, {"type": "test.echo", "priority": 42}])
+    assert [field for field, _ in refused.value.field_violations] == ["requests[1].priority"]
+    assert len(client.list_page(labels={"b": "1"}, page_size=100)[0]) == 20
+    with pytest.raises(TypeError, match=r"jobs\[1\]"):
+        client.submit_many([{"type": "test.echo"}, {"params": {}}])
+
+
+async def test_async_submit_many(jobwire_target: str) -> None:
+    async with AsyncJobwireClient(jobwire_target, call_timeout=10) as client:
+        jobs = await client.submit_many([{"type": "test.echo", "params": {"n": n}} for n in range(5)])
+        assert len({job.id for job in jobs}) == 5
+        assert job_result(await client.wait(jobs[4].id, timeout=WAIT)) == {"n": 4}
+
+
+def test_cli_submit_from_file(
+    jobwire_target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = [
+        json.dumps({"type": "test.echo", "params": {"n": n}, "request_id": f"f-{n}"}) for n in range(2500)
+    ]
+    lines.insert(7, "")  # blank lines are skipped
+    lines.append(json.dumps({"type": "test.echo", "timeout": "30s", "at": "+1h", "labels": {"x": "y"}}))
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    base = ["--server", jobwire_target]
+    assert main([*base, "submit", "--from-file", str(path), "--priority", "8"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert len(ids) == 2501 and len(set(ids)) == 2501
+    with JobwireClient(jobwire_target, call_timeout=10) as client:
+        last = client.get(ids[-1])
+        assert (last.priority, last.labels["x"], last.timeout.seconds) == (8, "y", 30)
+        assert last.HasField("schedule_time")
+        assert job_result(client.wait(ids[1234], timeout=WAIT)) == {"n": 1234}
+    # Again: every line has a request_id but the last, so only the last makes a new job.
+    assert main([*base, "--json", "submit", "--from-file", str(path), "--priority", "8"]) == 0
+    again = [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()]
+    assert again[:2500] == ids[:2500] and again[2500] != ids[2500]
+
+    # A bad job is named by its line; the batches before it stay submitted, and the CLI says so.
+    lines[2000] = json.dumps({"type": "test.echo", "priority": 12})
+    path.write_text("\n".join(lines) + "\n")
+    assert main([*base, "submit", "--from-file", str(path), "--priority", "8"]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.out.split()) == 1000  # the first call: lines 1 to 1001 (one is blank)
+    assert f"{path}: 1000 jobs submitted, up to line 1001" in captured.err
+    assert f"{path}:2001: priority: must be from 0 to 9, got 12" in captured.err
+
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"type": "test.echo"}\n{"type": 3}\n'))
+    with pytest.raises(SystemExit) as usage:
+        main([*base, "submit", "--from-file", "-"])
+    assert usage.value.code == 2
+    assert '<stdin>:2: "type" (a string) is required' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "submit", "test.echo", "--from-file", str(path)])
+    assert "not both" in capsys.readouterr().err

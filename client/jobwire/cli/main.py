@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jobwire.cli import render
+from jobwire.cli.batches import submit_file
 from jobwire.cli.parsing import UsageError, label_arg, labels_dict, parse_params, state_arg
 from jobwire.client import JobwireClient, JobwireError
 from jobwire.client._core import DEFAULT_TARGET
@@ -156,8 +157,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="issue or inspect bearer tokens; needs the server package (see: jobwire token --help)",
     )
 
-    p = sub.add_parser("submit", parents=[common], help="submit a job")
-    p.add_argument("type", help='job type, e.g. "demo.sleep"')
+    p = sub.add_parser("submit", parents=[common], help="submit a job, or every job of a JSON Lines file")
+    p.add_argument("type", nargs="?", help='job type, e.g. "demo.sleep"')
     p.add_argument(
         "params",
         nargs="*",
@@ -181,6 +182,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="start no earlier than WHEN: an ISO 8601 time, or +DURATION from now (+90, +10m, +1h)",
     )
     p.add_argument("--watch", action="store_true", help="watch the job until it finishes")
+    p.add_argument(
+        "--from-file",
+        metavar="PATH",
+        help="submit one job per line of a JSON Lines file ('-': standard input), 1,000 per call, each "
+        'call all or nothing; a line holds "type" and optionally "params", "priority", "labels", '
+        '"request_id", "timeout", "max_attempts", "at"; the options above are defaults for every line',
+    )
     p.set_defaults(handler=cmd_submit)
 
     p = sub.add_parser("get", parents=[common], help="show one job")
@@ -392,6 +400,14 @@ def _watch(client: JobwireClient, job_id: str, as_json: bool) -> int:
 
 
 def cmd_submit(client: JobwireClient, args: argparse.Namespace) -> int:
+    if args.from_file is not None:
+        if args.type is not None or args.params:
+            raise UsageError("give a job type or --from-file, not both")
+        if args.watch:
+            raise UsageError("--watch follows one job; it does not go with --from-file")
+        return submit_file(client, args)
+    if args.type is None:
+        raise UsageError("a job type is required (or --from-file PATH)")
     params = parse_params(args.params)
     job = client.submit(
         args.type,

@@ -114,6 +114,24 @@ def build_submit_request(
     return request
 
 
+MAX_BATCH_JOBS = 1000  # the server's limit for one BatchSubmitJobs call
+
+
+def build_batch_request(jobs: Iterable[Mapping[str, Any]]) -> job_service_pb2.BatchSubmitJobsRequest:
+    """The BatchSubmitJobsRequest for ``submit_many``: each mapping holds ``submit``'s arguments
+    (``type`` required); each request carries a request_id (generated when missing)."""
+    requests = []
+    for index, job in enumerate(jobs):
+        if not isinstance(job, Mapping) or "type" not in job:
+            raise TypeError(f"jobs[{index}] must be a mapping with a 'type', got {job!r:.80}")
+        arguments = dict(job)
+        try:
+            requests.append(build_submit_request(arguments.pop("type"), **arguments))
+        except TypeError as error:
+            raise TypeError(f"jobs[{index}]: {error}") from None
+    return job_service_pb2.BatchSubmitJobsRequest(requests=requests)
+
+
 def build_list_request(
     *,
     states: StateFilter = None,

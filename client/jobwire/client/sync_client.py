@@ -114,6 +114,18 @@ class JobwireClient:
         )
         return response.job
 
+    def submit_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[job_pb2.Job]:
+        """Submit up to 1,000 jobs in one call: all are stored, or none (the error names
+        ``requests[i]``). Each mapping holds ``submit``'s arguments, ``type`` required, e.g.
+        ``{"type": "demo.echo", "params": {"n": 1}, "priority": 7}``. Returns the jobs in order,
+        without params. Retried on UNAVAILABLE: every job carries a request_id, so none is stored twice.
+        """
+        request = _core.build_batch_request(jobs)
+        response: job_service_pb2.BatchSubmitJobsResponse = self._call(
+            self._stub.BatchSubmitJobs, request, _core.SUBMIT_RETRY
+        )
+        return list(response.jobs)
+
     def get(self, job_id: str) -> job_pb2.Job:
         """The job as it is now."""
         response: job_service_pb2.GetJobResponse = self._call(

@@ -348,7 +348,9 @@ class JobOperations:
         if existing.request_fingerprint != job.request_fingerprint:
             message = f"request_id {job.request_id!r} was already used by job {existing.id}, another request"
             field = f"{field_prefix}.request_id" if field_prefix else ""
-            raise RequestIdReused(message, [FieldViolation(field, message)] if field else None)
+            if field:  # the message says which request: "requests[3].request_id: ..."
+                raise RequestIdReused(violations=[FieldViolation(field, message)])
+            raise RequestIdReused(message)
         return self._annotated(existing)
 
     # -- reads ----------------------------------------------------------------------------------------
