@@ -22,7 +22,7 @@ def require_postgres() -> None:
     """Skip (or, under CI=true, fail) unless the test PostgreSQL answers."""
     global _available
     if _available is None:
-        _available = asyncio.run(_reachable())
+        _available = asyncio.run(reachable())
     if not _available:
         message = f"PostgreSQL is not reachable at {POSTGRES_DSN} (set JOBWIRE_TEST_POSTGRES to use another)"
         if os.environ.get("CI") == "true":
@@ -30,7 +30,8 @@ def require_postgres() -> None:
         pytest.skip(message)
 
 
-async def _reachable() -> bool:
+async def reachable() -> bool:
+    """Whether the test PostgreSQL answers within 5 seconds."""
     try:
         conn = await asyncio.wait_for(asyncpg.connect(POSTGRES_DSN), 5)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):

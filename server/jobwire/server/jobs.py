@@ -202,7 +202,6 @@ class JobOperations:
             )
             for job in jobs
         ]
-        acknowledged = [job.copy() for job in jobs]
         answers: list[Job | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))
         for _ in range(_CAS_TRIES):
@@ -217,7 +216,7 @@ class JobOperations:
                 taken = {jobs[i].request_id for i in pending}
             else:
                 for i in pending:
-                    answers[i] = acknowledged[i]
+                    answers[i] = jobs[i]  # the store keeps copies of its own: these are the caller's
                 return [answer for answer in answers if answer is not None]
             still = []
             for i in pending:
