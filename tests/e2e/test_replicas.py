@@ -91,6 +91,22 @@ def test_request_id_deduplication_holds_across_replicas(replicas: Replicas) -> N
     assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_batch_accepted_on_one_replica_runs_and_is_deduplicated_on_the_others(replicas: Replicas) -> None:
+    a, b, c = replicas.stubs
+    requests = [S.SubmitJobRequest(type="test.echo", request_id=f"batch-{n}") for n in range(200)]
+    for n, request in enumerate(requests):
+        request.params.update({"n": n})
+    first = a.BatchSubmitJobs(S.BatchSubmitJobsRequest(requests=requests), timeout=30).jobs
+    # Retries through the two other replicas: the same jobs, none stored twice.
+    again = [
+        stub.BatchSubmitJobs(S.BatchSubmitJobsRequest(requests=requests), timeout=30).jobs for stub in (b, c)
+    ]
+    assert [j.id for j in again[0]] == [j.id for j in again[1]] == [j.id for j in first]
+    assert final_state(c, first[150].id).result["n"] == 150
+    listed = b.ListJobs(S.ListJobsRequest(page_size=1000), timeout=10).jobs
+    assert sorted(j.request_id for j in listed) == sorted(f"batch-{n}" for n in range(200))
+
+
 def test_a_worker_on_one_replica_runs_a_job_submitted_on_another(replicas: Replicas) -> None:
     a, b, _c = replicas.stubs
     with RawWorker(replicas.servers[2].target) as worker:
