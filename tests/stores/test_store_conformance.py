@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -825,6 +826,48 @@ async def test_count_groups_by_state_type_and_priority(store: JobStore, make_job
 
 async def test_count_of_an_empty_store(store: JobStore) -> None:
     assert await store.count() == []
+
+
+async def recount(store: JobStore, tenants: frozenset[str] = frozenset()) -> list[JobCount]:
+    """The counts as a count of every stored job would give them."""
+    jobs = await store.list(JobQuery(JobFilter(tenants=tenants), limit=10_000))
+    counted = Counter((job.state, job.type, job.priority) for job in jobs)
+    return [JobCount(*key, n) for key, n in sorted(counted.items())]
+
+
+async def test_counts_follow_every_insert_change_and_purge(
+    store: JobStore, reopen: Reopen, make_job: MakeJob, epoch: int
+) -> None:
+    async def check() -> None:
+        for tenants in (frozenset(), frozenset({"a"}), frozenset({"b", "c"})):
+            assert await store.count(tenants) == await recount(store, tenants)
+
+    queued = [make_job(tenant="a", type="t1", priority=p % 3) for p in range(6)]
+    for job in queued[:3]:
+        await store.insert(job)
+    await store.insert_many(queued[3:], [])
+    await store.insert_many([make_job(tenant="b", type="t2") for _ in range(4)], [])
+    await check()
+    [claimed] = await store.claim([Claim(queued[0].id, "w", "r/s1", T0 + 30)], T0, epoch)
+    assert claimed is not None
+    await store.transition(queued[1].id, Expect(JobState.QUEUED), JobState.CANCELLED, {"expire_time": T0}, T0)
+    await store.transition(
+        queued[0].id, Expect(JobState.RUNNING), JobState.SUCCEEDED, {"expire_time": T0 + 3600}, T0
+    )
+    await check()
+    assert await store.transition(queued[2].id, Expect(JobState.RUNNING), JobState.FAILED, {}, T0) is None
+    await check()
+    assert await store.purge_expired(T0) == 1  # the cancelled job; the succeeded one expires later
+    await check()
+    assert await store.count(frozenset({"a"})) == [
+        JobCount(JobState.QUEUED, "t1", 0, 1),
+        JobCount(JobState.QUEUED, "t1", 1, 1),
+        JobCount(JobState.QUEUED, "t1", 2, 2),
+        JobCount(JobState.SUCCEEDED, "t1", 0, 1),
+    ]
+    reopened = await reopen(store)
+    if reopened is not None:  # durable: the counts are stored with the jobs
+        assert await reopened.count() == await recount(reopened)
 
 
 # --- job types -------------------------------------------------------------------------------------
@@ -1645,6 +1688,7 @@ async def _check_migrated_to_tenants(store: JobStore, finished: Job, queued: Job
         finished.id,
     ]
     assert await store.count(frozenset({"acme"})) == []
+    assert await store.count() == await recount(store)  # counted when the count table was made
     # The old types are shared: no tenant may take them.
     assert await store.load_job_types() == [worker_type("email")]
     assert await store.save_job_types([worker_type("email", tenant="acme")]) == ["email"]
@@ -1697,7 +1741,7 @@ async def test_sqlite_migrates_a_version_3_database_to_tenants(tmp_path: Path, m
         await store.close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 5
         indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "jobs_request_id" not in indexes and "jobs_tenant_request_id" in indexes
     finally:
@@ -2000,3 +2044,31 @@ async def test_concurrent_batches_and_inserts_of_one_request_id_store_it_once(
     assert len(request_ids) == len(set(request_ids))
     batches_stored = sum(o is None for o in outcomes[:3])
     assert len(stored) == 5 * batches_stored + (outcomes[3] is None)
+
+
+async def test_postgres_folds_the_count_deltas_and_counts_stay_exact(
+    postgres_schema: str, make_job: MakeJob
+) -> None:
+    """Two replicas' stores on one schema: each change appends a delta, one of them folds them."""
+    first, second = PostgresStore(store_url(postgres_schema)), PostgresStore(store_url(postgres_schema))
+    await first.open()
+    await second.open()
+    try:
+        await first.insert_many([make_job(type="a") for _ in range(30)], [])
+        await asyncio.gather(*(second.insert(make_job(type="b", priority=1)) for _ in range(20)))
+        expected = [JobCount(JobState.QUEUED, "a", 5, 30), JobCount(JobState.QUEUED, "b", 1, 20)]
+        assert await second.count() == expected  # before any fold: from the deltas
+        conn = await asyncpg.connect(POSTGRES_DSN)
+        try:
+            deadline = asyncio.get_running_loop().time() + 10
+            while await conn.fetchval(f'SELECT COUNT(*) FROM "{postgres_schema}".job_count_deltas'):
+                assert asyncio.get_running_loop().time() < deadline, "the deltas were never folded"
+                await asyncio.sleep(0.2)
+            folded = await conn.fetch(f'SELECT type, n FROM "{postgres_schema}".job_counts ORDER BY 1')
+        finally:
+            await conn.close()
+        assert [(row["type"], row["n"]) for row in folded] == [("a", 30), ("b", 20)]
+        assert await first.count() == await second.count() == expected
+    finally:
+        await first.close()
+        await second.close()

@@ -47,6 +47,7 @@ class JobType:
 
 
 @functools.lru_cache(maxsize=4096)  # all arguments are frozen: a handful of combinations serve every submit
+@functools.lru_cache(maxsize=1024)  # all three are immutable; submits repeat a few combinations
 def resolve_retry_policy(
     requested: RetryDefaults | None, declared: RetryDefaults, server: RetryPolicy
 ) -> RetryPolicy:

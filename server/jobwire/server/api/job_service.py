@@ -48,12 +48,12 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
         self, request: job_service_pb2.BatchSubmitJobsRequest, context: grpc.aio.ServicerContext
     ) -> job_service_pb2.BatchSubmitJobsResponse:
         try:
-            echoed = sum(r.ByteSize() - r.params.ByteSize() for r in request.requests)
+            requests = [submit_request(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
+            echoed = request.ByteSize() - sum(r.params.ByteSize() for r in request.requests)
             if echoed > PAGE_BYTES:  # the reply repeats all but params: it must fit in a message
                 raise invalid(
                     "requests", f"more than {PAGE_BYTES} bytes without params; send fewer jobs per batch"
                 )
-            requests = [submit_request(r, f"requests[{i}].") for i, r in enumerate(request.requests)]
             jobs = await self._manager.submit_many(requests, current_caller())
         except JobwireError as error:
             await abort(context, error)

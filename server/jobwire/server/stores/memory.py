@@ -57,6 +57,10 @@ def _copy_error(error: JobError) -> JobError:
     return JobError(int(error.code), error.message, error.reason, dict(error.metadata))
 
 
+def _count_key(job: Job) -> tuple[JobState, str, int, str]:
+    return job.state, job.type, job.priority, job.tenant
+
+
 def _snapshot(job: Job) -> Job:
     """A copy sharing nothing mutable with ``job`` except params/result, which are never mutated in place.
 
@@ -105,6 +109,8 @@ class MemoryStore(JobStore):
         # Ascending; ULIDs are generated in increasing order, so inserting is almost always an append.
         self._ids: list[str] = []
         self._by_request_id: dict[tuple[str, str], str] = {}  # (tenant, request_id) -> job id
+        # Jobs per (state, type, priority, tenant), kept as jobs change: count() never walks every job.
+        self._counts: Counter[tuple[JobState, str, int, str]] = Counter()
         self._job_types: dict[str, JobType] = {}  # JobType and its RetryDefaults are frozen: no copies
         self._listeners: list[ChangeListener] = []
         # A job's trail is a tuple of tuples of strings and numbers, which the garbage collector stops
@@ -177,6 +183,7 @@ class MemoryStore(JobStore):
             stored = _snapshot(job)
             stored_jobs.append(stored)
             self._jobs[job.id] = stored
+            self._counts[_count_key(stored)] += 1
             if not self._ids or job.id > self._ids[-1]:
                 self._ids.append(job.id)
             else:
@@ -213,6 +220,8 @@ class MemoryStore(JobStore):
         updated.state, updated.update_time, updated.sequence = target, now, stored.sequence + 1
         updated = _snapshot(updated)  # owns its parts: the values given may be changed by the caller
         self._jobs[job_id] = updated
+        self._counts[_count_key(stored)] -= 1
+        self._counts[_count_key(updated)] += 1
         self._publish(updated, ChangeKind.STATE)
         return _snapshot(updated)
 
@@ -286,6 +295,7 @@ class MemoryStore(JobStore):
             return 0
         for job in expired:
             del self._jobs[job.id]
+            self._counts[_count_key(job)] -= 1
             self._audit.pop(job.id, None)
             if job.request_id:
                 del self._by_request_id[(job.tenant, job.request_id)]
@@ -318,15 +328,11 @@ class MemoryStore(JobStore):
         return page
 
     async def count(self, tenants: frozenset[str] = frozenset()) -> builtins.list[JobCount]:
-        counts = Counter(
-            (job.state, job.type, job.priority)
-            for job in self._jobs.values()
-            if not tenants or job.tenant in tenants
-        )
-        return [
-            JobCount(state, job_type, priority, n)
-            for (state, job_type, priority), n in sorted(counts.items())
-        ]
+        counts: Counter[tuple[JobState, str, int]] = Counter()
+        for (state, job_type, priority, tenant), n in self._counts.items():
+            if n and (not tenants or tenant in tenants):
+                counts[(state, job_type, priority)] += n
+        return [JobCount(*key, n) for key, n in sorted(counts.items())]
 
     async def list_audit(self, job_id: str, after_id: int, limit: int) -> builtins.list[AuditEntry]:
         trail = self._audit.get(job_id, ())

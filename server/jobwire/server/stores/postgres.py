@@ -96,6 +96,7 @@ DEFAULT_SCHEMA = "jobwire"
 NOTIFY_LIMIT = 7_900  # bytes of one NOTIFY payload (PostgreSQL refuses 8,000 and more)
 TAKEOVER_POLL = 0.5  # seconds between two tries for the dispatcher lock
 MAX_BATCH = 256  # writes per transaction at most
+COUNT_FOLD_INTERVAL = 1.0  # seconds between two folds of the job count deltas
 
 # Numbered migrations: MIGRATIONS[n - 1] takes the schema from version n - 1 to n. Append only.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -207,6 +208,51 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated     DOUBLE PRECISION NOT NULL
         )
         """,
+    ),  # 3: job counts for GetQueueStats, kept without a hot row: every change of a job's state or priority
+    # (and every insert and delete) appends a delta, and the deltas are folded into job_counts about
+    # once a second by one replica at a time. A count reads job_counts plus the deltas not yet folded.
+    (
+        """
+        CREATE TABLE job_counts (
+            state       INTEGER NOT NULL,
+            type        TEXT NOT NULL,
+            priority    INTEGER NOT NULL,
+            tenant      TEXT NOT NULL,
+            n           BIGINT NOT NULL,
+            PRIMARY KEY (state, type, priority, tenant)
+        )
+        """,
+        """
+        CREATE TABLE job_count_deltas (
+            state       INTEGER NOT NULL,
+            type        TEXT NOT NULL,
+            priority    INTEGER NOT NULL,
+            tenant      TEXT NOT NULL,
+            n           INTEGER NOT NULL
+        )
+        """,
+        "INSERT INTO job_counts SELECT state, type, priority, tenant, COUNT(*) FROM jobs GROUP BY 1, 2, 3, 4",
+        """
+        CREATE FUNCTION jobs_count_delta() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP <> 'INSERT' THEN
+                INSERT INTO job_count_deltas VALUES (OLD.state, OLD.type, OLD.priority, OLD.tenant, -1);
+            END IF;
+            IF TG_OP <> 'DELETE' THEN
+                INSERT INTO job_count_deltas VALUES (NEW.state, NEW.type, NEW.priority, NEW.tenant, 1);
+            END IF;
+            RETURN NULL;
+        END
+        $$
+        """,
+        """
+        CREATE TRIGGER jobs_counted AFTER INSERT OR DELETE ON jobs
+        FOR EACH ROW EXECUTE FUNCTION jobs_count_delta()
+        """,
+        """
+        CREATE TRIGGER jobs_counted_update AFTER UPDATE OF state, priority ON jobs FOR EACH ROW
+        WHEN (OLD.state <> NEW.state OR OLD.priority <> NEW.priority) EXECUTE FUNCTION jobs_count_delta()
+        """,
     ),
 )
 
@@ -231,6 +277,17 @@ _INSERT = (
 # For a batch (executemany): a job whose request_id is taken fails the statement, it is not skipped.
 _INSERT_STRICT = f"INSERT INTO jobs ({_COLS}) VALUES ({', '.join(f'${i + 1}' for i in range(len(COLUMNS)))})"
 _INSERT_AUDIT = f"INSERT INTO job_audit ({_AUDIT_COLS}) VALUES ({', '.join(f'${i + 1}' for i in range(7))})"
+_COUNT = (
+    "SELECT state, type, priority, SUM(n)::bigint FROM (SELECT * FROM job_counts UNION ALL "
+    "SELECT * FROM job_count_deltas) c {where}GROUP BY 1, 2, 3 HAVING SUM(n) > 0 ORDER BY 1, 2, 3"
+)
+# Every delta committed so far, into job_counts (rows in key order: two folds never deadlock).
+_FOLD_COUNTS = (
+    "WITH folded AS (DELETE FROM job_count_deltas RETURNING *) "
+    "INSERT INTO job_counts SELECT state, type, priority, tenant, SUM(n) FROM folded "
+    "GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4 "
+    "ON CONFLICT (state, type, priority, tenant) DO UPDATE SET n = job_counts.n + excluded.n"
+)
 _USED_REQUEST_IDS = "SELECT request_id FROM jobs WHERE tenant = $1 AND request_id = ANY($2::text[])"
 # The job and its audit entry in one statement (one round trip).
 _N = len(COLUMNS)
@@ -426,6 +483,7 @@ class PostgresStore(JobStore):
         self._pool: asyncpg.Pool | None = None
         self._writer_conn: asyncpg.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._folder: asyncio.Task[None] | None = None
         self._ops: deque[_Op] = deque()
         self._progress: dict[str, ProgressNote] = {}
         self._wake = asyncio.Event()
@@ -467,11 +525,17 @@ class PostgresStore(JobStore):
         self._writer_conn = await self._connect()
         self._accepting, self._stopping = True, False
         self._writer = asyncio.create_task(self._write_forever(), name="jobwire-postgres-writer")
+        self._folder = asyncio.create_task(self._fold_counts_forever(), name="jobwire-postgres-counts")
         await self._cluster.open()
 
     async def close(self) -> None:
         if self._pool is None:
             return
+        if self._folder is not None:
+            self._folder.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._folder
+            self._folder = None
         self._accepting = False
         self._stopping = True
         self._wake.set()
@@ -684,6 +748,23 @@ class PostgresStore(JobStore):
 
         await self._submit(apply)
 
+    async def _fold_counts_forever(self) -> None:
+        """Fold the count deltas into job_counts every COUNT_FOLD_INTERVAL, through the writer (one
+        replica at a time: the others skip while it holds the lock)."""
+
+        async def fold(conn: asyncpg.Connection, now: float) -> tuple[None, Changes]:
+            lock = f"jobwire-counts:{self.schema}"
+            if await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", lock):
+                await conn.execute(_FOLD_COUNTS)
+            return None, []
+
+        while self._accepting:
+            await asyncio.sleep(COUNT_FOLD_INTERVAL)
+            try:
+                await self._submit(fold)
+            except Exception:  # the writer reconnects; try again next time
+                log.warning("folding the job counts failed; will retry", exc_info=True)
+
     # --- the writer task -------------------------------------------------------------------------------
 
     async def _write_forever(self) -> None:
@@ -849,11 +930,7 @@ class PostgresStore(JobStore):
 
     async def count(self, tenants: frozenset[str] = frozenset()) -> builtins.list[JobCount]:
         where, args = ("WHERE tenant = ANY($1::text[]) ", [sorted(tenants)]) if tenants else ("", [])
-        rows = await self._fetch(
-            f"SELECT state, type, priority, COUNT(*) FROM jobs {where}"
-            "GROUP BY state, type, priority ORDER BY 1, 2, 3",
-            *args,
-        )
+        rows = await self._fetch(_COUNT.format(where=where), *args)
         return [JobCount(JobState(state), job_type, priority, n) for state, job_type, priority, n in rows]
 
     async def load_queue(self) -> builtins.list[QueuedJob]:

@@ -161,6 +161,41 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             updated     REAL NOT NULL           -- when they were counted
         )
         """,
+    ),  # 5: job counts kept by triggers as jobs are stored, change state or priority, and are purged, so
+    # that GetQueueStats reads a few rows instead of counting every job (rows at 0 are kept).
+    (
+        """
+        CREATE TABLE job_counts (
+            state       INTEGER NOT NULL,
+            type        TEXT NOT NULL,
+            priority    INTEGER NOT NULL,
+            tenant      TEXT NOT NULL,
+            n           INTEGER NOT NULL,
+            PRIMARY KEY (state, type, priority, tenant)
+        ) WITHOUT ROWID
+        """,
+        "INSERT INTO job_counts SELECT state, type, priority, tenant, COUNT(*) FROM jobs GROUP BY 1, 2, 3, 4",
+        """
+        CREATE TRIGGER jobs_counted_insert AFTER INSERT ON jobs BEGIN
+            INSERT INTO job_counts VALUES (new.state, new.type, new.priority, new.tenant, 1)
+                ON CONFLICT (state, type, priority, tenant) DO UPDATE SET n = n + 1;
+        END
+        """,
+        """
+        CREATE TRIGGER jobs_counted_update AFTER UPDATE OF state, priority ON jobs
+        WHEN old.state <> new.state OR old.priority <> new.priority BEGIN
+            UPDATE job_counts SET n = n - 1 WHERE state = old.state AND type = old.type
+                AND priority = old.priority AND tenant = old.tenant;
+            INSERT INTO job_counts VALUES (new.state, new.type, new.priority, new.tenant, 1)
+                ON CONFLICT (state, type, priority, tenant) DO UPDATE SET n = n + 1;
+        END
+        """,
+        """
+        CREATE TRIGGER jobs_counted_delete AFTER DELETE ON jobs BEGIN
+            UPDATE job_counts SET n = n - 1 WHERE state = old.state AND type = old.type
+                AND priority = old.priority AND tenant = old.tenant;
+        END
+        """,
     ),
 )
 
@@ -194,7 +229,10 @@ _REFRESH_REMOTE = (
 _PURGE = f"DELETE FROM jobs WHERE expire_time <= ? AND +state IN ({_TERMINAL})"
 _QUEUE = f"SELECT {', '.join(QUEUE_COLUMNS)} FROM jobs WHERE state = 1 ORDER BY id"
 _ACTIVE_JOBS = f"{_SELECT_BASIC} WHERE state IN ({_ACTIVE}) ORDER BY id"
-_COUNT = "SELECT state, type, priority, COUNT(*) FROM jobs GROUP BY state, type, priority ORDER BY 1, 2, 3"
+_COUNT = (
+    "SELECT state, type, priority, SUM(n) FROM job_counts{where} GROUP BY state, type, priority "
+    "HAVING SUM(n) > 0 ORDER BY 1, 2, 3"
+)
 # A type is replaced only by its own tenant's declaration (no row changes otherwise).
 _SAVE_JOB_TYPE = (
     "INSERT INTO job_types (name, timeout, max_running, retry, last_seen, tenant) VALUES (?, ?, ?, ?, ?, ?) "
@@ -425,10 +463,8 @@ def _read_job_types(conn: sqlite3.Connection) -> list[JobType]:
 
 
 def _read_count(tenants: frozenset[str], conn: sqlite3.Connection) -> list[JobCount]:
-    sql, args = _COUNT, []
-    if tenants:
-        sql = _COUNT.replace(" GROUP BY", f" WHERE tenant IN ({', '.join('?' * len(tenants))}) GROUP BY")
-        args = sorted(tenants)
+    where = f" WHERE tenant IN ({', '.join('?' * len(tenants))})" if tenants else ""
+    sql, args = _COUNT.format(where=where), sorted(tenants)
     return [
         JobCount(JobState(state), job_type, priority, n)
         for state, job_type, priority, n in conn.execute(sql, args).fetchall()
