@@ -18,6 +18,7 @@ import builtins
 import contextlib
 import fcntl
 import functools
+import itertools
 import logging
 import os
 import sqlite3
@@ -270,6 +271,27 @@ Changes = list[JobChange]
 # --- operations run by the writer thread: each returns its result and the changes it made -----------
 
 
+# Rows per INSERT statement when a batch is stored. sqlite3 lets go of the GIL around every statement it
+# steps, and while the event loop is busy each taking-back can wait a whole switch interval (5 ms): with
+# executemany that is per row. One statement per 100 rows waits 100 times less (3,100 parameters, well
+# under SQLite's 32,766).
+_ROWS_PER_INSERT = 100
+
+
+_JOB_ROW = f"({', '.join('?' * len(COLUMNS))})"
+_AUDIT_ROW = f"({', '.join('?' * (len(AUDIT_COLUMNS) - 1))})"
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_INSERT)
+def _insert_rows(count: int) -> str:
+    return f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES {', '.join([_JOB_ROW] * count)}"
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_INSERT)
+def _audit_rows(count: int) -> str:
+    return f"INSERT INTO job_audit ({', '.join(AUDIT_COLUMNS[:-1])}) VALUES {', '.join([_AUDIT_ROW] * count)}"
+
+
 def _take_tokens(tenant: str, rate: SubmitRate, now: float, conn: sqlite3.Connection) -> float:
     """0 when ``rate.jobs`` tokens were taken from the tenant's bucket, else the seconds until they are
     there."""
@@ -308,14 +330,18 @@ def _apply_insert(
         if wait:
             return wait, []
     try:
-        conn.executemany(_INSERT, rows)
+        for start in range(0, len(rows), _ROWS_PER_INSERT):
+            chunk = rows[start : start + _ROWS_PER_INSERT]
+            conn.execute(_insert_rows(len(chunk)), list(itertools.chain.from_iterable(chunk)))
     except sqlite3.IntegrityError as exc:
         if "jobs.tenant, jobs.request_id" in str(exc):
             raise DuplicateRequestId([job.request_id for job in jobs]) from exc
         if "jobs.id" in str(exc):
             raise ValueError(f"a job of {[job.id for job in jobs][:5]} already exists") from exc
         raise
-    conn.executemany(_AUDIT, audits)
+    for start in range(0, len(audits), _ROWS_PER_INSERT):
+        chunk = audits[start : start + _ROWS_PER_INSERT]
+        conn.execute(_audit_rows(len(chunk)), list(itertools.chain.from_iterable(chunk)))
     return 0.0, [JobChange.of(job, ChangeKind.STATE) for job in jobs]
 
 
