@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -126,6 +127,31 @@ def measure(
     }
 
 
+def run(queued: int, calls: int) -> dict[str, Any]:
+    """Fill a store, start a server on it, measure; the figures and how long each step took."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/read.db"
+        began = time.monotonic()
+        queued_ids, finished_ids = asyncio.run(fill(path, queued, 1000))
+        filled = time.monotonic() - began
+        server = ServerProcess(f"sqlite:///{path}")
+        began = time.monotonic()
+        server.start(timeout=120)
+        started = time.monotonic() - began
+        try:
+            figures = measure(server.target, queued_ids, finished_ids, calls)
+        finally:
+            server.kill()
+    ratio = figures["GetJob queued"]["p50_ms"] / figures["GetJob finished"]["p50_ms"]
+    return {
+        "queued": queued,
+        "fill_seconds": filled,
+        "serving_after_seconds": started,
+        "figures": figures,
+        "ratio_queued_to_finished": ratio,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,27 +160,18 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/read.db"
-        began = time.monotonic()
-        queued_ids, finished_ids = asyncio.run(fill(path, args.queued, 1000))
-        filled = time.monotonic() - began
-        server = ServerProcess(f"sqlite:///{path}")
-        began = time.monotonic()
-        server.start(timeout=120)
-        started = time.monotonic() - began
-        try:
-            figures = measure(server.target, queued_ids, finished_ids, args.calls)
-        finally:
-            server.kill()
-    ratio = figures["GetJob queued"]["p50_ms"] / figures["GetJob finished"]["p50_ms"]
+    results = run(args.queued, args.calls)
     if args.json:
-        print(json.dumps({"queued": args.queued, "figures": figures, "ratio_queued_to_finished": ratio}))
+        print(json.dumps(results))
         return 0
-    print(f"{args.queued} queued jobs (filled in {filled:.1f} s; server SERVING {started:.1f} s after start)")
+    print(
+        f"{args.queued} queued jobs (filled in {results['fill_seconds']:.1f} s; server SERVING "
+        f"{results['serving_after_seconds']:.1f} s after start)"
+    )
     print(f"{'call':<18}{'p50 ms':>10}{'p99 ms':>10}{'calls':>8}")
-    for name, figure in figures.items():
+    for name, figure in results["figures"].items():
         print(f"{name:<18}{figure['p50_ms']:>10.2f}{figure['p99_ms']:>10.2f}{figure['calls']:>8.0f}")
+    ratio = results["ratio_queued_to_finished"]
     print(f"GetJob on a queued job / on a finished job (p50): {ratio:.2f}x  (target: at most 2x)")
     return 0
 

@@ -213,9 +213,11 @@ _CLAIM = (
     "schedule_time = NULL, update_time = ?, sequence = sequence + 1 WHERE id = ? AND state = 1" + _RETURNING
 )
 # Fenced by the lease: a note from an attempt that lost its lease changes nothing.
+# Progress notes, many at once: (id, progress, time, lease epoch) rows, each fenced by its lease.
 _PROGRESS = (
-    "UPDATE jobs SET progress = ?, update_time = ?, sequence = sequence + 1 "
-    f"WHERE id = ? AND lease_epoch = ? AND state IN ({_ACTIVE})" + _RETURNING
+    "UPDATE jobs SET progress = v.column2, update_time = v.column3, sequence = sequence + 1 "
+    "FROM (VALUES {rows}) AS v WHERE jobs.id = v.column1 AND jobs.lease_epoch = v.column4 "
+    f"AND jobs.state IN ({_ACTIVE})" + _RETURNING
 )
 _RENEW = (
     "UPDATE jobs SET lease_expire_time = MAX(COALESCE(lease_expire_time, 0), ?) "
@@ -285,6 +287,11 @@ _AUDIT_ROW = f"({', '.join('?' * (len(AUDIT_COLUMNS) - 1))})"
 @functools.lru_cache(maxsize=_ROWS_PER_INSERT)
 def _insert_rows(count: int) -> str:
     return f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES {', '.join([_JOB_ROW] * count)}"
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_INSERT)
+def _progress_rows(count: int) -> str:
+    return _PROGRESS.format(rows=", ".join(["(?, ?, ?, ?)"] * count))
 
 
 @functools.lru_cache(maxsize=_ROWS_PER_INSERT)
@@ -903,12 +910,14 @@ class SqliteStore(JobStore):
         changes: Changes = []
         conn.execute("SAVEPOINT progress")
         try:
-            for job_id, note in progress.items():
-                row = conn.execute(
-                    _PROGRESS, (progress_json(note.progress), note.time, job_id, note.lease_epoch)
-                ).fetchone()
-                if row is not None:
-                    changes.append(JobChange.of(row_to_job(row), ChangeKind.PROGRESS))
+            notes = [
+                (job_id, progress_json(note.progress), note.time, note.lease_epoch)
+                for job_id, note in progress.items()
+            ]
+            for start in range(0, len(notes), _ROWS_PER_INSERT):  # one statement per 100 notes
+                chunk = notes[start : start + _ROWS_PER_INSERT]
+                rows = conn.execute(_progress_rows(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+                changes.extend(JobChange.of(row_to_job(row), ChangeKind.PROGRESS) for row in rows)
         except sqlite3.Error:
             # Progress is not worth failing the state changes committed with it.
             _log.exception("writing %d progress notes failed", len(progress))
