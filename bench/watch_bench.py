@@ -7,10 +7,11 @@ Run: ``.venv/bin/python bench/watch_bench.py [--queued 100000] [--burst 5000] [-
 One server in a child process (SQLite, synchronous=FULL):
 
 1. ``--queued`` jobs of a type whose only worker has left wait in the queue (submitted in batches);
-2. ``--burst`` WatchJob calls on queued jobs are opened at once, spread over channels of at most 5,000
+2. ``--idle`` watch streams are held open, and the server's resident memory is read before and after:
+   the cost of an idle stream (first, while no stream has been opened yet: memory freed by closed
+   streams would otherwise be reused and hide the cost);
+3. ``--burst`` WatchJob calls on queued jobs are opened at once, spread over channels of at most 5,000
    streams; each must receive its snapshot (errors are counted by status code);
-3. ``--idle`` watch streams are held open, and the server's resident memory is read before and after:
-   the cost of an idle stream;
 4. ``--running`` ``demo.sleep`` jobs report progress at 10 Hz for ``--seconds``, each with a watcher;
    each progress message's delivery delay is the client's clock at receipt minus the job's update time
    (the same machine's clock), and all the server's CPU time (running the jobs included) is divided by
@@ -182,15 +183,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["queued"] = {"jobs": len(queued), "seconds": time.perf_counter() - began}
                 print(f"{len(queued):,} jobs queued", file=sys.stderr)
 
-                channels = channels_for(server.target, args.burst)
-                calls, outcomes, seconds = await open_watches(channels, queued[: args.burst])
-                results["burst"] = {"calls": args.burst, "outcomes": dict(outcomes), "seconds": seconds}
-                for call in calls:
-                    call.cancel()
-                for channel in channels:
-                    await channel.close()
-                await asyncio.sleep(1.0)
-
                 before = rss_mib(server)
                 channels = channels_for(server.target, args.idle)
                 calls, outcomes, _ = await open_watches(channels, queued[-args.idle :])
@@ -207,6 +199,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     call.cancel()
                 for channel in channels:
                     await channel.close()
+                await asyncio.sleep(1.0)
+
+                channels = channels_for(server.target, args.burst)
+                calls, outcomes, seconds = await open_watches(channels, queued[: args.burst])
+                results["burst"] = {"calls": args.burst, "outcomes": dict(outcomes), "seconds": seconds}
+                for call in calls:
+                    call.cancel()
+                for channel in channels:
+                    await channel.close()
+                await asyncio.sleep(1.0)
 
                 channels = channels_for(server.target, args.running)
                 results["progress"] = await progress_delivery(

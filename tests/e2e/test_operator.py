@@ -189,3 +189,56 @@ def test_calls_in_flight_at_drain_complete_or_get_unavailable_never_cancelled(tm
     server.process.wait(60)
     assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
     assert codes.get("UNAVAILABLE")
+
+
+async def test_a_recovering_server_answers_health_not_serving_and_calls_unavailable(tmp_path: Path) -> None:
+    """While the queue is loaded from the store (long with a deep one), the port is open: health says
+    NOT_SERVING and calls get UNAVAILABLE with SERVER_STARTING and a RetryInfo, instead of connections
+    being refused; then SERVING."""
+    from jobwire.server.app import JobwireServer
+    from jobwire.server.config import ServerConfig
+    from jobwire.server.stores.base import QueuedJob
+
+    server = JobwireServer(ServerConfig(host="127.0.0.1", port=0, store=f"sqlite:///{tmp_path / 'jobs.db'}"))
+    store = server.manager.store
+    recovering = asyncio.Event()
+    load_queue = store.load_queue
+
+    async def slow_load_queue() -> list[QueuedJob]:
+        await recovering.wait()  # the seam: a queue that takes as long as the test wants to load
+        return await load_queue()
+
+    store.load_queue = slow_load_queue  # type: ignore[method-assign]
+    starting = asyncio.create_task(server.start())
+    for _ in range(500):  # the port is open before the queue is recovered
+        if server.port:
+            break
+        assert not starting.done(), starting
+        await asyncio.sleep(0.01)
+    assert server.port, "the server listened only after recovering"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            stub = job_service_pb2_grpc.JobServiceStub(channel)
+            for service in ("", "jobwire.v1.JobService", "jobwire.v1.WorkerService"):
+                answer = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.SubmitJob(job_service_pb2.SubmitJobRequest(type="demo.echo"), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            status = rpc_status.from_call(refused.value)
+            assert status is not None
+            details = {detail.type_url.rsplit("/", 1)[-1]: detail for detail in status.details}
+            info = error_details_pb2.ErrorInfo()
+            details["google.rpc.ErrorInfo"].Unpack(info)
+            assert info.reason == "SERVER_STARTING" and "google.rpc.RetryInfo" in details
+
+            recovering.set()
+            await starting
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            job = (await stub.SubmitJob(job_service_pb2.SubmitJobRequest(type="demo.echo"), timeout=5)).job
+            assert job.state == job_pb2.JOB_STATE_QUEUED
+    finally:
+        recovering.set()
+        await server.stop(grace=0)

@@ -32,6 +32,7 @@ log = logging.getLogger("jobwire.server")
 JOB_SERVICE_DESCRIPTOR = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
 JOB_SERVICE = JOB_SERVICE_DESCRIPTOR.full_name
 WORKER_SERVICE_DESCRIPTOR = worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"]
+SERVICES = ("", JOB_SERVICE, WORKER_SERVICE_DESCRIPTOR.full_name)  # the names health answers for
 MAX_MESSAGE_BYTES = 4 << 20
 # On stop, how long calls still in flight may take to finish before they are cancelled. New work is
 # refused by then, so what is left are short unary calls and state changes committing.
@@ -94,15 +95,22 @@ class JobwireServer:
         self.authenticator = _authenticator(self.config)
         credentials = _server_credentials(self.config)
         try:
-            await self.manager.start()
+            await self.manager.open()
         except StartupError:
             raise
         except Exception as error:  # whatever the store raised: the operator needs one clear line
             raise StartupError(f"cannot open the store {self.config.store}: {error}") from error
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        add_servicer(JobServiceServicer(self.manager), JOB_SERVICE_DESCRIPTOR, server, self.authenticator)
+
+        # Until the queue is recovered, calls get UNAVAILABLE (SERVER_STARTING) and health NOT_SERVING.
+        def ready() -> bool:
+            return self.manager.ready
+
         add_servicer(
-            WorkerServiceServicer(self.manager), WORKER_SERVICE_DESCRIPTOR, server, self.authenticator
+            JobServiceServicer(self.manager), JOB_SERVICE_DESCRIPTOR, server, self.authenticator, ready
+        )
+        add_servicer(
+            WorkerServiceServicer(self.manager), WORKER_SERVICE_DESCRIPTOR, server, self.authenticator, ready
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _add_reflection(
@@ -126,9 +134,16 @@ class JobwireServer:
             raise StartupError(
                 f"cannot listen on {address}: the port is in use or the address is not local (--host, --port)"
             )
+        for service in SERVICES:
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server, self.port = server, port
-        for service in ("", JOB_SERVICE, WORKER_SERVICE_DESCRIPTOR.full_name):
+        try:
+            await self.manager.start()  # recovery: load the queue (long with a deep one), join the cluster
+        except Exception as error:
+            await self.stop(grace=0)
+            raise StartupError(f"cannot recover the jobs of {self.config.store}: {error}") from error
+        for service in SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._log_security(host)
         if self.authenticator.tokens is not None:

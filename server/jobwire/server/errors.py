@@ -118,6 +118,10 @@ class Draining(JobwireError):
     """The server is draining and accepts no new work."""
 
 
+class Starting(JobwireError):
+    """The server is still recovering its queue from the store: retry in a moment."""
+
+
 class WatchPositionLost(JobwireError):
     """The requested watch position is no longer retained: watch again from the start."""
 

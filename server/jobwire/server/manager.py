@@ -165,7 +165,9 @@ class JobManager:
         )
         # State changes asked for by callers, each running to its end even if its caller gives up.
         self.in_flight = InFlight()
+        self._opened = False
         self._started = False
+        self.ready = False  # started: calls may be served
         self._background: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._live: set[str] = set()
@@ -174,12 +176,20 @@ class JobManager:
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
+    async def open(self) -> None:
+        """Open the store (connect, migrate): quick, and where a bad store fails. Idempotent."""
+        if self._opened:
+            return
+        await self.store.open()
+        self._opened = True
+
     async def start(self) -> None:
-        """Open the store, follow its feed, join the cluster and start taking work. Idempotent."""
+        """Open the store, recover the queue from it, join the cluster and start taking work (``ready``
+        from then on). Idempotent."""
         if self._started:
             return
         self._started = True
-        await self.store.open()
+        await self.open()
         await self.reload_types()
         self.queue.load(await self.store.load_queue(), self.clock.now())
         await self.cluster.join(self._on_message, self._on_leadership)
@@ -196,6 +206,7 @@ class JobManager:
             "dispatching" if self.dispatcher.active else "another replica dispatches",
             extra={"replica": self.cluster.replica_id, "queued": len(self.queue)},
         )
+        self.ready = True
 
     async def _on_leadership(self, epoch: int | None) -> None:
         """This replica becomes the dispatcher (``epoch``), or stops being it (None)."""

@@ -28,6 +28,7 @@ _MAPPING: list[tuple[type[errors.JobwireError], grpc.StatusCode, str]] = [
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
     (errors.TooManyJobTypes, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_JOB_TYPES"),
     (errors.Draining, grpc.StatusCode.UNAVAILABLE, "SERVER_DRAINING"),
+    (errors.Starting, grpc.StatusCode.UNAVAILABLE, "SERVER_STARTING"),
     (errors.WatchPositionLost, grpc.StatusCode.OUT_OF_RANGE, "WATCH_POSITION_LOST"),
 ]
 
@@ -73,7 +74,7 @@ def to_status(error: errors.JobwireError) -> tuple[grpc.StatusCode, status_pb2.S
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(max(1_000_000, round(error.retry_after * 1e9)))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    if isinstance(error, errors.QueueFull | errors.Draining):
+    if isinstance(error, errors.QueueFull | errors.Draining | errors.Starting):
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)))
     return code, status
 

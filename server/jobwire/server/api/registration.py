@@ -19,24 +19,35 @@ from google.protobuf.message import DecodeError
 
 from jobwire.server.api.authentication import Authenticator, set_caller
 from jobwire.server.api.errors import abort, invalid
-from jobwire.server.errors import JobwireError
+from jobwire.server.errors import JobwireError, Starting
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-async def _authenticate(authenticator: Authenticator, context: grpc.aio.ServicerContext) -> None:
+Ready = Callable[[], bool]
+
+
+async def _authenticate(
+    authenticator: Authenticator, ready: Ready, context: grpc.aio.ServicerContext
+) -> None:
+    """The caller's credentials, then whether the server is ready to serve (a server still recovering
+    its queue answers UNAVAILABLE, SERVER_STARTING, with a RetryInfo)."""
     try:
         set_caller(authenticator.caller(context))
+        if not ready():
+            raise Starting("the server is starting: it is recovering its jobs from the store; retry shortly")
     except JobwireError as error:
         await abort(context, error)
 
 
-def _decoding(method: Handler, descriptor: MethodDescriptor, authenticator: Authenticator) -> Handler:
+def _decoding(
+    method: Handler, descriptor: MethodDescriptor, authenticator: Authenticator, ready: Ready
+) -> Handler:
     request_class = message_factory.GetMessageClass(descriptor.input_type)
     type_name = descriptor.input_type.full_name
 
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        await _authenticate(authenticator, context)
+        await _authenticate(authenticator, ready, context)
         try:
             request = request_class.FromString(raw)
         except DecodeError as error:
@@ -46,7 +57,9 @@ def _decoding(method: Handler, descriptor: MethodDescriptor, authenticator: Auth
     return handle
 
 
-def _decoding_stream(method: Handler, descriptor: MethodDescriptor, authenticator: Authenticator) -> Handler:
+def _decoding_stream(
+    method: Handler, descriptor: MethodDescriptor, authenticator: Authenticator, ready: Ready
+) -> Handler:
     """For client streaming: the servicer gets an async iterator of decoded messages.
 
     A message that does not decode raises InvalidArgument from the iterator: the servicer, which may be
@@ -56,7 +69,7 @@ def _decoding_stream(method: Handler, descriptor: MethodDescriptor, authenticato
     type_name = descriptor.input_type.full_name
 
     async def handle(raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
-        await _authenticate(authenticator, context)
+        await _authenticate(authenticator, ready, context)
 
         async def decoded() -> AsyncIterator[Any]:
             async for raw in raw_requests:
@@ -72,7 +85,11 @@ def _decoding_stream(method: Handler, descriptor: MethodDescriptor, authenticato
 
 
 def add_servicer(
-    servicer: object, service: ServiceDescriptor, server: grpc.aio.Server, authenticator: Authenticator
+    servicer: object,
+    service: ServiceDescriptor,
+    server: grpc.aio.Server,
+    authenticator: Authenticator,
+    ready: Ready = lambda: True,
 ) -> None:
     """Register every RPC of ``service`` implemented by ``servicer`` (any streaming kind)."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -86,7 +103,7 @@ def add_servicer(
                 else grpc.stream_unary_rpc_method_handler
             )
             handlers[descriptor.name] = make(
-                _decoding_stream(method, descriptor, authenticator), response_serializer=serialize
+                _decoding_stream(method, descriptor, authenticator, ready), response_serializer=serialize
             )
             continue
         make = (
@@ -95,7 +112,7 @@ def add_servicer(
             else grpc.unary_unary_rpc_method_handler
         )
         handlers[descriptor.name] = make(
-            _decoding(method, descriptor, authenticator), response_serializer=serialize
+            _decoding(method, descriptor, authenticator, ready), response_serializer=serialize
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
