@@ -125,6 +125,15 @@ async def open_watches(
     return calls, outcomes, time.perf_counter() - began
 
 
+async def close_all(calls: list[Any], channels: list[grpc.aio.Channel]) -> None:
+    """End the watch calls and their channels, and give the server a second to let go of them."""
+    for call in calls:
+        call.cancel()
+    for channel in channels:
+        await channel.close()
+    await asyncio.sleep(1.0)
+
+
 async def progress_delivery(
     server: ChildServer,
     stub: job_service_pb2_grpc.JobServiceStub,
@@ -195,20 +204,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "rss_after_mib": after,
                     "kib_per_stream": (after - before) * 1024 / args.idle,
                 }
-                for call in calls:
-                    call.cancel()
-                for channel in channels:
-                    await channel.close()
-                await asyncio.sleep(1.0)
+                await close_all(calls, channels)
 
                 channels = channels_for(server.target, args.burst)
                 calls, outcomes, seconds = await open_watches(channels, queued[: args.burst])
                 results["burst"] = {"calls": args.burst, "outcomes": dict(outcomes), "seconds": seconds}
-                for call in calls:
-                    call.cancel()
-                for channel in channels:
-                    await channel.close()
-                await asyncio.sleep(1.0)
+                await close_all(calls, channels)
 
                 channels = channels_for(server.target, args.running)
                 results["progress"] = await progress_delivery(
