@@ -65,19 +65,19 @@ async def fill(path: str, queued: int, finished: int) -> tuple[list[str], list[s
             result=None if state is JobState.QUEUED else {"ok": True},
         )
 
-    batch: list[asyncio.Future[None]] = []
+    batches: list[asyncio.Future[None]] = []
     for state, count, into in (
         (JobState.SUCCEEDED, finished, finished_ids),
         (JobState.QUEUED, queued, queued_ids),
     ):
-        for _ in range(count):
-            item = job(state)
-            into.append(item.id)
-            batch.append(asyncio.ensure_future(store.insert(item)))
-            if len(batch) >= 2000:
-                await asyncio.gather(*batch)
-                batch = []
-    await asyncio.gather(*batch)
+        for start in range(0, count, 1000):
+            jobs = [job(state) for _ in range(min(1000, count - start))]
+            into.extend(item.id for item in jobs)
+            batches.append(asyncio.ensure_future(store.insert_many(jobs, [])))
+            if len(batches) >= 8:
+                await asyncio.gather(*batches)
+                batches = []
+    await asyncio.gather(*batches)
     await store.close()
     return queued_ids, finished_ids
 

@@ -66,7 +66,7 @@ class ChildServer:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> str:
+    def start(self, timeout: float = START_TIMEOUT) -> str:
         """Spawn (never fork: grpc objects exist here) and wait for the listening line."""
         self.process = subprocess.Popen(
             self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -83,7 +83,7 @@ class ChildServer:
                     ready.set()
 
         threading.Thread(target=read_logs, name=f"{self.name}-logs", daemon=True).start()
-        if not ready.wait(START_TIMEOUT):
+        if not ready.wait(timeout):
             self.stop()
             raise RuntimeError(f"{self.name} did not start:\n" + "".join(self.log_lines[-30:]))
         return self.target

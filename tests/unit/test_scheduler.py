@@ -404,3 +404,37 @@ def test_running_and_queued_counts_per_tenant() -> None:
     entry = scheduler.pop_entry(["x"], "b", 0.0)
     assert entry is not None and entry[2] == "4"
     assert scheduler.queued_in("b") == 0 and scheduler.running_by_tenant() == {"b": {"x": 1}}
+
+
+def test_push_many_queues_exactly_as_pushing_one_by_one() -> None:
+    """A restart loads the queue with push_many: the run order, positions and counts must be those of
+    the same pushes made one at a time (several tenants, types, priorities, equal sort keys)."""
+    rng = random.Random(7)
+    jobs = [
+        (
+            f"j{i:05d}",
+            rng.choice(["a", "b", "c"]),
+            rng.randrange(10),
+            float(rng.randrange(50)),
+            rng.choice(["t1", "t2"]),
+        )
+        for i in range(2000)
+    ]
+    one_by_one, at_once = Scheduler(aging_interval=5.0), Scheduler(aging_interval=5.0)
+    for job_id, job_type, priority, queue_time, tenant in jobs:
+        one_by_one.push(job_id, job_type, priority, queue_time, tenant)
+    at_once.push_many(jobs)
+    assert len(at_once) == len(one_by_one) == 2000
+    for job_id in ("j00000", "j00999", "j01999"):
+        assert at_once.position(job_id) == one_by_one.position(job_id)
+    assert at_once.queued_by_priority() == one_by_one.queued_by_priority()
+    assert at_once.queued_by_tenant() == one_by_one.queued_by_tenant()
+    assert at_once.queued_by_type("t1") == one_by_one.queued_by_type("t1")
+    order: list[list[str]] = [[], []]
+    for index, scheduler in enumerate((one_by_one, at_once)):
+        while (taken := scheduler.take(None, None, 0.0)) is not None:
+            order[index].append(taken[0][2])
+            scheduler.release(taken[0][3], taken[0][5])
+    assert order[0] == order[1] and len(order[0]) == 2000
+    with pytest.raises(ValueError, match="already queued"):
+        at_once.push_many([("again", "a", 5, 0.0, "t1"), ("again", "a", 5, 0.0, "t1")])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import sys
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from jobwire.server.changes import JobChange
@@ -65,11 +65,26 @@ class QueueView:
     def load(self, jobs: Iterable[QueuedJob], now: float) -> None:
         """Add the store's queued jobs (oldest first, so FIFO ties keep submission order), skipping any
         the feed has already told about (the feed may run ahead of the snapshot)."""
+        self.scheduler.push_many(self._ready_to_load(jobs, now))
+
+    def _ready_to_load(
+        self, jobs: Iterable[QueuedJob], now: float
+    ) -> Iterator[tuple[str, str, int, float, str]]:
+        """The jobs of ``load`` to put in the run order, one at a time (a list of a million would stay
+        in the process's memory after it is freed); delayed ones and those already known are dealt
+        with on the way."""
         for job in jobs:
             known = self._sequences.get(job.id, self._gone.get(job.id))
-            if known is None or job.sequence > known:
+            if known is not None and job.sequence <= known:
+                continue
+            if known is not None:
                 self._remove(job.id)
+            if job.schedule_time is not None and job.schedule_time > now:
                 self._add(job, now)
+                continue
+            self._sequences[job.id] = job.sequence
+            self._gone.pop(job.id, None)
+            yield job.id, sys.intern(job.type), job.priority, job.queue_time, sys.intern(job.tenant)
 
     def apply(self, change: JobChange, now: float) -> bool:
         """Follow one change; True when a job became ready to run (the dispatcher may have work)."""
@@ -98,13 +113,14 @@ class QueueView:
     def _add(self, job: QueuedJob, now: float) -> bool:
         self._sequences[job.id] = job.sequence
         self._gone.pop(job.id, None)
-        tenant = sys.intern(job.tenant)  # one string per tenant, however many of its jobs are queued
+        # One string per tenant and per type, however many of their jobs are queued.
+        tenant, job_type = sys.intern(job.tenant), sys.intern(job.type)
         if job.schedule_time is not None and job.schedule_time > now:
             self._delayed[job.id] = job
             self._delayed_by_tenant[tenant] += 1
             heapq.heappush(self._due, (job.schedule_time, job.id))
             return False
-        self.scheduler.push(job.id, job.type, job.priority, job.queue_time, tenant)
+        self.scheduler.push(job.id, job_type, job.priority, job.queue_time, tenant)
         return True
 
     def _remove(self, job_id: str) -> None:

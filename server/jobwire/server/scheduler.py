@@ -132,6 +132,36 @@ class Scheduler:
         )
         self._add(entry)
 
+    def push_many(self, jobs: Iterable[tuple[str, str, int, float, str]]) -> None:
+        """Queue many jobs at once, each (job id, type, priority, queue time, tenant), in push order:
+        the same run order as pushing them one by one, built a queue at a time (a restart loads the
+        whole queue this way: sorting a list is many times faster than inserting into it)."""
+        groups: dict[tuple[str, str], list[Entry]] = {}
+        for job_id, job_type, priority, queue_time, tenant in jobs:
+            if job_id in self._entries:
+                raise ValueError(f"job {job_id} is already queued")
+            entry = (
+                self.sort_key(priority, queue_time),
+                next(self._order),
+                job_id,
+                job_type,
+                priority,
+                tenant,
+                queue_time,
+            )
+            groups.setdefault((tenant, job_type), []).append(entry)
+            self._entries[job_id] = entry
+        for (tenant, job_type), entries in groups.items():
+            first, *rest = entries
+            self._entries.pop(first[_ID])
+            self._add(first)  # the tenant joins the fair share, the queue is made, as for one push
+            queue = self._by_type[job_type][tenant]
+            queue.update(rest)
+            self._queued_by_tenant[tenant] += len(rest)
+            for entry in rest:
+                key = (tenant, entry[_PRIORITY])
+                self._queued_by_priority[key] = self._queued_by_priority.get(key, 0) + 1
+
     def _add(self, entry: Entry) -> None:
         tenant, job_type = entry[_TENANT], entry[_TYPE]
         waiting = self._queued_by_tenant
