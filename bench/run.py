@@ -6,8 +6,8 @@ It runs, one after the other: ``submit_bench`` (SubmitJob against the bare grpc.
 submit path alone and with every job run; submit-to-start latency), ``batch_bench`` (BatchSubmitJobs on
 memory, SQLite and PostgreSQL), ``read_bench`` (GetJob, ListJobs and GetQueueStats under a deep queue)
 and ``watch_bench`` (a burst of watchers, idle streams, progress delivery). Ratios are to the echo rate
-measured in the same run. ``--quick`` shrinks every size and duration to finish in about a minute and a
-half: its figures show the shape, the full run gives the ones to quote. What the set does not measure
+measured in the same run. ``--quick`` shrinks every size and duration to finish in about a minute
+and a half: its figures show the shape, the full run gives the ones to quote. What the set does not measure
 yet is listed at the end.
 """
 
@@ -33,7 +33,7 @@ import watch_bench
 NOT_MEASURED = [
     "end to end with remote workers (>= 0.5x echo)",
     "the peers side by side (Celery, RQ, arq, procrastinate)",
-    "1,000,000 queued jobs: memory per job, restart to SERVING",
+    "1,000,000 queued jobs (bench/scale_bench.py, on its own: it takes a few minutes)",
     "the same set on 1, 2 and 3 PostgreSQL replicas (see bench/replicas_bench.py)",
 ]
 
@@ -42,20 +42,12 @@ def sizes(quick: bool) -> dict[str, list[str]]:
     """Each benchmark's arguments, full or quick."""
     if quick:
         return {
-            "submit": ["--submit-only", "--duration", "1.5", "--warmup", "0.5", "--latency-jobs", "50"],
-            "batch": ["--duration", "1.5", "--warmup", "0.5", "--concurrency", "2"],
-            "read": ["20000", "300"],
+            "submit": ["--submit-only", "--duration", "1", "--warmup", "0.3", "--latency-jobs", "30"],
+            "batch": ["--duration", "1", "--warmup", "0.3", "--concurrency", "2"],
+            "read": ["10000", "200"],
             "watch": [
-                "--queued",
-                "10000",
-                "--burst",
-                "2000",
-                "--idle",
-                "2000",
-                "--running",
-                "200",
-                "--seconds",
-                "2",
+                *("--queued", "5000", "--burst", "1000", "--idle", "1000"),
+                *("--running", "100", "--seconds", "1.5"),
             ],
         }
     return {
