@@ -119,9 +119,13 @@ class Scheduler:
         self, job_id: str, job_type: str, priority: int, queue_time: float, tenant: str = DEFAULT_TENANT
     ) -> None:
         """Queue a job. Pushing a job that is already queued is a bug."""
+        self._add(self._entry(job_id, job_type, priority, queue_time, tenant))
+
+    def _entry(self, job_id: str, job_type: str, priority: int, queue_time: float, tenant: str) -> Entry:
+        """A new entry, next in push order (ValueError for a job already queued)."""
         if job_id in self._entries:
             raise ValueError(f"job {job_id} is already queued")
-        entry = (
+        return (
             self.sort_key(priority, queue_time),
             next(self._order),
             job_id,
@@ -130,27 +134,16 @@ class Scheduler:
             tenant,
             queue_time,
         )
-        self._add(entry)
 
     def push_many(self, jobs: Iterable[tuple[str, str, int, float, str]]) -> None:
         """Queue many jobs at once, each (job id, type, priority, queue time, tenant), in push order:
         the same run order as pushing them one by one, built a queue at a time (a restart loads the
         whole queue this way: sorting a list is many times faster than inserting into it)."""
         groups: dict[tuple[str, str], list[Entry]] = {}
-        for job_id, job_type, priority, queue_time, tenant in jobs:
-            if job_id in self._entries:
-                raise ValueError(f"job {job_id} is already queued")
-            entry = (
-                self.sort_key(priority, queue_time),
-                next(self._order),
-                job_id,
-                job_type,
-                priority,
-                tenant,
-                queue_time,
-            )
-            groups.setdefault((tenant, job_type), []).append(entry)
-            self._entries[job_id] = entry
+        for job in jobs:
+            entry = self._entry(*job)
+            groups.setdefault((entry[_TENANT], entry[_TYPE]), []).append(entry)
+            self._entries[entry[_ID]] = entry
         for (tenant, job_type), entries in groups.items():
             first, *rest = entries
             self._entries.pop(first[_ID])
