@@ -31,7 +31,7 @@ import submit_bench
 import watch_bench
 
 NOT_MEASURED = [
-    "end to end with remote workers (>= 0.5x echo)",
+    "end to end with remote workers (bench/remote_bench.py, on its own)",
     "the peers side by side (Celery, RQ, arq, procrastinate)",
     "1,000,000 queued jobs (bench/scale_bench.py, on its own: it takes a few minutes)",
     "the same set on 1, 2 and 3 PostgreSQL replicas (see bench/replicas_bench.py)",

@@ -45,3 +45,9 @@ def remote_record(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
 @handler("remote.echo")
 def remote_echo(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     return params
+
+
+@handler("remote.noop")
+async def remote_noop(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    """Does nothing: what a job costs the server and the worker beyond its own work."""
+    return {}
