@@ -26,28 +26,18 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from submit_bench import process_rss_mib  # noqa: E402
 
 from jobwire.server.config import ServerConfig  # noqa: E402
-from support.fuzzing import CLIENT_REFUSED_TRAILERS, Fuzzer  # noqa: E402
+from support.fuzzing import Fuzzer  # noqa: E402
 from support.security import Keys  # noqa: E402
 from support.servers import ServerProcess, ServerThread  # noqa: E402
 
-DEFECTS = ("UNKNOWN", "INTERNAL", CLIENT_REFUSED_TRAILERS)
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
 
 def report(fuzzer: Fuzzer, seconds: float, memory: dict[str, float], as_json: bool) -> int:
-    defects = {
-        path: {code: n for code, n in counts.items() if code in DEFECTS}
-        for path, counts in fuzzer.by_method.items()
-        if any(counts[code] for code in DEFECTS)
-    }
+    defects = fuzzer.defects()
     if as_json:
         print(
             json.dumps(
@@ -93,14 +83,14 @@ def fuzz_child_process(args: argparse.Namespace) -> int:
         assert server.process is not None
         pid = server.process.pid
         try:
-            memory = {"start": rss_mib(pid)}
+            memory = {"start": process_rss_mib(pid)}
             fuzzer = Fuzzer(server.target, args.seed, tokens=tokens)
             began = time.monotonic()
             asyncio.run(fuzzer.run(args.calls, args.concurrency))
             seconds = time.monotonic() - began
-            memory["end"] = rss_mib(pid)
+            memory["end"] = process_rss_mib(pid)
             time.sleep(args.settle)
-            memory[f"after {args.settle:g} s"] = rss_mib(pid)
+            memory[f"after {args.settle:g} s"] = process_rss_mib(pid)
             return report(fuzzer, seconds, memory, args.json)
         finally:
             server.kill()
@@ -135,7 +125,7 @@ def fuzz_traced(args: argparse.Namespace) -> int:
             current, peak = tracemalloc.get_traced_memory()
             print(
                 f"all Python allocations (server, client and fuzzer): {current / 1048576:.0f} MiB now, "
-                f"{peak / 1048576:.0f} MiB at the peak; process RSS {rss_mib(os.getpid()):.0f} MiB"
+                f"{peak / 1048576:.0f} MiB at the peak; process RSS {process_rss_mib(os.getpid()):.0f} MiB"
             )
         return code
 

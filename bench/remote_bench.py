@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from submit_bench import (  # noqa: E402
     echo_server,
     job_counts,
     jobwire_server,
+    process_cpu_seconds,
     submit_payload,
     with_server,
 )
@@ -45,11 +45,6 @@ from jobwire.v1 import job_service_pb2, job_service_pb2_grpc  # noqa: E402
 from support.workers import WorkerProcess  # noqa: E402
 
 S = job_service_pb2
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,7 +63,10 @@ async def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.to_thread(worker.wait_registered)
             pids = [w.process.pid for w in workers if w.process is not None]
             assert server.process is not None
-            server_cpu, worker_cpu = cpu_seconds(server.process.pid), sum(map(cpu_seconds, pids))
+            server_cpu, worker_cpu = (
+                process_cpu_seconds(server.process.pid),
+                sum(map(process_cpu_seconds, pids)),
+            )
             async with grpc.aio.insecure_channel(server.target) as channel:
                 stub = job_service_pb2_grpc.JobServiceStub(channel)
                 request = S.SubmitJobRequest(type="remote.noop")
@@ -88,8 +86,8 @@ async def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
                             f"only {finished} of {args.jobs} jobs finished in {args.timeout} s"
                         )
                 seconds = time.perf_counter() - began
-            server_cpu = cpu_seconds(server.process.pid) - server_cpu
-            worker_cpu = sum(map(cpu_seconds, pids)) - worker_cpu
+            server_cpu = process_cpu_seconds(server.process.pid) - server_cpu
+            worker_cpu = sum(map(process_cpu_seconds, pids)) - worker_cpu
         finally:
             for worker in workers:
                 worker.stop()

@@ -32,7 +32,6 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from read_bench import fill  # noqa: E402
 from submit_bench import jobwire_server  # noqa: E402
-from watch_bench import rss_mib  # noqa: E402
 
 
 def start_and_time(store: str, port_file: Path) -> dict[str, Any]:
@@ -45,7 +44,7 @@ def start_and_time(store: str, port_file: Path) -> dict[str, Any]:
         with grpc.insecure_channel(server.target) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert status.status == health_pb2.HealthCheckResponse.SERVING
-        return {"serving_s": serving, "rss_mib": rss_mib(server)}
+        return {"serving_s": serving, "rss_mib": server.rss_mib()}
     finally:
         server.stop()
 

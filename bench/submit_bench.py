@@ -51,6 +51,20 @@ T = TypeVar("T")
 # -- servers in child processes -----------------------------------------------------------------------
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss_mib(pid: int) -> float:
+    """A process's resident memory (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 class ChildServer:
     """A server in a child process; its port is read from its "... listening" JSON log line on stderr."""
 
@@ -93,10 +107,13 @@ class ChildServer:
         if self.process is None:
             return None
         try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return process_cpu_seconds(self.process.pid)
         except OSError:
             return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mib(self) -> float:
+        assert self.process is not None
+        return process_rss_mib(self.process.pid)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (graceful drain), then SIGKILL if it takes too long."""

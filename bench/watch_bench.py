@@ -56,14 +56,6 @@ STREAMS_PER_CHANNEL = 5_000
 PROGRESS = S.WATCH_EVENT_TYPE_PROGRESS_UPDATED
 
 
-def rss_mib(server: ChildServer) -> float:
-    assert server.process is not None
-    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
 def channels_for(target: str, streams: int) -> list[grpc.aio.Channel]:
     count = max(1, -(-streams // STREAMS_PER_CHANNEL))
     # Distinct channel arguments: grpc would otherwise share one connection (and its stream limit).
@@ -192,11 +184,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["queued"] = {"jobs": len(queued), "seconds": time.perf_counter() - began}
                 print(f"{len(queued):,} jobs queued", file=sys.stderr)
 
-                before = rss_mib(server)
+                before = server.rss_mib()
                 channels = channels_for(server.target, args.idle)
                 calls, outcomes, _ = await open_watches(channels, queued[-args.idle :])
                 await asyncio.sleep(2.0)
-                after = rss_mib(server)
+                after = server.rss_mib()
                 results["idle"] = {
                     "streams": args.idle,
                     "outcomes": dict(outcomes),

@@ -33,6 +33,8 @@ KNOWN_TYPES = ("demo.echo", "test.echo", "demo.sleep", "fuzz.type", "test.gate")
 T = FieldDescriptor
 CLIENT_WRITE_AFTER_END = "CLIENT_WRITE_AFTER_END"
 CLIENT_REFUSED_TRAILERS = "CLIENT_REFUSED_TRAILERS"
+# What no call may get: UNKNOWN or INTERNAL, or an error whose trailers the client refuses.
+DEFECTS = ("UNKNOWN", "INTERNAL", CLIENT_REFUSED_TRAILERS)
 CLIENT_SEND_FAILED = "CLIENT_SEND_FAILED"
 
 
@@ -71,6 +73,14 @@ class Fuzzer:
             for service in SERVICES
             for method in service.methods
         ]
+
+    def defects(self) -> dict[str, dict[str, int]]:
+        """Per method, the calls answered with a defect (empty: none)."""
+        return {
+            path: {code: counts[code] for code in DEFECTS if counts[code]}
+            for path, counts in self.by_method.items()
+            if any(counts[code] for code in DEFECTS)
+        }
 
     # -- values ----------------------------------------------------------------------------------------
 
