@@ -36,7 +36,7 @@ from jobwire.server.errors import (
 )
 from jobwire.server.events import EventHub, EventKind, JobEvent
 from jobwire.server.job import PRIORITY_DEFAULT, Job, JobIdGenerator, RetryPolicy, WaitReason
-from jobwire.server.job_types import TypeRegistry, resolve_retry_policy
+from jobwire.server.job_types import JobType, TypeRegistry, resolve_retry_policy
 from jobwire.server.queue_view import QueueView
 from jobwire.server.state_machine import JobState, check_transition
 from jobwire.server.stats import StatsWindow, WindowFigures
@@ -211,8 +211,9 @@ class JobOperations:
                 taken = set(duplicate.request_ids)
             except (QueueFull, QuotaExceeded):
                 # A retry of requests already accepted is answered with their jobs, full queue or not.
-                if not all([await self._accepted(tenant, jobs[i].request_id) for i in pending]):
-                    raise
+                for i in pending:
+                    if await self._accepted(tenant, jobs[i].request_id) is None:
+                        raise
                 taken = {jobs[i].request_id for i in pending}
             else:
                 for i in pending:
@@ -231,7 +232,9 @@ class JobOperations:
                 return [answer for answer in answers if answer is not None]
         raise JobwireError("request_ids of this batch kept being taken while it was stored; retry it")
 
-    async def _job_types_for(self, requests: Sequence[SubmitRequest], tenant: str, batch: bool) -> list[Any]:
+    async def _job_types_for(
+        self, requests: Sequence[SubmitRequest], tenant: str, batch: bool
+    ) -> list[JobType]:
         """The job type of each request; UnknownJobType naming every request of a type the tenant may
         not use (re-read from a shared store first: it may have been declared through another replica)."""
         names = list(dict.fromkeys(request.type for request in requests))
@@ -253,9 +256,10 @@ class JobOperations:
                     if found[r.type] is None
                 ],
             )
-        return [found[request.type] for request in requests]
+        resolved = {name: job_type for name, job_type in found.items() if job_type is not None}
+        return [resolved[request.type] for request in requests]
 
-    def _new_job(self, request: SubmitRequest, job_type: Any, caller: Caller, now: float) -> Job:
+    def _new_job(self, request: SubmitRequest, job_type: JobType, caller: Caller, now: float) -> Job:
         priority = PRIORITY_DEFAULT if request.priority is None else request.priority
         schedule_time = (
             request.schedule_time if request.schedule_time and request.schedule_time > now else None
@@ -324,7 +328,7 @@ class JobOperations:
         """The tenant's job made by an earlier call with this request_id, if any."""
         return await self.store.get_by_request_id(tenant, request_id) if request_id else None
 
-    def _type_for(self, name: str, tenant: str) -> Any:
+    def _type_for(self, name: str, tenant: str) -> JobType | None:
         """The job type ``name`` if jobs of ``tenant`` may use it (another tenant's type is unknown)."""
         job_type = self.types.get(name)
         return job_type if job_type is not None and job_type.visible_to(tenant) else None

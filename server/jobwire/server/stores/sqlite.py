@@ -342,7 +342,7 @@ def _apply_insert(
             conn.execute(_insert_rows(len(chunk)), list(itertools.chain.from_iterable(chunk)))
     except sqlite3.IntegrityError as exc:
         if "jobs.tenant, jobs.request_id" in str(exc):
-            raise DuplicateRequestId([job.request_id for job in jobs]) from exc
+            raise DuplicateRequestId([job.request_id for job in jobs if job.request_id]) from exc
         if "jobs.id" in str(exc):
             raise ValueError(f"a job of {[job.id for job in jobs][:5]} already exists") from exc
         raise
