@@ -59,7 +59,9 @@ class RawWorker:
     def send(self, request: W.ConnectRequest) -> None:
         self._requests.put(request)
 
-    def register(self, *types: str, credits: int = 1, worker_id: str = "raw") -> W.WorkerRegistered:
+    def register(
+        self, *types: str, credits: int = 1, worker_id: str = "raw", accepts_batches: bool = False
+    ) -> W.WorkerRegistered:
         """Send RegisterWorker; its WorkerRegistered, or the RpcError that ended the stream."""
         self.send(
             W.ConnectRequest(
@@ -67,16 +69,21 @@ class RawWorker:
                     worker_id=worker_id,
                     job_types=[W.JobTypeDeclaration(type=t) for t in types],
                     credits=credits,
+                    accepts_batches=accepts_batches,
                 )
             )
         )
         return self.next("registered").registered
 
     def next(
-        self, kind: str, timeout: float = WAIT, where: Callable[[W.ConnectResponse], bool] | None = None
+        self,
+        kind: str | None,
+        timeout: float = WAIT,
+        where: Callable[[W.ConnectResponse], bool] | None = None,
     ) -> W.ConnectResponse:
-        """The next response of this kind (that ``where`` accepts); others are kept in ``received`` only.
-        Raises the call's RpcError if the stream ended with one, EOFError if it ended with OK."""
+        """The next response of this kind (any kind if None; that ``where`` accepts); others are kept in
+        ``received`` only. Raises the call's RpcError if the stream ended with one, EOFError if it ended
+        with OK."""
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -90,11 +97,25 @@ class RawWorker:
                 self._responses.put(item)  # every later next() sees the end too
                 raise item
             self.received.append(item)
-            if item.WhichOneof("message") == kind and (where is None or where(item)):
+            if kind in (None, item.WhichOneof("message")) and (where is None or where(item)):
                 return item
 
     def messages(self, kind: str) -> list[W.ConnectResponse]:
         return [m for m in self.received if m.WhichOneof("message") == kind]
+
+    def unbatched(self, kind: str) -> list[W.ConnectResponse]:
+        """The responses of this kind received so far, alone or inside a ConnectResponseBatch."""
+        found: list[W.ConnectResponse] = []
+        for message in self.received:
+            inner = message.batch.messages if message.WhichOneof("message") == "batch" else [message]
+            found.extend(m for m in inner if m.WhichOneof("message") == kind)
+        return found
+
+    def collect(self, kind: str, count: int, timeout: float = WAIT) -> list[W.ConnectResponse]:
+        """Read until ``count`` responses of this kind have arrived (see ``unbatched``); all of them."""
+        while len(found := self.unbatched(kind)) < count:
+            self.next(None, timeout)
+        return found
 
     def close(self) -> None:
         self._requests.put(None)

@@ -57,13 +57,22 @@ class FakeStream:
         self.metadata = metadata
         self.received: asyncio.Queue[W.ConnectRequest | None] = asyncio.Queue()  # None: worker closed
         self.outgoing: asyncio.Queue[W.ConnectResponse | grpc.StatusCode | None] = asyncio.Queue()
+        self.batches = 0  # ConnectRequestBatch messages received (their contents are read one by one)
+        self._unbatched: list[W.ConnectRequest] = []
 
     async def next(self, *kinds: str) -> W.ConnectRequest:
         """The next message of one of these kinds (heartbeats are skipped unless asked for)."""
         while True:
-            message = await asyncio.wait_for(self.received.get(), STEP)
+            if self._unbatched:
+                message: W.ConnectRequest | None = self._unbatched.pop(0)
+            else:
+                message = await asyncio.wait_for(self.received.get(), STEP)
             assert message is not None, f"the worker closed the stream while {kinds} was expected"
             kind = message.WhichOneof("message")
+            if kind == "batch":
+                self.batches += 1
+                self._unbatched.extend(message.batch.messages)
+                continue
             if kind in kinds:
                 return message
             assert kind == "heartbeat", f"expected {kinds}, got {message}"
@@ -76,8 +85,10 @@ class FakeStream:
     def send(self, **fields: Any) -> None:
         self.outgoing.put_nowait(W.ConnectResponse(**fields))
 
-    def register(self, lease_seconds: float = 30.0, heartbeat_seconds: float = 60.0) -> None:
-        registered = W.WorkerRegistered(session_id="s1")
+    def register(
+        self, lease_seconds: float = 30.0, heartbeat_seconds: float = 60.0, accepts_batches: bool = False
+    ) -> None:
+        registered = W.WorkerRegistered(session_id="s1", accepts_batches=accepts_batches)
         registered.lease_duration.FromNanoseconds(int(lease_seconds * 1e9))
         registered.heartbeat_interval.FromNanoseconds(int(heartbeat_seconds * 1e9))
         self.send(registered=registered)
@@ -102,6 +113,18 @@ class FakeStream:
             assignment.timeout.FromNanoseconds(int(run_limit * 1e9))
         self.send(assignment=assignment)
         return lease
+
+    def assign_batch(self, jobs: list[tuple[str, dict[str, Any]]], job_type: str) -> list[W.LeaseToken]:
+        """Several assignments in one ConnectResponseBatch."""
+        messages = []
+        for job_id, params in jobs:
+            struct = struct_pb2.Struct()
+            struct.update(params)
+            lease = W.LeaseToken(job_id=job_id, attempt=1, epoch=1)
+            job = job_pb2.Job(id=job_id, type=job_type, state=job_pb2.JOB_STATE_RUNNING, params=struct)
+            messages.append(W.ConnectResponse(assignment=W.JobAssignment(job=job, lease=lease)))
+        self.send(batch=W.ConnectResponseBatch(messages=messages))
+        return [m.assignment.lease for m in messages]
 
     def ack(self, lease: W.LeaseToken, accepted: bool = True, reason: str = "") -> None:
         self.send(write_result=W.WriteResult(lease=lease, accepted=accepted, reason=reason))
@@ -200,6 +223,29 @@ async def test_register_run_progress_complete_and_credit(fake: tuple[FakeWorkerS
         complete = (await stream.next("complete_job")).complete_job
         assert json_format.MessageToDict(complete.result) == {"gate": "g2", "attempt": 2.0, "epoch": 7.0}
         stream.ack(lease)
+
+
+async def test_batches_both_ways_with_a_server_that_accepts_them(fake: tuple[FakeWorkerService, str]) -> None:
+    service, target = fake
+    worker = Worker(target, HANDLERS, concurrency=3)
+    async with running(worker):
+        stream = await service.next_stream()
+        assert (await stream.next("register")).register.accepts_batches
+        stream.register(accepts_batches=True)
+        gate("b").clear()
+        leases = stream.assign_batch([(f"b{i}", {"gate": "b"}) for i in range(3)], "fake.gated")
+        for _ in leases:  # all three run: the assignments inside the batch were handled one by one
+            await stream.next("report_progress")
+        gate("b").set()  # outcomes and credits go out together as far as they are queued together
+        outcomes: list[str] = []
+        credits = 0
+        while len(outcomes) < 3 or credits < 3:
+            message = await stream.next("complete_job", "add_credits")
+            if message.HasField("complete_job"):
+                outcomes.append(message.complete_job.lease.job_id)
+            else:
+                credits += message.add_credits.credits
+        assert sorted(outcomes) == ["b0", "b1", "b2"] and credits == 3
 
 
 async def test_heartbeats_carry_the_running_leases(fake: tuple[FakeWorkerService, str]) -> None:

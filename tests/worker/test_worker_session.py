@@ -10,6 +10,7 @@ from google.rpc import code_pb2
 
 from jobwire.handlers import HandlerSpec, JobCancelled, NonRetryableError, Progress, handler
 from jobwire.v1 import worker_service_pb2 as W
+from jobwire.worker.batches import batched
 from jobwire.worker.session import (
     Lease,
     Outbox,
@@ -168,6 +169,36 @@ def test_outbox_coalesces_keyed_messages_in_place() -> None:
     outbox.push(W.ConnectRequest(add_credits=W.AddCredits(credits=5)), key="k")  # sent: a new slot
     outbox.discard("k")
     assert outbox.pop() is None
+
+
+def test_pop_many_keeps_the_order_and_sums_the_credits_at_the_end() -> None:
+    outbox = Outbox()
+    leases = [Lease(f"j{i}", 1, 1) for i in range(3)]
+    for lease in leases:
+        outbox.push(complete_request(lease, None))
+        outbox.push(W.ConnectRequest(add_credits=W.AddCredits(credits=1)))
+    taken = outbox.pop_many(4)  # four messages taken: two outcomes, two credits summed
+    assert [m.WhichOneof("message") for m in taken] == ["complete_job", "complete_job", "add_credits"]
+    assert [outcome_lease(m) for m in taken[:2]] == leases[:2]
+    assert taken[-1].add_credits.credits == 2
+    rest = outbox.pop_many(100)
+    assert [outcome_lease(m) for m in rest[:1]] == leases[2:] and rest[1].add_credits.credits == 1
+    assert outbox.pop_many(100) == []
+
+
+def test_batched_wraps_runs_under_the_byte_budget_and_sends_a_lone_message_as_itself() -> None:
+    def wrap(run: list[W.ConnectRequest]) -> W.ConnectRequest:
+        return W.ConnectRequest(batch=W.ConnectRequestBatch(messages=run))
+
+    small = [complete_request(Lease(f"j{i}", 1, 1), {"n": i}) for i in range(5)]
+    assert batched(small[:1], wrap) == small[:1]
+    (one,) = batched(small, wrap)
+    assert list(one.batch.messages) == small
+    big = complete_request(Lease("big", 1, 1), {"text": "x" * 600})
+    budget = big.ByteSize() + small[0].ByteSize() // 2  # the big one fits alone, with nothing beside it
+    out = batched([small[0], big, small[1], small[2]], wrap, budget=budget)
+    assert out[:2] == [small[0], big]
+    assert list(out[2].batch.messages) == small[1:3]
 
 
 # --- the session ------------------------------------------------------------------------------------

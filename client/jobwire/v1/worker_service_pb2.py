@@ -29,7 +29,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from jobwire.v1 import job_pb2 as jobwire_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fjobwire/v1/worker_service.proto\x12\njobwire.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x14jobwire/v1/job.proto\"<\n\nLeaseToken\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\"\x92\x01\n\x12JobTypeDeclaration\x12\x0c\n\x04type\x18\x01 \x01(\t\x12-\n\x0cretry_policy\x18\x02 \x01(\x0b\x32\x17.jobwire.v1.RetryPolicy\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bmax_running\x18\x04 \x01(\x05\"\xe6\x02\n\x0e\x43onnectRequest\x12.\n\x08register\x18\x01 \x01(\x0b\x32\x1a.jobwire.v1.RegisterWorkerH\x00\x12-\n\x0b\x61\x64\x64_credits\x18\x02 \x01(\x0b\x32\x16.jobwire.v1.AddCreditsH\x00\x12\x35\n\x0freport_progress\x18\x03 \x01(\x0b\x32\x1a.jobwire.v1.ReportProgressH\x00\x12*\n\theartbeat\x18\x04 \x01(\x0b\x32\x15.jobwire.v1.HeartbeatH\x00\x12/\n\x0c\x63omplete_job\x18\x05 \x01(\x0b\x32\x17.jobwire.v1.CompleteJobH\x00\x12\'\n\x08\x66\x61il_job\x18\x06 \x01(\x0b\x32\x13.jobwire.v1.FailJobH\x00\x12-\n\x0brelease_job\x18\x07 \x01(\x0b\x32\x16.jobwire.v1.ReleaseJobH\x00\x42\t\n\x07message\"g\n\x0eRegisterWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x31\n\tjob_types\x18\x02 \x03(\x0b\x32\x1e.jobwire.v1.JobTypeDeclaration\x12\x0f\n\x07\x63redits\x18\x03 \x01(\x05\"\x1d\n\nAddCredits\x12\x0f\n\x07\x63redits\x18\x01 \x01(\x05\"_\n\x0eReportProgress\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12&\n\x08progress\x18\x02 \x01(\x0b\x32\x14.jobwire.v1.Progress\"3\n\tHeartbeat\x12&\n\x06leases\x18\x01 \x03(\x0b\x32\x16.jobwire.v1.LeaseToken\"]\n\x0b\x43ompleteJob\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"j\n\x07\x46\x61ilJob\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12\x15\n\rnon_retryable\x18\x03 \x01(\x08\"C\n\nReleaseJob\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9e\x02\n\x0f\x43onnectResponse\x12\x32\n\nregistered\x18\x01 \x01(\x0b\x32\x1c.jobwire.v1.WorkerRegisteredH\x00\x12/\n\nassignment\x18\x02 \x01(\x0b\x32\x19.jobwire.v1.JobAssignmentH\x00\x12\x37\n\x10\x63\x61ncel_requested\x18\x03 \x01(\x0b\x32\x1b.jobwire.v1.CancelRequestedH\x00\x12\x31\n\rlease_revoked\x18\x04 \x01(\x0b\x32\x18.jobwire.v1.LeaseRevokedH\x00\x12/\n\x0cwrite_result\x18\x05 \x01(\x0b\x32\x17.jobwire.v1.WriteResultH\x00\x42\t\n\x07message\"\x90\x01\n\x10WorkerRegistered\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x31\n\x0elease_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb7\x01\n\rJobAssignment\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobwire.v1.Job\x12%\n\x05lease\x18\x02 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12\x35\n\x11lease_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"H\n\x0f\x43\x61ncelRequested\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\x0cLeaseRevoked\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12\x0e\n\x06reason\x18\x02 \x01(\t\"V\n\x0bWriteResult\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t2W\n\rWorkerService\x12\x46\n\x07\x43onnect\x12\x1a.jobwire.v1.ConnectRequest\x1a\x1b.jobwire.v1.ConnectResponse(\x01\x30\x01\x42;\n\x0e\x64\x65v.jobwire.v1P\x01Z\'jobwire.dev/gen/go/jobwire/v1;jobwirev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fjobwire/v1/worker_service.proto\x12\njobwire.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x14jobwire/v1/job.proto\"<\n\nLeaseToken\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\"\x92\x01\n\x12JobTypeDeclaration\x12\x0c\n\x04type\x18\x01 \x01(\t\x12-\n\x0cretry_policy\x18\x02 \x01(\x0b\x32\x17.jobwire.v1.RetryPolicy\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bmax_running\x18\x04 \x01(\x05\"\x98\x03\n\x0e\x43onnectRequest\x12.\n\x08register\x18\x01 \x01(\x0b\x32\x1a.jobwire.v1.RegisterWorkerH\x00\x12-\n\x0b\x61\x64\x64_credits\x18\x02 \x01(\x0b\x32\x16.jobwire.v1.AddCreditsH\x00\x12\x35\n\x0freport_progress\x18\x03 \x01(\x0b\x32\x1a.jobwire.v1.ReportProgressH\x00\x12*\n\theartbeat\x18\x04 \x01(\x0b\x32\x15.jobwire.v1.HeartbeatH\x00\x12/\n\x0c\x63omplete_job\x18\x05 \x01(\x0b\x32\x17.jobwire.v1.CompleteJobH\x00\x12\'\n\x08\x66\x61il_job\x18\x06 \x01(\x0b\x32\x13.jobwire.v1.FailJobH\x00\x12-\n\x0brelease_job\x18\x07 \x01(\x0b\x32\x16.jobwire.v1.ReleaseJobH\x00\x12\x30\n\x05\x62\x61tch\x18\x08 \x01(\x0b\x32\x1f.jobwire.v1.ConnectRequestBatchH\x00\x42\t\n\x07message\"C\n\x13\x43onnectRequestBatch\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.jobwire.v1.ConnectRequest\"\x80\x01\n\x0eRegisterWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x31\n\tjob_types\x18\x02 \x03(\x0b\x32\x1e.jobwire.v1.JobTypeDeclaration\x12\x0f\n\x07\x63redits\x18\x03 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x04 \x01(\x08\"\x1d\n\nAddCredits\x12\x0f\n\x07\x63redits\x18\x01 \x01(\x05\"_\n\x0eReportProgress\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12&\n\x08progress\x18\x02 \x01(\x0b\x32\x14.jobwire.v1.Progress\"3\n\tHeartbeat\x12&\n\x06leases\x18\x01 \x03(\x0b\x32\x16.jobwire.v1.LeaseToken\"]\n\x0b\x43ompleteJob\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"j\n\x07\x46\x61ilJob\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12\x15\n\rnon_retryable\x18\x03 \x01(\x08\"C\n\nReleaseJob\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd1\x02\n\x0f\x43onnectResponse\x12\x32\n\nregistered\x18\x01 \x01(\x0b\x32\x1c.jobwire.v1.WorkerRegisteredH\x00\x12/\n\nassignment\x18\x02 \x01(\x0b\x32\x19.jobwire.v1.JobAssignmentH\x00\x12\x37\n\x10\x63\x61ncel_requested\x18\x03 \x01(\x0b\x32\x1b.jobwire.v1.CancelRequestedH\x00\x12\x31\n\rlease_revoked\x18\x04 \x01(\x0b\x32\x18.jobwire.v1.LeaseRevokedH\x00\x12/\n\x0cwrite_result\x18\x05 \x01(\x0b\x32\x17.jobwire.v1.WriteResultH\x00\x12\x31\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32 .jobwire.v1.ConnectResponseBatchH\x00\x42\t\n\x07message\"E\n\x14\x43onnectResponseBatch\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.jobwire.v1.ConnectResponse\"\xa9\x01\n\x10WorkerRegistered\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x31\n\x0elease_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x04 \x01(\x08\"\xb7\x01\n\rJobAssignment\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobwire.v1.Job\x12%\n\x05lease\x18\x02 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12\x35\n\x11lease_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"H\n\x0f\x43\x61ncelRequested\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12\x0e\n\x06reason\x18\x02 \x01(\t\"E\n\x0cLeaseRevoked\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12\x0e\n\x06reason\x18\x02 \x01(\t\"V\n\x0bWriteResult\x12%\n\x05lease\x18\x01 \x01(\x0b\x32\x16.jobwire.v1.LeaseToken\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t2W\n\rWorkerService\x12\x46\n\x07\x43onnect\x12\x1a.jobwire.v1.ConnectRequest\x1a\x1b.jobwire.v1.ConnectResponse(\x01\x30\x01\x42;\n\x0e\x64\x65v.jobwire.v1P\x01Z\'jobwire.dev/gen/go/jobwire/v1;jobwirev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,33 +42,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBTYPEDECLARATION']._serialized_start=252
   _globals['_JOBTYPEDECLARATION']._serialized_end=398
   _globals['_CONNECTREQUEST']._serialized_start=401
-  _globals['_CONNECTREQUEST']._serialized_end=759
-  _globals['_REGISTERWORKER']._serialized_start=761
-  _globals['_REGISTERWORKER']._serialized_end=864
-  _globals['_ADDCREDITS']._serialized_start=866
-  _globals['_ADDCREDITS']._serialized_end=895
-  _globals['_REPORTPROGRESS']._serialized_start=897
-  _globals['_REPORTPROGRESS']._serialized_end=992
-  _globals['_HEARTBEAT']._serialized_start=994
-  _globals['_HEARTBEAT']._serialized_end=1045
-  _globals['_COMPLETEJOB']._serialized_start=1047
-  _globals['_COMPLETEJOB']._serialized_end=1140
-  _globals['_FAILJOB']._serialized_start=1142
-  _globals['_FAILJOB']._serialized_end=1248
-  _globals['_RELEASEJOB']._serialized_start=1250
-  _globals['_RELEASEJOB']._serialized_end=1317
-  _globals['_CONNECTRESPONSE']._serialized_start=1320
-  _globals['_CONNECTRESPONSE']._serialized_end=1606
-  _globals['_WORKERREGISTERED']._serialized_start=1609
-  _globals['_WORKERREGISTERED']._serialized_end=1753
-  _globals['_JOBASSIGNMENT']._serialized_start=1756
-  _globals['_JOBASSIGNMENT']._serialized_end=1939
-  _globals['_CANCELREQUESTED']._serialized_start=1941
-  _globals['_CANCELREQUESTED']._serialized_end=2013
-  _globals['_LEASEREVOKED']._serialized_start=2015
-  _globals['_LEASEREVOKED']._serialized_end=2084
-  _globals['_WRITERESULT']._serialized_start=2086
-  _globals['_WRITERESULT']._serialized_end=2172
-  _globals['_WORKERSERVICE']._serialized_start=2174
-  _globals['_WORKERSERVICE']._serialized_end=2261
+  _globals['_CONNECTREQUEST']._serialized_end=809
+  _globals['_CONNECTREQUESTBATCH']._serialized_start=811
+  _globals['_CONNECTREQUESTBATCH']._serialized_end=878
+  _globals['_REGISTERWORKER']._serialized_start=881
+  _globals['_REGISTERWORKER']._serialized_end=1009
+  _globals['_ADDCREDITS']._serialized_start=1011
+  _globals['_ADDCREDITS']._serialized_end=1040
+  _globals['_REPORTPROGRESS']._serialized_start=1042
+  _globals['_REPORTPROGRESS']._serialized_end=1137
+  _globals['_HEARTBEAT']._serialized_start=1139
+  _globals['_HEARTBEAT']._serialized_end=1190
+  _globals['_COMPLETEJOB']._serialized_start=1192
+  _globals['_COMPLETEJOB']._serialized_end=1285
+  _globals['_FAILJOB']._serialized_start=1287
+  _globals['_FAILJOB']._serialized_end=1393
+  _globals['_RELEASEJOB']._serialized_start=1395
+  _globals['_RELEASEJOB']._serialized_end=1462
+  _globals['_CONNECTRESPONSE']._serialized_start=1465
+  _globals['_CONNECTRESPONSE']._serialized_end=1802
+  _globals['_CONNECTRESPONSEBATCH']._serialized_start=1804
+  _globals['_CONNECTRESPONSEBATCH']._serialized_end=1873
+  _globals['_WORKERREGISTERED']._serialized_start=1876
+  _globals['_WORKERREGISTERED']._serialized_end=2045
+  _globals['_JOBASSIGNMENT']._serialized_start=2048
+  _globals['_JOBASSIGNMENT']._serialized_end=2231
+  _globals['_CANCELREQUESTED']._serialized_start=2233
+  _globals['_CANCELREQUESTED']._serialized_end=2305
+  _globals['_LEASEREVOKED']._serialized_start=2307
+  _globals['_LEASEREVOKED']._serialized_end=2376
+  _globals['_WRITERESULT']._serialized_start=2378
+  _globals['_WRITERESULT']._serialized_end=2464
+  _globals['_WORKERSERVICE']._serialized_start=2466
+  _globals['_WORKERSERVICE']._serialized_end=2553
 # @@protoc_insertion_point(module_scope)

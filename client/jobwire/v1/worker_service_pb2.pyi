@@ -112,6 +112,7 @@ class ConnectRequest(_message.Message):
     COMPLETE_JOB_FIELD_NUMBER: _builtins.int
     FAIL_JOB_FIELD_NUMBER: _builtins.int
     RELEASE_JOB_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___RegisterWorker:
         """Must be the first message, and only the first."""
@@ -140,6 +141,13 @@ class ConnectRequest(_message.Message):
     def release_job(self) -> Global___ReleaseJob:
         """Hand a job back without an outcome."""
 
+    @_builtins.property
+    def batch(self) -> Global___ConnectRequestBatch:
+        """Several of the messages above in one, applied in order. Only once
+        WorkerRegistered.accepts_batches is true (older servers do not know
+        it). See ConnectRequestBatch.
+        """
+
     def __init__(
         self,
         *,
@@ -150,16 +158,47 @@ class ConnectRequest(_message.Message):
         complete_job: Global___CompleteJob | None = ...,
         fail_job: Global___FailJob | None = ...,
         release_job: Global___ReleaseJob | None = ...,
+        batch: Global___ConnectRequestBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["add_credits", b"add_credits", "complete_job", b"complete_job", "fail_job", b"fail_job", "heartbeat", b"heartbeat", "message", b"message", "register", b"register", "release_job", b"release_job", "report_progress", b"report_progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_credits", b"add_credits", "batch", b"batch", "complete_job", b"complete_job", "fail_job", b"fail_job", "heartbeat", b"heartbeat", "message", b"message", "register", b"register", "release_job", b"release_job", "report_progress", b"report_progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_credits", b"add_credits", "complete_job", b"complete_job", "fail_job", b"fail_job", "heartbeat", b"heartbeat", "message", b"message", "register", b"register", "release_job", b"release_job", "report_progress", b"report_progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_credits", b"add_credits", "batch", b"batch", "complete_job", b"complete_job", "fail_job", b"fail_job", "heartbeat", b"heartbeat", "message", b"message", "register", b"register", "release_job", b"release_job", "report_progress", b"report_progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["register", "add_credits", "report_progress", "heartbeat", "complete_job", "fail_job", "release_job"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["register", "add_credits", "report_progress", "heartbeat", "complete_job", "fail_job", "release_job", "batch"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectRequest: _TypeAlias = ConnectRequest  # noqa: Y015
+
+@_typing.final
+class ConnectRequestBatch(_message.Message):
+    """Several worker messages sent as one stream message, so that a busy worker
+    pays the stream's per-message cost once for many outcomes and credits.
+    Each is handled exactly as if sent alone, in order. It holds no
+    RegisterWorker and no nested batch (either ends the stream with
+    INVALID_ARGUMENT); the whole batch is bounded by the server's 4 MiB
+    message limit.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectRequest]:
+        """The messages, in the order the worker produced them."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ConnectRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectRequestBatch: _TypeAlias = ConnectRequestBatch  # noqa: Y015
 
 @_typing.final
 class RegisterWorker(_message.Message):
@@ -170,6 +209,7 @@ class RegisterWorker(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     JOB_TYPES_FIELD_NUMBER: _builtins.int
     CREDITS_FIELD_NUMBER: _builtins.int
+    ACCEPTS_BATCHES_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """A name for this worker, for humans and logs (e.g. "host-7/pid-123"), at
     most 128 characters. Several sessions may use the same name; the server
@@ -178,6 +218,11 @@ class RegisterWorker(_message.Message):
     credits: _builtins.int
     """Initial credits: how many jobs the server may hand over before the next
     AddCredits, from 0 to 10,000.
+    """
+    accepts_batches: _builtins.bool
+    """The worker understands ConnectResponse.batch: under load the server may
+    then put several assignments and write results in one stream message.
+    Leave false if the worker does not handle it.
     """
     @_builtins.property
     def job_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobTypeDeclaration]:
@@ -194,10 +239,11 @@ class RegisterWorker(_message.Message):
         worker_id: _builtins.str = ...,
         job_types: _abc.Iterable[Global___JobTypeDeclaration] | None = ...,
         credits: _builtins.int = ...,
+        accepts_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "job_types", b"job_types", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "credits", b"credits", "job_types", b"job_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -394,6 +440,7 @@ class ConnectResponse(_message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     LEASE_REVOKED_FIELD_NUMBER: _builtins.int
     WRITE_RESULT_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___WorkerRegistered:
         """Answer to RegisterWorker."""
@@ -414,6 +461,12 @@ class ConnectResponse(_message.Message):
     def write_result(self) -> Global___WriteResult:
         """Answer to CompleteJob, FailJob or ReleaseJob."""
 
+    @_builtins.property
+    def batch(self) -> Global___ConnectResponseBatch:
+        """Several of the messages above in one, to be handled in order. Sent
+        only to a worker whose RegisterWorker set accepts_batches.
+        """
+
     def __init__(
         self,
         *,
@@ -422,16 +475,46 @@ class ConnectResponse(_message.Message):
         cancel_requested: Global___CancelRequested | None = ...,
         lease_revoked: Global___LeaseRevoked | None = ...,
         write_result: Global___WriteResult | None = ...,
+        batch: Global___ConnectResponseBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel_requested", b"cancel_requested", "lease_revoked", b"lease_revoked", "message", b"message", "registered", b"registered", "write_result", b"write_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "batch", b"batch", "cancel_requested", b"cancel_requested", "lease_revoked", b"lease_revoked", "message", b"message", "registered", b"registered", "write_result", b"write_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel_requested", b"cancel_requested", "lease_revoked", b"lease_revoked", "message", b"message", "registered", b"registered", "write_result", b"write_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "batch", b"batch", "cancel_requested", b"cancel_requested", "lease_revoked", b"lease_revoked", "message", b"message", "registered", b"registered", "write_result", b"write_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignment", "cancel_requested", "lease_revoked", "write_result"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignment", "cancel_requested", "lease_revoked", "write_result", "batch"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class ConnectResponseBatch(_message.Message):
+    """Several server messages sent as one stream message: the assignments of one
+    dispatch round and the write results of one commit travel together. Each
+    is to be handled exactly as if sent alone, in order. Never nested, never
+    holds WorkerRegistered, at most about 1 MiB (a larger single message is
+    sent on its own).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectResponse]:
+        """The messages, in the order the server produced them."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ConnectResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectResponseBatch: _TypeAlias = ConnectResponseBatch  # noqa: Y015
 
 @_typing.final
 class WorkerRegistered(_message.Message):
@@ -442,8 +525,13 @@ class WorkerRegistered(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    ACCEPTS_BATCHES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The server's id for this session."""
+    accepts_batches: _builtins.bool
+    """The server takes ConnectRequest.batch: the worker may send several
+    messages (outcomes, credits, progress) as one.
+    """
     @_builtins.property
     def lease_duration(self) -> _duration_pb2.Duration:
         """How long a lease lasts without renewal."""
@@ -458,10 +546,11 @@ class WorkerRegistered(_message.Message):
         session_id: _builtins.str = ...,
         lease_duration: _duration_pb2.Duration | None = ...,
         heartbeat_interval: _duration_pb2.Duration | None = ...,
+        accepts_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -89,6 +89,7 @@ def register_request(
             worker_id=worker_id,
             job_types=[declaration(spec) for _, spec in sorted(handlers.items())],
             credits=credits,
+            accepts_batches=True,
         )
     )
 
@@ -227,6 +228,22 @@ class Outbox:
             if entry.message is not None:
                 return entry.message
         return None
+
+    def pop_many(self, limit: int) -> list[worker_service_pb2.ConnectRequest]:
+        """Up to ``limit`` messages to write, in order, with their AddCredits summed into one at the end
+        (credits only add up, so where they stand among the others does not matter)."""
+        taken: list[worker_service_pb2.ConnectRequest] = []
+        credits = 0
+        for _ in range(limit):
+            if (message := self.pop()) is None:
+                break
+            if message.WhichOneof("message") == "add_credits":
+                credits += message.add_credits.credits
+            else:
+                taken.append(message)
+        if credits:
+            taken.append(W.ConnectRequest(add_credits=W.AddCredits(credits=credits)))
+        return taken
 
     def __len__(self) -> int:
         return sum(1 for entry in self._queue if entry.message is not None)

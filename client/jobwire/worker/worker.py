@@ -26,6 +26,7 @@ from jobwire.client.errors import JobwireError, from_rpc_error
 from jobwire.handlers.api import HandlerSpec, Progress
 from jobwire.handlers.runner import CancellableContext, HandlerRunner
 from jobwire.v1 import worker_service_pb2, worker_service_pb2_grpc
+from jobwire.worker.batches import BATCH_MESSAGES, batched
 from jobwire.worker.session import (
     ActiveJob,
     Lease,
@@ -91,6 +92,10 @@ class RemoteJobContext(CancellableContext):
 
     def _emit(self, progress: Progress) -> None:
         self._on_progress(self.lease, progress)
+
+
+def _request_batch(requests: list[worker_service_pb2.ConnectRequest]) -> worker_service_pb2.ConnectRequest:
+    return W.ConnectRequest(batch=W.ConnectRequestBatch(messages=requests))
 
 
 class _Connection:
@@ -371,8 +376,12 @@ class Worker:
             response = await conn.call.read()
             if response is grpc.aio.EOF:
                 return
-            if response.WhichOneof("message") == "registered":
+            kind = response.WhichOneof("message")
+            if kind == "registered":
                 self._on_registered(conn, response.registered)
+            elif kind == "batch":
+                for message in response.batch.messages:
+                    self._dispatch(message)
             else:
                 self._dispatch(response)
 
@@ -395,23 +404,26 @@ class Worker:
         )
 
     async def _write_loop(self, conn: _Connection) -> None:
-        """Write the outbox in order; after RegisterWorker, nothing else until WorkerRegistered."""
+        """Write the outbox in order; after RegisterWorker, nothing else until WorkerRegistered. Then, if
+        the server accepts batches, whatever is queued goes as one ConnectRequestBatch."""
         outbox = self._session.outbox
         assert outbox is not None
-        first = True
+        first = outbox.pop()
+        assert first is not None  # RegisterWorker
+        await conn.call.write(first)
+        registered = await asyncio.wait_for(asyncio.shield(conn.registered), REGISTER_TIMEOUT)
+        limit = BATCH_MESSAGES if registered.accepts_batches else 1
         while True:
-            message = outbox.pop()
-            if message is None:
+            messages = outbox.pop_many(limit)
+            if not messages:
                 if conn.closing:
                     await conn.call.done_writing()
                     return
                 conn.wake.clear()
                 await conn.wake.wait()
                 continue
-            await conn.call.write(message)
-            if first:
-                first = False
-                await asyncio.wait_for(asyncio.shield(conn.registered), REGISTER_TIMEOUT)
+            for message in batched(messages, _request_batch):
+                await conn.call.write(message)
 
     async def _heartbeat_loop(self, registered: worker_service_pb2.WorkerRegistered) -> None:
         """Renew every running job's lease each heartbeat_interval."""

@@ -127,15 +127,21 @@ class WorkerSession:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def next_message(self) -> OutboxMessage | None:
-        """The next message to send, waiting for one; None once the session is closed."""
-        while not self._outbox:
+    async def next_messages(self, limit: int) -> list[OutboxMessage] | None:
+        """The messages waiting to be sent, in order (at least one, at most ``limit``), waiting for one;
+        None once the session is closed and everything before the close was taken."""
+        outbox = self._outbox
+        while not outbox:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._outbox.popleft()
+        taken: list[OutboxMessage] = []
+        while outbox and len(taken) < limit and (message := outbox[0]) is not None:
+            outbox.popleft()
+            taken.append(message)
+        return taken or None
 
     def __repr__(self) -> str:
         return f"WorkerSession({self.session_id}, {self.worker_id!r}, credits={self.credits})"

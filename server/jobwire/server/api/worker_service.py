@@ -4,6 +4,11 @@ Two tasks serve a stream: the reader applies what the worker says (credits, prog
 outcomes), the sender writes what the manager queued on the session (assignments, cancellations,
 revoked leases, write results). Outcome writes run as tasks of their own, so a worker's progress and
 heartbeats are not held up behind a commit.
+
+Batches: a stream message costs the event loop far more than the protobuf inside it, so a worker that
+says it accepts batches gets whatever is queued for it (one dispatch round's assignments, one commit's
+write results) as one ConnectResponseBatch, and the server takes a ConnectRequestBatch of the worker's
+outcomes and credits. Under light load a batch is a single message, sent as itself.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from jobwire.server.workers import (
 )
 from jobwire.v1 import worker_service_pb2 as pb
 from jobwire.v1 import worker_service_pb2_grpc
+from jobwire.worker.batches import BATCH_MESSAGES, batched
 
 log = logging.getLogger("jobwire.api.workers")
 
@@ -62,7 +68,7 @@ class WorkerServiceServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             )
         except JobwireError as error:
             await abort(context, error)
-        registered = pb.WorkerRegistered(session_id=session.session_id)
+        registered = pb.WorkerRegistered(session_id=session.session_id, accepts_batches=True)
         lease = self._manager.settings.lease_duration
         convert.set_duration(registered.lease_duration, lease)
         convert.set_duration(registered.heartbeat_interval, lease / 3)
@@ -70,7 +76,7 @@ class WorkerServiceServicer(worker_service_pb2_grpc.WorkerServiceServicer):
 
         writes: set[asyncio.Task[None]] = set()
         reader = asyncio.create_task(self._read(requests, session, writes))
-        sender = asyncio.create_task(self._send(session, context))
+        sender = asyncio.create_task(self._send(session, context, register.accepts_batches))
         try:
             done, _ = await asyncio.wait({reader, sender}, return_when=asyncio.FIRST_COMPLETED)
             if reader in done:
@@ -100,29 +106,52 @@ class WorkerServiceServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         session: WorkerSession,
         writes: set[asyncio.Task[None]],
     ) -> None:
-        manager = self._manager
         async for request in requests:
             kind = request.WhichOneof("message")
-            if kind == "add_credits":
-                manager.add_credits(session, request.add_credits.credits)
-            elif kind == "report_progress":
-                report = request.report_progress
-                manager.worker_progress(session, _token(report.lease), _progress(report.progress))
-            elif kind == "heartbeat":
-                manager.worker_heartbeat(session, [_token(t) for t in request.heartbeat.leases])
-            elif kind in ("complete_job", "fail_job", "release_job"):
-                token, outcome = _outcome(request, kind)
-                task = asyncio.create_task(manager.worker_finish(session, token, outcome))
-                writes.add(task)
-                task.add_done_callback(writes.discard)
-            elif kind == "register":
-                raise invalid("register", "RegisterWorker may only be the first message of a session")
-            else:
-                raise invalid("message", "empty or unknown ConnectRequest message")
+            if kind != "batch":
+                self._apply(request, kind, session, writes)
+                continue
+            for message in request.batch.messages:
+                inner = message.WhichOneof("message")
+                if inner in ("batch", "register"):
+                    raise invalid("batch.messages", "a batch holds no RegisterWorker and no other batch")
+                self._apply(message, inner, session, writes)
 
-    async def _send(self, session: WorkerSession, context: grpc.aio.ServicerContext) -> None:
-        while (message := await session.next_message()) is not None:
-            await context.write(_response(message))
+    def _apply(
+        self,
+        request: pb.ConnectRequest,
+        kind: str | None,
+        session: WorkerSession,
+        writes: set[asyncio.Task[None]],
+    ) -> None:
+        """One message from the worker (``kind`` is its oneof case)."""
+        manager = self._manager
+        if kind == "add_credits":
+            manager.add_credits(session, request.add_credits.credits)
+        elif kind == "report_progress":
+            report = request.report_progress
+            manager.worker_progress(session, _token(report.lease), _progress(report.progress))
+        elif kind == "heartbeat":
+            manager.worker_heartbeat(session, [_token(t) for t in request.heartbeat.leases])
+        elif kind in ("complete_job", "fail_job", "release_job"):
+            token, outcome = _outcome(request, kind)
+            task = asyncio.create_task(manager.worker_finish(session, token, outcome))
+            writes.add(task)
+            task.add_done_callback(writes.discard)
+        elif kind == "register":
+            raise invalid("register", "RegisterWorker may only be the first message of a session")
+        else:
+            raise invalid("message", "empty or unknown ConnectRequest message")
+
+    async def _send(self, session: WorkerSession, context: grpc.aio.ServicerContext, batches: bool) -> None:
+        limit = BATCH_MESSAGES if batches else 1
+        while (messages := await session.next_messages(limit)) is not None:
+            for response in batched([_response(message) for message in messages], _response_batch):
+                await context.write(response)
+
+
+def _response_batch(responses: list[pb.ConnectResponse]) -> pb.ConnectResponse:
+    return pb.ConnectResponse(batch=pb.ConnectResponseBatch(messages=responses))
 
 
 def _job_type(declaration: pb.JobTypeDeclaration) -> JobType:
