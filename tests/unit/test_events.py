@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from jobwire.server.changes import ChangeKind, JobChange
 from jobwire.server.events import EventHub, EventKind
@@ -131,3 +132,50 @@ def test_sweep_drops_finished_unwatched_logs() -> None:
     assert hub.sweep(now=5) == 0
     assert hub.sweep(now=10) == 1
     assert hub.replay(job.id, 1, up_to=2) is None
+
+
+def progress_only(job: Job, percent: float, update_time: float) -> JobChange:
+    """The job's next change as a progress report without the job (as SQLite's feed sends it)."""
+    job.sequence += 1
+    change = JobChange.of(job, ChangeKind.PROGRESS, with_job=False)
+    return dataclasses.replace(change, progress=Progress(percent=percent), update_time=update_time)
+
+
+async def test_a_progress_change_without_the_job_patches_the_watched_snapshot() -> None:
+    hub = EventHub(no_read)
+    job = make_job()
+    job.params = {"big": "x" * 100}
+    subscription = hub.subscribe(job.id)
+    hub.seen(job)  # the watcher's own read
+    first = job.sequence + 1
+    hub.on_changes([progress_only(job, 40, 7.0)], now=0.0)
+    event = await subscription.next()
+    assert event is not None and event.kind is EventKind.PROGRESS_UPDATED
+    assert (event.sequence, event.job.sequence, event.job.update_time) == (first, first, 7.0)
+    assert event.job.progress == Progress(percent=40) and event.job.params == job.params
+    hub.on_changes([progress_only(job, 60, 8.0)], now=0.0)  # patches the previous patch
+    event = await subscription.next()
+    assert event is not None and event.job.progress == Progress(percent=60)
+    assert [e.sequence for e in hub.replay(job.id, first - 1, first + 1) or []] == [first, first + 1]
+
+
+async def test_a_progress_change_after_an_unseen_change_is_read_and_the_read_serves_the_next() -> None:
+    reads: list[int] = []
+    job = make_job()
+
+    async def read(job_id: str, sequence: int) -> Job | None:
+        reads.append(sequence)
+        snapshot = job.copy()
+        snapshot.sequence = sequence
+        return snapshot
+
+    hub = EventHub(read)
+    subscription = hub.subscribe(job.id)
+    hub.seen(job.copy())
+    job.sequence += 1  # a change this hub never heard of
+    hub.on_changes([progress_only(job, 10, 1.0)], now=0.0)
+    event = await subscription.next()
+    assert event is not None and reads == [job.sequence]
+    hub.on_changes([progress_only(job, 20, 2.0)], now=0.0)  # the read snapshot serves the next ones
+    event = await subscription.next()
+    assert event is not None and event.job.progress == Progress(percent=20) and len(reads) == 1

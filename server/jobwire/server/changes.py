@@ -3,9 +3,12 @@
 Every replica hears every change, in commit order (see docs/architecture.md, "The change feed"). The
 fields are what the consumers need without reading the store: the queue view (state, type, priority,
 times, tenant), the dispatcher (lease epoch, executor, tenant), the executors (which one a claim names).
-``job`` is the whole job after the change when the store has it at hand (always for SQLite and memory,
-and for a replica's own writes on PostgreSQL); otherwise a consumer that needs more reads it from the
-store.
+``job`` is the whole job after the change when the store has it at hand (state changes on SQLite and
+memory, and a replica's own writes on PostgreSQL); otherwise a consumer that needs more reads it from
+the store. A progress change may come without the job but with what it changed (``progress`` and
+``update_time``, the sequence being the next): building a whole job for every progress report costs
+more than the report, and only a watched job needs one (``events.EventHub`` patches the watched job's
+last snapshot).
 
 Consumers must be idempotent by ``(job_id, sequence)``: a replica may hear a change twice.
 """
@@ -16,6 +19,7 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from jobwire.handlers.api import Progress
 from jobwire.server.job import Job
 from jobwire.server.state_machine import JobState
 
@@ -42,6 +46,9 @@ class JobChange:
     start_time: float | None
     tenant: str
     job: Job | None = None
+    # A progress change without the job: the progress it set, and the job's new update_time.
+    progress: Progress | None = None
+    update_time: float = 0.0
 
     @classmethod
     def of(cls, job: Job, kind: ChangeKind, with_job: bool = True) -> JobChange:

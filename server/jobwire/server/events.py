@@ -5,6 +5,11 @@ replica through the feed. ``EventHub.on_changes`` hands each one to the subscrip
 change that comes without the job (another replica's change, on PostgreSQL) is read from the store by
 the watcher's own task when it is its turn, so one slow read never holds up other watchers.
 
+A progress change may come without the job (see ``changes``). For a watched job the hub keeps the
+latest snapshot it knows (``_JobLog.latest``, seeded by the watcher's own read) and, when the change is
+the very next one after it, makes the new snapshot by setting the progress on a copy: far cheaper than
+building each job from its stored row. Otherwise the watcher reads it, as for another replica's change.
+
 A subscriber's buffer is bounded without ever dropping a state transition: a progress event that
 arrives while the previous undelivered event is also progress replaces it (latest wins). A job has at
 most a handful of transitions, so a stalled reader holds at most a few events, and publishing never
@@ -56,6 +61,14 @@ SnapshotReader = Callable[[str, int], Awaitable[Job | None]]
 
 def _event(change: JobChange, job: Job) -> JobEvent:
     return JobEvent(change.sequence, EventKind(int(change.kind)), job)
+
+
+def _with_progress(latest: Job | None, change: JobChange) -> Job | None:
+    """The job after a progress change that came without it, from the snapshot just before it; None
+    when that snapshot is not the one right before (a change in between was not seen here)."""
+    if change.progress is None or latest is None or latest.sequence != change.sequence - 1:
+        return None
+    return latest.after_progress(change.progress, change.update_time, change.sequence)
 
 
 class Subscription:
@@ -120,12 +133,13 @@ def _is_progress(item: JobEvent | JobChange) -> bool:
 
 
 class _JobLog:
-    __slots__ = ("events", "finished_at", "subscribers")
+    __slots__ = ("events", "finished_at", "latest", "subscribers")
 
     def __init__(self, retain: int) -> None:
         self.events: deque[JobEvent] = deque(maxlen=retain)
         self.subscribers: set[Subscription] = set()
         self.finished_at: float | None = None
+        self.latest: Job | None = None  # the newest snapshot seen here (never changed in place)
 
 
 class EventHub:
@@ -158,26 +172,42 @@ class EventHub:
             log = self._logs.get(change.job_id)
             if log is None:
                 continue  # never watched here: nobody to tell, and no resume point to keep
-            if self.keep_history and change.job is not None:
-                event = _event(change, change.job)  # the feed's snapshot is never changed again
+            job = change.job if change.job is not None else _with_progress(log.latest, change)
+            if job is None:
+                log.latest = None  # a change went by unseen: the next progress cannot be patched
+                for subscription in log.subscribers:
+                    subscription.deliver(change)  # read by the watcher's own task
+                continue
+            log.latest = job  # the feed's snapshot is never changed again
+            event = _event(change, job)
+            if self.keep_history:
                 log.events.append(event)
                 if change.state.is_terminal:
                     log.finished_at = now
-                for subscription in log.subscribers:
-                    subscription.deliver(event)
-                continue
-            if log.subscribers:
-                item: JobEvent | JobChange = change if change.job is None else _event(change, change.job)
-                for subscription in log.subscribers:
-                    subscription.deliver(item)
+            for subscription in log.subscribers:
+                subscription.deliver(event)
 
     def subscribe(self, job_id: str) -> Subscription:
-        subscription = Subscription(job_id, self.read)
+        subscription = Subscription(job_id, self._read_and_see)
         if self._closed:
             subscription.close()
         else:
             self._log(job_id).subscribers.add(subscription)
         return subscription
+
+    async def _read_and_see(self, job_id: str, sequence: int) -> Job | None:
+        """A watcher's read of a change that came without its job: the snapshot also serves the next
+        progress changes (see ``seen``)."""
+        job = await self.read(job_id, sequence)
+        if job is not None:
+            self.seen(job)
+        return job
+
+    def seen(self, job: Job) -> None:
+        """A watcher read ``job`` from the store: the latest snapshot, unless a newer one went by."""
+        log = self._logs.get(job.id)
+        if log is not None and (log.latest is None or log.latest.sequence < job.sequence):
+            log.latest = job.copy()
 
     def unsubscribe(self, subscription: Subscription) -> None:
         """The watcher left; its job's log stays (while kept), for the watcher to resume from."""

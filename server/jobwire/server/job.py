@@ -180,6 +180,12 @@ class Job:
     wait_reason: WaitReason = WaitReason.NONE
     wait_message: str = ""
 
+    def after_progress(self, progress: Progress, update_time: float, sequence: int) -> Job:
+        """A snapshot of this job with a progress report applied, as the store's progress write does."""
+        job = self.copy()
+        job.progress, job.update_time, job.sequence = progress, update_time, sequence
+        return job
+
     def copy(self) -> Job:
         """A snapshot that later changes to this job do not reach.
 

@@ -510,6 +510,7 @@ class JobOperations:
         subscription = self.hub.subscribe(job_id)  # before the snapshot, so nothing falls between
         try:
             job = await self.get(job_id, caller)
+            self.hub.seen(job)
             if after_sequence < 0 or after_sequence > job.sequence:
                 raise WatchPositionLost(
                     f"after_sequence {after_sequence} is outside 0..{job.sequence} for job {job_id}"

@@ -14,6 +14,7 @@ from typing import Any
 
 from jobwire.handlers.api import Progress, RetryDefaults
 from jobwire.server.audit import AuditEntry
+from jobwire.server.changes import ChangeKind, JobChange
 from jobwire.server.job import AttemptRecord, Job, JobError, RetryPolicy
 from jobwire.server.job_types import JobType
 from jobwire.server.state_machine import JobState
@@ -56,6 +57,20 @@ COLUMNS = (
 BASIC_COLUMNS = tuple({"params": "'{}'", "result": "NULL"}.get(column, column) for column in COLUMNS)
 # The ordering information of a queued job (stores.base.QueuedJob), in its field order.
 QUEUE_COLUMNS = ("id", "type", "priority", "queue_time", "schedule_time", "sequence", "tenant")
+# What a change says without the job (changes.JobChange, its kind left out), in its field order.
+CHANGE_COLUMNS = (
+    "id",
+    "sequence",
+    "state",
+    "type",
+    "priority",
+    "queue_time",
+    "schedule_time",
+    "lease_epoch",
+    "executor",
+    "start_time",
+    "tenant",
+)
 # An audit entry (audit.AuditEntry), in its field order.
 AUDIT_COLUMNS = ("job_id", "time", "action", "principal", "request_id", "peer", "detail", "id")
 # The values of the columns added after the first layout, for rows written before them (PostgreSQL's
@@ -357,3 +372,24 @@ def changed_columns(changes: Mapping[str, Any]) -> list[tuple[str, Any]]:
         encode = _FIELD_ENCODERS.get(name)
         pairs.append((name, encode(value) if encode is not None and value is not None else value))
     return pairs
+
+
+def row_to_progress_change(row: Sequence[Any], progress: Progress, update_time: float) -> JobChange:
+    """A progress change from the CHANGE_COLUMNS of the row it updated, without the whole job."""
+    job_id, sequence, state, job_type, priority, queued, scheduled, epoch, executor, started, tenant = row
+    return JobChange(
+        job_id,
+        sequence,
+        ChangeKind.PROGRESS,
+        JobState(state),
+        job_type,
+        priority,
+        queued,
+        scheduled,
+        epoch,
+        executor,
+        started,
+        tenant,
+        progress=progress,
+        update_time=update_time,
+    )

@@ -51,6 +51,7 @@ from jobwire.server.stores.batches import Outcomes, ProgressNote
 from jobwire.server.stores.rows import (
     AUDIT_COLUMNS,
     BASIC_COLUMNS,
+    CHANGE_COLUMNS,
     COLUMNS,
     QUEUE_COLUMNS,
     Row,
@@ -62,6 +63,7 @@ from jobwire.server.stores.rows import (
     row_to_audit,
     row_to_job,
     row_to_job_type,
+    row_to_progress_change,
 )
 
 _log = logging.getLogger(__name__)
@@ -217,7 +219,7 @@ _CLAIM = (
 _PROGRESS = (
     "UPDATE jobs SET progress = v.column2, update_time = v.column3, sequence = sequence + 1 "
     "FROM (VALUES {rows}) AS v WHERE jobs.id = v.column1 AND jobs.lease_epoch = v.column4 "
-    f"AND jobs.state IN ({_ACTIVE})" + _RETURNING
+    f"AND jobs.state IN ({_ACTIVE}) RETURNING {', '.join(f'jobs.{c}' for c in CHANGE_COLUMNS)}"
 )
 _RENEW = (
     "UPDATE jobs SET lease_expire_time = MAX(COALESCE(lease_expire_time, 0), ?) "
@@ -917,7 +919,11 @@ class SqliteStore(JobStore):
             for start in range(0, len(notes), _ROWS_PER_INSERT):  # one statement per 100 notes
                 chunk = notes[start : start + _ROWS_PER_INSERT]
                 rows = conn.execute(_progress_rows(len(chunk)), list(itertools.chain.from_iterable(chunk)))
-                changes.extend(JobChange.of(row_to_job(row), ChangeKind.PROGRESS) for row in rows)
+                # Only what changed, not the whole job: decoding every row would cost more than the note.
+                changes.extend(
+                    row_to_progress_change(row, progress[row[0]].progress, progress[row[0]].time)
+                    for row in rows.fetchall()
+                )
         except sqlite3.Error:
             # Progress is not worth failing the state changes committed with it.
             _log.exception("writing %d progress notes failed", len(progress))
