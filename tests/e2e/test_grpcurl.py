@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,7 @@ def test_list_shows_services_through_reflection(grpcurl: Grpcurl) -> None:
             "GetQueueStats",
             "RetryJob",
             "ListJobAuditEntries",
+            "UpdateJob",
         )
     }
     assert "jobwire.v1.WorkerService" in services
@@ -237,6 +239,19 @@ def test_cancel_job(grpcurl: Grpcurl) -> None:
 
     again = grpcurl.unary("CancelJob", {"job_id": job["id"]})["job"]  # idempotent on a cancelled job
     assert again["state"] == "JOB_STATE_CANCELLED"
+
+
+def test_update_job(grpcurl: Grpcurl) -> None:
+    later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    job = submit(grpcurl, {"type": "demo.echo", "schedule_time": later})
+    request = {
+        "job": {"id": job["id"], "priority": 9, "labels": {"team": "ml"}},
+        "update_mask": {"paths": ["priority", "labels"]},
+    }
+    updated = grpcurl.unary("UpdateJob", request)["job"]
+    assert (updated["priority"], updated["labels"]) == (9, {"team": "ml"})
+    assert updated["state"] == "JOB_STATE_QUEUED"
+    grpcurl.unary("CancelJob", {"job_id": job["id"]})
 
 
 def test_queue_stats(grpcurl: Grpcurl) -> None:

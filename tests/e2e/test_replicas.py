@@ -152,6 +152,22 @@ def test_priority_order_holds_across_replicas(replicas: Replicas) -> None:
     assert started == expected
 
 
+def test_an_update_on_one_replica_reorders_the_cluster_queue(replicas: Replicas) -> None:
+    a, b, c = replicas.stubs
+    with RawWorker(replicas.servers[1].target) as worker:
+        worker.register("raw.update", credits=0)
+        jobs = [a.SubmitJob(S.SubmitJobRequest(type="raw.update", priority=5)).job for _ in range(3)]
+        request = S.UpdateJobRequest(job=J.Job(id=jobs[2].id, priority=9))
+        request.update_mask.paths.append("priority")
+        assert c.UpdateJob(request).job.priority == 9
+        deadline = time.monotonic() + 10
+        while b.GetJob(S.GetJobRequest(job_id=jobs[2].id)).job.queue_position != 1:
+            assert time.monotonic() < deadline, "replica b never saw the new order"
+            time.sleep(0.02)
+        worker.send(W.ConnectRequest(add_credits=W.AddCredits(credits=1)))
+        assert worker.next("assignment").assignment.job.id == jobs[2].id  # the dispatcher saw it too
+
+
 def test_a_type_limit_holds_across_replicas(replicas: Replicas) -> None:
     jobs = [
         replicas.stubs[i % 3]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import json
 import os
@@ -532,3 +533,46 @@ def test_cli_submit_from_file(
     with pytest.raises(SystemExit):
         main([*base, "submit", "test.echo", "--from-file", str(path)])
     assert "not both" in capsys.readouterr().err
+
+
+def _in_an_hour() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+
+
+def test_update_a_queued_job_with_the_client(client: JobwireClient) -> None:
+    job = client.submit("demo.echo", priority=2, labels={"a": "1"}, schedule_time=_in_an_hour())
+    updated = client.update(job.id, priority=8, labels={"b": "2"})
+    assert (updated.priority, dict(updated.labels)) == (8, {"b": "2"})
+    assert updated.HasField("schedule_time")  # not named: unchanged
+    ready = client.update(job.id, schedule_time=None)  # cleared: runs as soon as possible
+    assert not ready.HasField("schedule_time")
+    assert client.wait(job.id, timeout=WAIT).state == job_pb2.JOB_STATE_SUCCEEDED
+    with pytest.raises(FailedPreconditionError):
+        client.update(job.id, priority=1)
+    with pytest.raises(InvalidArgumentError):
+        client.update(job.id)  # nothing named
+
+
+async def test_update_with_the_async_client(jobwire_target: str) -> None:
+    async with AsyncJobwireClient(jobwire_target, call_timeout=10) as client:
+        job = await client.submit("demo.echo", schedule_time=_in_an_hour())
+        updated = await client.update(job.id, priority=9, request_id="async-update")
+        assert updated.priority == 9
+        entries = [e async for e in client.audit(job.id)]
+        assert (entries[-1].action, entries[-1].request_id) == ("updated", "async-update")
+        await client.cancel(job.id)
+
+
+def test_cli_update(jobwire_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--server", jobwire_target]
+    assert main([*base, "submit", "demo.echo", "--at", "+1h", "--label", "x=1", "--json"]) == 0
+    job_id = json.loads(capsys.readouterr().out)["id"]
+    assert main([*base, "update", job_id, "--priority", "7", "--label", "team=ml", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["priority"], shown["labels"], shown["state"]) == (7, {"team": "ml"}, "JOB_STATE_QUEUED")
+    assert main([*base, "update", job_id, "--clear-labels", "--now", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["labels"] == {} and not shown.get("schedule_time")
+    with pytest.raises(SystemExit) as usage:
+        main([*base, "update", job_id])  # nothing to change
+    assert usage.value.code == 2 and "nothing to change" in capsys.readouterr().err

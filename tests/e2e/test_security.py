@@ -212,6 +212,10 @@ def invoke(api: Api, rpc: str, token: str | None, job_id: str, worker_type: str 
         return stub.GetQueueStats(S.GetQueueStatsRequest(), metadata=metadata, timeout=10)
     if rpc == "RetryJob":
         return stub.RetryJob(S.RetryJobRequest(job_id=job_id), metadata=metadata, timeout=10)
+    if rpc == "UpdateJob":
+        update = S.UpdateJobRequest(job=J.Job(id=job_id, priority=9))
+        update.update_mask.paths.append("priority")
+        return stub.UpdateJob(update, metadata=metadata, timeout=10)
     if rpc == "ListJobAuditEntries":
         audit = S.ListJobAuditEntriesRequest(job_id=job_id)
         return stub.ListJobAuditEntries(audit, metadata=metadata, timeout=10)
@@ -333,6 +337,7 @@ EXPECTED: dict[str, dict[str, str]] = {
         "WatchJob": OK,
         "GetQueueStats": OK,
         "RetryJob": OK,
+        "UpdateJob": OK,
         "ListJobAuditEntries": OK,
         "Connect": OK,
     },
@@ -345,6 +350,7 @@ EXPECTED: dict[str, dict[str, str]] = {
         "WatchJob": OK,
         "GetQueueStats": OK,
         "RetryJob": OK,
+        "UpdateJob": OK,
         "ListJobAuditEntries": OK,
         "Connect": DENIED,
     },
@@ -357,6 +363,7 @@ EXPECTED: dict[str, dict[str, str]] = {
         "WatchJob": OK,
         "GetQueueStats": OK,
         "RetryJob": DENIED,
+        "UpdateJob": DENIED,
         "ListJobAuditEntries": OK,
         "Connect": DENIED,
     },
@@ -369,6 +376,7 @@ EXPECTED: dict[str, dict[str, str]] = {
         "WatchJob": DENIED,
         "GetQueueStats": DENIED,
         "RetryJob": DENIED,
+        "UpdateJob": DENIED,
         "ListJobAuditEntries": DENIED,
         "Connect": OK,
     },
@@ -383,6 +391,7 @@ ACTIONS = {
     "WatchJob": "read",
     "GetQueueStats": "read",
     "RetryJob": "retry",
+    "UpdateJob": "update",
     "ListJobAuditEntries": "read",
     "Connect": "work",
 }
@@ -404,6 +413,8 @@ def test_each_role_may_make_exactly_the_calls_of_the_table(api: Api, keys: Keys,
             assert answer.job.state == J.JOB_STATE_CANCELLED
         elif rpc == "RetryJob":
             assert (before.state, answer.job.state) == (J.JOB_STATE_CANCELLED, J.JOB_STATE_QUEUED)
+        elif rpc == "UpdateJob":
+            assert (answer.job.state, answer.job.priority) == (J.JOB_STATE_QUEUED, 9)
         elif rpc == "SubmitJob":
             assert (answer.job.tenant, answer.job.created_by) == ("a", f"{role}-1")
         elif rpc == "BatchSubmitJobs":

@@ -407,6 +407,25 @@ async def test_transition_sets_the_changes_state_update_time_and_next_sequence(
     assert stored == expected
 
 
+async def test_a_queued_job_can_change_its_priority_labels_and_schedule(
+    store: JobStore, reopen: Reopen, make_job: MakeJob
+) -> None:
+    """What UpdateJob writes: QUEUED -> QUEUED with new ordering fields; counts move with the priority."""
+    job = make_job(priority=2, labels={"team": "a"})
+    await store.insert(job)
+    changes = {"priority": 8, "labels": {"team": "b", "env": "prod"}, "schedule_time": T0 + 60}
+    updated = await store.transition(job.id, Expect(JobState.QUEUED), JobState.QUEUED, changes, T0 + 1)
+    expected = full_job_like(job)
+    expected.update_time, expected.sequence = T0 + 1, job.sequence + 1
+    for name, value in changes.items():
+        setattr(expected, name, value)
+    assert updated == expected
+    assert await store.count() == [JobCount(JobState.QUEUED, job.type, 8, 1)]
+    by_label = await store.list(JobQuery(JobFilter(labels=(("env", "prod"),)), limit=10))
+    assert [j.id for j in by_label] == [job.id]
+    assert await flushed(store, reopen, job.id) == expected
+
+
 async def test_transition_is_a_compare_and_set(store: JobStore, make_job: MakeJob) -> None:
     job = make_job(state=JobState.RUNNING, lease_epoch=3, lease_expire_time=T0 + 30)
     await store.insert(job)

@@ -11,6 +11,7 @@ from jobwire.server.state_machine import TERMINAL_STATES, TRANSITIONS, JobState,
 from jobwire.v1 import job_pb2
 
 LEGAL = {
+    (JobState.QUEUED, JobState.QUEUED),  # UpdateJob
     (JobState.QUEUED, JobState.RUNNING),
     (JobState.QUEUED, JobState.CANCELLED),
     (JobState.RUNNING, JobState.SUCCEEDED),

@@ -221,6 +221,30 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument("--request-id", metavar="ID", help="id of this request, recorded in the job's audit trail")
     p.set_defaults(handler=cmd_cancel)
 
+    p = sub.add_parser(
+        "update", parents=[common], help="change the priority, labels or start time of a queued job"
+    )
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--priority", type=int, metavar="N", help="0 (lowest) to 9 (highest)")
+    p.add_argument(
+        "--label",
+        action="append",
+        type=label_arg,
+        metavar="KEY=VALUE",
+        help="repeatable: the job's labels become exactly these",
+    )
+    p.add_argument("--clear-labels", action="store_true", help="remove every label")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument(
+        "--at",
+        type=_when_arg,
+        metavar="WHEN",
+        help="start no earlier than WHEN: an ISO 8601 time, or +DURATION from now (+90, +10m, +1h)",
+    )
+    when.add_argument("--now", action="store_true", help="drop the start time: run as soon as possible")
+    p.add_argument("--request-id", metavar="ID", help="id of this request, recorded in the job's audit trail")
+    p.set_defaults(handler=cmd_update)
+
     p = sub.add_parser("retry", parents=[common], help="queue a failed or cancelled job again")
     p.add_argument("job_id", metavar="JOB_ID")
     p.add_argument("--request-id", metavar="ID", help="id of this request, recorded in the job's audit trail")
@@ -440,6 +464,26 @@ def cmd_get(client: JobwireClient, args: argparse.Namespace) -> int:
         console.print(render.job_detail_table(job))
         if job.attempts:
             console.print(render.attempts_table(job))
+    return EXIT_OK
+
+
+def cmd_update(client: JobwireClient, args: argparse.Namespace) -> int:
+    if args.label and args.clear_labels:
+        raise UsageError("--label and --clear-labels cannot be used together")
+    changes: dict[str, Any] = {}
+    if args.priority is not None:
+        changes["priority"] = args.priority
+    if args.label or args.clear_labels:
+        changes["labels"] = labels_dict(args.label)
+    if args.at is not None or args.now:
+        changes["schedule_time"] = args.at
+    if not changes:
+        raise UsageError("nothing to change: give --priority, --label, --clear-labels, --at or --now")
+    job = client.update(args.job_id, request_id=args.request_id, **changes)
+    if args.json:
+        render.print_json(render.to_dict(job))
+    else:
+        render.make_console().print(render.job_summary_table(job))
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ here once; ``sync_client`` and ``async_client`` only add the blocking or awaitin
 from __future__ import annotations
 
 import datetime
+import enum
 import random
 import time
 import uuid
@@ -180,6 +181,40 @@ def build_cancel_request(
 ) -> job_service_pb2.CancelJobRequest:
     """The CancelJobRequest; ``request_id`` (optional) is recorded in the job's audit trail."""
     return job_service_pb2.CancelJobRequest(job_id=job_id, reason=reason, request_id=request_id or "")
+
+
+class Unchanged(enum.Enum):
+    """The default of ``update``'s fields: leave the field as it is."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED = Unchanged.UNCHANGED
+
+
+def build_update_request(
+    job_id: str,
+    *,
+    priority: int | Unchanged = UNCHANGED,
+    labels: Mapping[str, str] | Unchanged = UNCHANGED,
+    schedule_time: datetime.datetime | Unchanged | None = UNCHANGED,
+    request_id: str | None = None,
+) -> job_service_pb2.UpdateJobRequest:
+    """The UpdateJobRequest naming in its update_mask each field given; ``schedule_time=None`` clears
+    the schedule (run as soon as possible), ``labels`` replaces them all."""
+    request = job_service_pb2.UpdateJobRequest(job=job_pb2.Job(id=job_id), request_id=request_id or "")
+    paths = request.update_mask.paths
+    if not isinstance(priority, Unchanged):
+        request.job.priority = priority
+        paths.append("priority")
+    if not isinstance(labels, Unchanged):
+        request.job.labels.update(labels)
+        paths.append("labels")
+    if not isinstance(schedule_time, Unchanged):
+        if schedule_time is not None:
+            request.job.schedule_time.CopyFrom(to_timestamp(schedule_time))
+        paths.append("schedule_time")
+    return request
 
 
 def build_retry_request(job_id: str, request_id: str | None = None) -> job_service_pb2.RetryJobRequest:

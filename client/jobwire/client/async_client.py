@@ -224,6 +224,28 @@ class AsyncJobwireClient:
         )
         return response.job
 
+    async def update(
+        self,
+        job_id: str,
+        *,
+        priority: int | _core.Unchanged = _core.UNCHANGED,
+        labels: Mapping[str, str] | _core.Unchanged = _core.UNCHANGED,
+        schedule_time: datetime.datetime | _core.Unchanged | None = _core.UNCHANGED,
+        request_id: str | None = None,
+    ) -> job_pb2.Job:
+        """Change a job that has not started: its ``priority``, ``labels`` (all replaced) or
+        ``schedule_time`` (None: run as soon as possible); fields not given stay as they are.
+
+        The run order follows at once. FailedPreconditionError once the job has started.
+        """
+        response: job_service_pb2.UpdateJobResponse = await self._call(
+            self._stub.UpdateJob,
+            _core.build_update_request(
+                job_id, priority=priority, labels=labels, schedule_time=schedule_time, request_id=request_id
+            ),
+        )
+        return response.job
+
     async def retry(self, job_id: str, *, request_id: str | None = None) -> job_pb2.Job:
         """Queue a FAILED or CANCELLED job again, with a fresh budget of attempts.
 

@@ -52,7 +52,8 @@ class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
 
     Legal transitions (any other is refused by the server):
 
-      QUEUED     -> RUNNING | CANCELLED
+      QUEUED     -> RUNNING | CANCELLED | QUEUED (UpdateJob: same state, new
+                    priority, labels or schedule time)
       RUNNING    -> SUCCEEDED | FAILED | CANCELLING | QUEUED
       CANCELLING -> CANCELLED
 
@@ -478,8 +479,8 @@ class AuditEntry(_message.Message):
     PEER_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     action: _builtins.str
-    """What happened: "submitted", "cancel requested", "cancelled", "retried",
-    "attempt started", "attempt succeeded", "attempt failed", "attempt
+    """What happened: "submitted", "updated" (UpdateJob; `detail` says what
+    changed), "cancel requested", "cancelled", "retried", "attempt started", "attempt succeeded", "attempt failed", "attempt
     released", "attempt abandoned", "lease expired", "timed out".
     """
     principal: _builtins.str

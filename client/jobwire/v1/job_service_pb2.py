@@ -23,12 +23,13 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from jobwire.v1 import job_pb2 as jobwire_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cjobwire/v1/job_service.proto\x12\njobwire.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14jobwire/v1/job.proto\"\xf8\x02\n\x10SubmitJobRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\x08priority\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x38\n\x06labels\x18\x04 \x03(\x0b\x32(.jobwire.v1.SubmitJobRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12*\n\x07timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\x0cretry_policy\x18\x07 \x01(\x0b\x32\x17.jobwire.v1.RetryPolicy\x12\x31\n\rschedule_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_priority\"1\n\x11SubmitJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobwire.v1.Job\"H\n\x16\x42\x61tchSubmitJobsRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.jobwire.v1.SubmitJobRequest\"8\n\x17\x42\x61tchSubmitJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.jobwire.v1.Job\"B\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04view\x18\x02 \x01(\x0e\x32\x13.jobwire.v1.JobView\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobwire.v1.Job\"\xf5\x02\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x06states\x18\x03 \x03(\x0e\x32\x14.jobwire.v1.JobState\x12\r\n\x05types\x18\x04 \x03(\t\x12\x37\n\x06labels\x18\x05 \x03(\x0b\x32\'.jobwire.v1.ListJobsRequest.LabelsEntry\x12\x35\n\x11\x63reate_time_start\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x63reate_time_end\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x04view\x18\x08 \x01(\x0e\x32\x13.jobwire.v1.JobView\x12\x0f\n\x07tenants\x18\t \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.jobwire.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"1\n\x11\x43\x61ncelJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobwire.v1.Job\"\\\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12!\n\x04view\x18\x03 \x01(\x0e\x32\x13.jobwire.v1.JobView\"r\n\x10WatchJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobwire.v1.Job\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12.\n\nevent_type\x18\x03 \x01(\x0e\x32\x1a.jobwire.v1.WatchEventType\"\x16\n\x14GetQueueStatsRequest\"@\n\nStateCount\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.jobwire.v1.JobState\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"o\n\tTypeStats\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x0f\n\x07running\x18\x03 \x01(\x03\x12\x13\n\x0bmax_running\x18\x04 \x01(\x05\x12\r\n\x05total\x18\x05 \x01(\x03\x12\x0f\n\x07workers\x18\x06 \x01(\x05\"1\n\rPriorityCount\x12\x10\n\x08priority\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x03\"\xcd\x04\n\x15GetQueueStatsResponse\x12,\n\x0cstate_counts\x18\x01 \x03(\x0b\x32\x16.jobwire.v1.StateCount\x12)\n\ntype_stats\x18\x02 \x03(\x0b\x32\x15.jobwire.v1.TypeStats\x12\x32\n\x0fpriority_counts\x18\x03 \x03(\x0b\x32\x19.jobwire.v1.PriorityCount\x12\x0f\n\x07running\x18\x04 \x01(\x03\x12\x13\n\x0bmax_running\x18\x05 \x01(\x05\x12\x12\n\nmax_queued\x18\x06 \x01(\x03\x12)\n\x06window\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x66inished_in_window\x18\x08 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\t \x01(\x01\x12\x32\n\x0fmean_queue_wait\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rmean_run_time\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\tread_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64raining\x18\r \x01(\x08\x12\x19\n\x11\x63onnected_workers\x18\x0e \x01(\x05\x12\x0f\n\x07\x64\x65layed\x18\x0f \x01(\x03\x12\x0e\n\x06tenant\x18\x10 \x01(\t\x12-\n\x0ctenant_stats\x18\x11 \x03(\x0b\x32\x17.jobwire.v1.TenantStats\"\x8c\x01\n\x0bTenantStats\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x0f\n\x07running\x18\x03 \x01(\x03\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x12\n\nmax_queued\x18\x05 \x01(\x03\x12\x13\n\x0bmax_running\x18\x06 \x01(\x05\x12\x13\n\x0bsubmit_rate\x18\x07 \x01(\x05\"5\n\x0fRetryJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"0\n\x10RetryJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobwire.v1.Job\"S\n\x1aListJobAuditEntriesRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"_\n\x1bListJobAuditEntriesResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.jobwire.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9c\x01\n\x0eWatchEventType\x12 \n\x1cWATCH_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19WATCH_EVENT_TYPE_SNAPSHOT\x10\x01\x12\"\n\x1eWATCH_EVENT_TYPE_STATE_CHANGED\x10\x02\x12%\n!WATCH_EVENT_TYPE_PROGRESS_UPDATED\x10\x03\x32\xd2\x05\n\nJobService\x12H\n\tSubmitJob\x12\x1c.jobwire.v1.SubmitJobRequest\x1a\x1d.jobwire.v1.SubmitJobResponse\x12Z\n\x0f\x42\x61tchSubmitJobs\x12\".jobwire.v1.BatchSubmitJobsRequest\x1a#.jobwire.v1.BatchSubmitJobsResponse\x12?\n\x06GetJob\x12\x19.jobwire.v1.GetJobRequest\x1a\x1a.jobwire.v1.GetJobResponse\x12\x45\n\x08ListJobs\x12\x1b.jobwire.v1.ListJobsRequest\x1a\x1c.jobwire.v1.ListJobsResponse\x12H\n\tCancelJob\x12\x1c.jobwire.v1.CancelJobRequest\x1a\x1d.jobwire.v1.CancelJobResponse\x12G\n\x08WatchJob\x12\x1b.jobwire.v1.WatchJobRequest\x1a\x1c.jobwire.v1.WatchJobResponse0\x01\x12T\n\rGetQueueStats\x12 .jobwire.v1.GetQueueStatsRequest\x1a!.jobwire.v1.GetQueueStatsResponse\x12\x66\n\x13ListJobAuditEntries\x12&.jobwire.v1.ListJobAuditEntriesRequest\x1a\'.jobwire.v1.ListJobAuditEntriesResponse\x12\x45\n\x08RetryJob\x12\x1b.jobwire.v1.RetryJobRequest\x1a\x1c.jobwire.v1.RetryJobResponseB;\n\x0e\x64\x65v.jobwire.v1P\x01Z\'jobwire.dev/gen/go/jobwire/v1;jobwirev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cjobwire/v1/job_service.proto\x12\njobwire.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14jobwire/v1/job.proto\"\xf8\x02\n\x10SubmitJobRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\x08priority\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x38\n\x06labels\x18\x04 \x03(\x0b\x32(.jobwire.v1.SubmitJobRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12*\n\x07timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\x0cretry_policy\x18\x07 \x01(\x0b\x32\x17.jobwire.v1.RetryPolicy\x12\x31\n\rschedule_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_priority\"1\n\x11SubmitJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobwire.v1.Job\"H\n\x16\x42\x61tchSubmitJobsRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.jobwire.v1.SubmitJobRequest\"8\n\x17\x42\x61tchSubmitJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.jobwire.v1.Job\"B\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04view\x18\x02 \x01(\x0e\x32\x13.jobwire.v1.JobView\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobwire.v1.Job\"\xf5\x02\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x06states\x18\x03 \x03(\x0e\x32\x14.jobwire.v1.JobState\x12\r\n\x05types\x18\x04 \x03(\t\x12\x37\n\x06labels\x18\x05 \x03(\x0b\x32\'.jobwire.v1.ListJobsRequest.LabelsEntry\x12\x35\n\x11\x63reate_time_start\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x63reate_time_end\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x04view\x18\x08 \x01(\x0e\x32\x13.jobwire.v1.JobView\x12\x0f\n\x07tenants\x18\t \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.jobwire.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"1\n\x11\x43\x61ncelJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobwire.v1.Job\"u\n\x10UpdateJobRequest\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobwire.v1.Job\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"1\n\x11UpdateJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobwire.v1.Job\"\\\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12!\n\x04view\x18\x03 \x01(\x0e\x32\x13.jobwire.v1.JobView\"r\n\x10WatchJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobwire.v1.Job\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12.\n\nevent_type\x18\x03 \x01(\x0e\x32\x1a.jobwire.v1.WatchEventType\"\x16\n\x14GetQueueStatsRequest\"@\n\nStateCount\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.jobwire.v1.JobState\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"o\n\tTypeStats\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x0f\n\x07running\x18\x03 \x01(\x03\x12\x13\n\x0bmax_running\x18\x04 \x01(\x05\x12\r\n\x05total\x18\x05 \x01(\x03\x12\x0f\n\x07workers\x18\x06 \x01(\x05\"1\n\rPriorityCount\x12\x10\n\x08priority\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x03\"\xcd\x04\n\x15GetQueueStatsResponse\x12,\n\x0cstate_counts\x18\x01 \x03(\x0b\x32\x16.jobwire.v1.StateCount\x12)\n\ntype_stats\x18\x02 \x03(\x0b\x32\x15.jobwire.v1.TypeStats\x12\x32\n\x0fpriority_counts\x18\x03 \x03(\x0b\x32\x19.jobwire.v1.PriorityCount\x12\x0f\n\x07running\x18\x04 \x01(\x03\x12\x13\n\x0bmax_running\x18\x05 \x01(\x05\x12\x12\n\nmax_queued\x18\x06 \x01(\x03\x12)\n\x06window\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x66inished_in_window\x18\x08 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\t \x01(\x01\x12\x32\n\x0fmean_queue_wait\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rmean_run_time\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\tread_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64raining\x18\r \x01(\x08\x12\x19\n\x11\x63onnected_workers\x18\x0e \x01(\x05\x12\x0f\n\x07\x64\x65layed\x18\x0f \x01(\x03\x12\x0e\n\x06tenant\x18\x10 \x01(\t\x12-\n\x0ctenant_stats\x18\x11 \x03(\x0b\x32\x17.jobwire.v1.TenantStats\"\x8c\x01\n\x0bTenantStats\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x0f\n\x07running\x18\x03 \x01(\x03\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x12\n\nmax_queued\x18\x05 \x01(\x03\x12\x13\n\x0bmax_running\x18\x06 \x01(\x05\x12\x13\n\x0bsubmit_rate\x18\x07 \x01(\x05\"5\n\x0fRetryJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"0\n\x10RetryJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobwire.v1.Job\"S\n\x1aListJobAuditEntriesRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"_\n\x1bListJobAuditEntriesResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.jobwire.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9c\x01\n\x0eWatchEventType\x12 \n\x1cWATCH_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19WATCH_EVENT_TYPE_SNAPSHOT\x10\x01\x12\"\n\x1eWATCH_EVENT_TYPE_STATE_CHANGED\x10\x02\x12%\n!WATCH_EVENT_TYPE_PROGRESS_UPDATED\x10\x03\x32\x9c\x06\n\nJobService\x12H\n\tSubmitJob\x12\x1c.jobwire.v1.SubmitJobRequest\x1a\x1d.jobwire.v1.SubmitJobResponse\x12Z\n\x0f\x42\x61tchSubmitJobs\x12\".jobwire.v1.BatchSubmitJobsRequest\x1a#.jobwire.v1.BatchSubmitJobsResponse\x12?\n\x06GetJob\x12\x19.jobwire.v1.GetJobRequest\x1a\x1a.jobwire.v1.GetJobResponse\x12\x45\n\x08ListJobs\x12\x1b.jobwire.v1.ListJobsRequest\x1a\x1c.jobwire.v1.ListJobsResponse\x12H\n\tCancelJob\x12\x1c.jobwire.v1.CancelJobRequest\x1a\x1d.jobwire.v1.CancelJobResponse\x12G\n\x08WatchJob\x12\x1b.jobwire.v1.WatchJobRequest\x1a\x1c.jobwire.v1.WatchJobResponse0\x01\x12T\n\rGetQueueStats\x12 .jobwire.v1.GetQueueStatsRequest\x1a!.jobwire.v1.GetQueueStatsResponse\x12\x66\n\x13ListJobAuditEntries\x12&.jobwire.v1.ListJobAuditEntriesRequest\x1a\'.jobwire.v1.ListJobAuditEntriesResponse\x12\x45\n\x08RetryJob\x12\x1b.jobwire.v1.RetryJobRequest\x1a\x1c.jobwire.v1.RetryJobResponse\x12H\n\tUpdateJob\x12\x1c.jobwire.v1.UpdateJobRequest\x1a\x1d.jobwire.v1.UpdateJobResponseB;\n\x0e\x64\x65v.jobwire.v1P\x01Z\'jobwire.dev/gen/go/jobwire/v1;jobwirev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,56 +41,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_LISTJOBSREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_WATCHEVENTTYPE']._serialized_start=2901
-  _globals['_WATCHEVENTTYPE']._serialized_end=3057
-  _globals['_SUBMITJOBREQUEST']._serialized_start=162
-  _globals['_SUBMITJOBREQUEST']._serialized_end=538
-  _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_start=480
-  _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_end=525
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=540
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=589
-  _globals['_BATCHSUBMITJOBSREQUEST']._serialized_start=591
-  _globals['_BATCHSUBMITJOBSREQUEST']._serialized_end=663
-  _globals['_BATCHSUBMITJOBSRESPONSE']._serialized_start=665
-  _globals['_BATCHSUBMITJOBSRESPONSE']._serialized_end=721
-  _globals['_GETJOBREQUEST']._serialized_start=723
-  _globals['_GETJOBREQUEST']._serialized_end=789
-  _globals['_GETJOBRESPONSE']._serialized_start=791
-  _globals['_GETJOBRESPONSE']._serialized_end=837
-  _globals['_LISTJOBSREQUEST']._serialized_start=840
-  _globals['_LISTJOBSREQUEST']._serialized_end=1213
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_start=480
-  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_end=525
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1215
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1289
-  _globals['_CANCELJOBREQUEST']._serialized_start=1291
-  _globals['_CANCELJOBREQUEST']._serialized_end=1361
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1363
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1412
-  _globals['_WATCHJOBREQUEST']._serialized_start=1414
-  _globals['_WATCHJOBREQUEST']._serialized_end=1506
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1508
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1622
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1624
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1646
-  _globals['_STATECOUNT']._serialized_start=1648
-  _globals['_STATECOUNT']._serialized_end=1712
-  _globals['_TYPESTATS']._serialized_start=1714
-  _globals['_TYPESTATS']._serialized_end=1825
-  _globals['_PRIORITYCOUNT']._serialized_start=1827
-  _globals['_PRIORITYCOUNT']._serialized_end=1876
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=1879
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=2468
-  _globals['_TENANTSTATS']._serialized_start=2471
-  _globals['_TENANTSTATS']._serialized_end=2611
-  _globals['_RETRYJOBREQUEST']._serialized_start=2613
-  _globals['_RETRYJOBREQUEST']._serialized_end=2666
-  _globals['_RETRYJOBRESPONSE']._serialized_start=2668
-  _globals['_RETRYJOBRESPONSE']._serialized_end=2716
-  _globals['_LISTJOBAUDITENTRIESREQUEST']._serialized_start=2718
-  _globals['_LISTJOBAUDITENTRIESREQUEST']._serialized_end=2801
-  _globals['_LISTJOBAUDITENTRIESRESPONSE']._serialized_start=2803
-  _globals['_LISTJOBAUDITENTRIESRESPONSE']._serialized_end=2898
-  _globals['_JOBSERVICE']._serialized_start=3060
-  _globals['_JOBSERVICE']._serialized_end=3782
+  _globals['_WATCHEVENTTYPE']._serialized_start=3105
+  _globals['_WATCHEVENTTYPE']._serialized_end=3261
+  _globals['_SUBMITJOBREQUEST']._serialized_start=196
+  _globals['_SUBMITJOBREQUEST']._serialized_end=572
+  _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_start=514
+  _globals['_SUBMITJOBREQUEST_LABELSENTRY']._serialized_end=559
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=574
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=623
+  _globals['_BATCHSUBMITJOBSREQUEST']._serialized_start=625
+  _globals['_BATCHSUBMITJOBSREQUEST']._serialized_end=697
+  _globals['_BATCHSUBMITJOBSRESPONSE']._serialized_start=699
+  _globals['_BATCHSUBMITJOBSRESPONSE']._serialized_end=755
+  _globals['_GETJOBREQUEST']._serialized_start=757
+  _globals['_GETJOBREQUEST']._serialized_end=823
+  _globals['_GETJOBRESPONSE']._serialized_start=825
+  _globals['_GETJOBRESPONSE']._serialized_end=871
+  _globals['_LISTJOBSREQUEST']._serialized_start=874
+  _globals['_LISTJOBSREQUEST']._serialized_end=1247
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_start=514
+  _globals['_LISTJOBSREQUEST_LABELSENTRY']._serialized_end=559
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1249
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1323
+  _globals['_CANCELJOBREQUEST']._serialized_start=1325
+  _globals['_CANCELJOBREQUEST']._serialized_end=1395
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1397
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1446
+  _globals['_UPDATEJOBREQUEST']._serialized_start=1448
+  _globals['_UPDATEJOBREQUEST']._serialized_end=1565
+  _globals['_UPDATEJOBRESPONSE']._serialized_start=1567
+  _globals['_UPDATEJOBRESPONSE']._serialized_end=1616
+  _globals['_WATCHJOBREQUEST']._serialized_start=1618
+  _globals['_WATCHJOBREQUEST']._serialized_end=1710
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1712
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1826
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1828
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1850
+  _globals['_STATECOUNT']._serialized_start=1852
+  _globals['_STATECOUNT']._serialized_end=1916
+  _globals['_TYPESTATS']._serialized_start=1918
+  _globals['_TYPESTATS']._serialized_end=2029
+  _globals['_PRIORITYCOUNT']._serialized_start=2031
+  _globals['_PRIORITYCOUNT']._serialized_end=2080
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=2083
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=2672
+  _globals['_TENANTSTATS']._serialized_start=2675
+  _globals['_TENANTSTATS']._serialized_end=2815
+  _globals['_RETRYJOBREQUEST']._serialized_start=2817
+  _globals['_RETRYJOBREQUEST']._serialized_end=2870
+  _globals['_RETRYJOBRESPONSE']._serialized_start=2872
+  _globals['_RETRYJOBRESPONSE']._serialized_end=2920
+  _globals['_LISTJOBAUDITENTRIESREQUEST']._serialized_start=2922
+  _globals['_LISTJOBAUDITENTRIESREQUEST']._serialized_end=3005
+  _globals['_LISTJOBAUDITENTRIESRESPONSE']._serialized_start=3007
+  _globals['_LISTJOBAUDITENTRIESRESPONSE']._serialized_end=3102
+  _globals['_JOBSERVICE']._serialized_start=3264
+  _globals['_JOBSERVICE']._serialized_end=4060
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -34,7 +35,9 @@ class _WatchEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WatchE
     WATCH_EVENT_TYPE_SNAPSHOT: _WatchEventType.ValueType  # 1
     """The job as it is when the watch starts."""
     WATCH_EVENT_TYPE_STATE_CHANGED: _WatchEventType.ValueType  # 2
-    """The job changed state."""
+    """The job changed state, or (still QUEUED) UpdateJob changed its
+    priority, labels or schedule time.
+    """
     WATCH_EVENT_TYPE_PROGRESS_UPDATED: _WatchEventType.ValueType  # 3
     """The job's progress changed (state unchanged)."""
 
@@ -46,7 +49,9 @@ WATCH_EVENT_TYPE_UNSPECIFIED: WatchEventType.ValueType  # 0
 WATCH_EVENT_TYPE_SNAPSHOT: WatchEventType.ValueType  # 1
 """The job as it is when the watch starts."""
 WATCH_EVENT_TYPE_STATE_CHANGED: WatchEventType.ValueType  # 2
-"""The job changed state."""
+"""The job changed state, or (still QUEUED) UpdateJob changed its
+priority, labels or schedule time.
+"""
 WATCH_EVENT_TYPE_PROGRESS_UPDATED: WatchEventType.ValueType  # 3
 """The job's progress changed (state unchanged)."""
 Global___WatchEventType: _TypeAlias = WatchEventType  # noqa: Y015
@@ -482,6 +487,76 @@ class CancelJobResponse(_message.Message):
 Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
 
 @_typing.final
+class UpdateJobRequest(_message.Message):
+    """Request for UpdateJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional id of this request (AIP-155), at most 128 characters: recorded
+    in the job's audit trail.
+    """
+    @_builtins.property
+    def job(self) -> _job_pb2.Job:
+        """Required. The job's `id`, and the new values of the fields named in
+        `update_mask`, with the same rules as in SubmitJobRequest: `priority`
+        0 to 9, `labels` (the whole map is replaced), `schedule_time` (at most
+        365 days ahead; unset or in the past means "run as soon as possible").
+        Every other field is ignored.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Required. The fields to change: any of "priority", "labels" and
+        "schedule_time". "*" and other paths are INVALID_ARGUMENT (no other
+        field of a job can change).
+        """
+
+    def __init__(
+        self,
+        *,
+        job: _job_pb2.Job | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "request_id", b"request_id", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateJobRequest: _TypeAlias = UpdateJobRequest  # noqa: Y015
+
+@_typing.final
+class UpdateJobResponse(_message.Message):
+    """Response for UpdateJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _job_pb2.Job:
+        """The job after the change (unchanged if every named field already had
+        the value given).
+        """
+
+    def __init__(
+        self,
+        *,
+        job: _job_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateJobResponse: _TypeAlias = UpdateJobResponse  # noqa: Y015
+
+@_typing.final
 class WatchJobRequest(_message.Message):
     """Request for WatchJob."""
 
@@ -529,7 +604,8 @@ class WatchJobResponse(_message.Message):
     EVENT_TYPE_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Per-job change counter, starting at 1 when the job is created and
-    incremented by every state transition and progress update. Strictly
+    incremented by every change (a state transition, a progress update, an
+    UpdateJob). Strictly
     increasing within a stream; gaps mean progress updates were merged.
     """
     event_type: Global___WatchEventType.ValueType

@@ -39,7 +39,8 @@ class JobServiceStub:
     client certificate (mutual TLS). Missing, malformed, expired or wrongly
     signed credentials get UNAUTHENTICATED; a caller whose role does not allow
     the call gets PERMISSION_DENIED. Roles: `admin` (everything, every
-    tenant), `submitter` (submit, read, cancel and retry its tenant's jobs),
+    tenant), `submitter` (submit, read, update, cancel and retry its tenant's
+    jobs),
     `viewer` (read its tenant's jobs), `worker` (WorkerService only).
 
     Tenants. Every job belongs to the tenant of the caller that submitted it
@@ -101,6 +102,11 @@ class JobServiceStub:
                 request_serializer=jobwire_dot_v1_dot_job__service__pb2.RetryJobRequest.SerializeToString,
                 response_deserializer=jobwire_dot_v1_dot_job__service__pb2.RetryJobResponse.FromString,
                 _registered_method=True)
+        self.UpdateJob = channel.unary_unary(
+                '/jobwire.v1.JobService/UpdateJob',
+                request_serializer=jobwire_dot_v1_dot_job__service__pb2.UpdateJobRequest.SerializeToString,
+                response_deserializer=jobwire_dot_v1_dot_job__service__pb2.UpdateJobResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -117,7 +123,8 @@ class JobServiceServicer:
     client certificate (mutual TLS). Missing, malformed, expired or wrongly
     signed credentials get UNAUTHENTICATED; a caller whose role does not allow
     the call gets PERMISSION_DENIED. Roles: `admin` (everything, every
-    tenant), `submitter` (submit, read, cancel and retry its tenant's jobs),
+    tenant), `submitter` (submit, read, update, cancel and retry its tenant's
+    jobs),
     `viewer` (read its tenant's jobs), `worker` (WorkerService only).
 
     Tenants. Every job belongs to the tenant of the caller that submitted it
@@ -236,6 +243,22 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateJob(self, request, context):
+        """Changes a job that has not started (AIP-134): its priority, labels or
+        schedule time, as named by `update_mask`. The run order follows at once:
+        a raised priority moves the job ahead of the lower ones (it keeps its
+        place in line among its new equals, by when it was queued), and a
+        cleared or past schedule_time makes it ready now. Watchers get a
+        WATCH_EVENT_TYPE_STATE_CHANGED message whose state is still QUEUED, and
+        the audit trail records who changed what. Allowed to the roles that may
+        cancel the job. Errors: NOT_FOUND, INVALID_ARGUMENT (no or unknown
+        update_mask path, a bad value, naming the field), FAILED_PRECONDITION
+        (the job is not QUEUED any more; the message names its state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -284,6 +307,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     request_deserializer=jobwire_dot_v1_dot_job__service__pb2.RetryJobRequest.FromString,
                     response_serializer=jobwire_dot_v1_dot_job__service__pb2.RetryJobResponse.SerializeToString,
             ),
+            'UpdateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateJob,
+                    request_deserializer=jobwire_dot_v1_dot_job__service__pb2.UpdateJobRequest.FromString,
+                    response_serializer=jobwire_dot_v1_dot_job__service__pb2.UpdateJobResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'jobwire.v1.JobService', rpc_method_handlers)
@@ -306,7 +334,8 @@ class JobService:
     client certificate (mutual TLS). Missing, malformed, expired or wrongly
     signed credentials get UNAUTHENTICATED; a caller whose role does not allow
     the call gets PERMISSION_DENIED. Roles: `admin` (everything, every
-    tenant), `submitter` (submit, read, cancel and retry its tenant's jobs),
+    tenant), `submitter` (submit, read, update, cancel and retry its tenant's
+    jobs),
     `viewer` (read its tenant's jobs), `worker` (WorkerService only).
 
     Tenants. Every job belongs to the tenant of the caller that submitted it
@@ -550,6 +579,33 @@ class JobService:
             '/jobwire.v1.JobService/RetryJob',
             jobwire_dot_v1_dot_job__service__pb2.RetryJobRequest.SerializeToString,
             jobwire_dot_v1_dot_job__service__pb2.RetryJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobwire.v1.JobService/UpdateJob',
+            jobwire_dot_v1_dot_job__service__pb2.UpdateJobRequest.SerializeToString,
+            jobwire_dot_v1_dot_job__service__pb2.UpdateJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

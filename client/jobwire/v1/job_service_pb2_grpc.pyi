@@ -40,7 +40,8 @@ class JobServiceStub:
     client certificate (mutual TLS). Missing, malformed, expired or wrongly
     signed credentials get UNAUTHENTICATED; a caller whose role does not allow
     the call gets PERMISSION_DENIED. Roles: `admin` (everything, every
-    tenant), `submitter` (submit, read, cancel and retry its tenant's jobs),
+    tenant), `submitter` (submit, read, update, cancel and retry its tenant's
+    jobs),
     `viewer` (read its tenant's jobs), `worker` (WorkerService only).
 
     Tenants. Every job belongs to the tenant of the caller that submitted it
@@ -127,6 +128,18 @@ class JobServiceStub:
     Errors: NOT_FOUND, FAILED_PRECONDITION (the job SUCCEEDED),
     RESOURCE_EXHAUSTED (queue full), UNAVAILABLE (draining).
     """
+    UpdateJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.UpdateJobRequest, _job_service_pb2.UpdateJobResponse]
+    """Changes a job that has not started (AIP-134): its priority, labels or
+    schedule time, as named by `update_mask`. The run order follows at once:
+    a raised priority moves the job ahead of the lower ones (it keeps its
+    place in line among its new equals, by when it was queued), and a
+    cleared or past schedule_time makes it ready now. Watchers get a
+    WATCH_EVENT_TYPE_STATE_CHANGED message whose state is still QUEUED, and
+    the audit trail records who changed what. Allowed to the roles that may
+    cancel the job. Errors: NOT_FOUND, INVALID_ARGUMENT (no or unknown
+    update_mask path, a bad value, naming the field), FAILED_PRECONDITION
+    (the job is not QUEUED any more; the message names its state).
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -143,7 +156,8 @@ class JobServiceAsyncStub(JobServiceStub):
     client certificate (mutual TLS). Missing, malformed, expired or wrongly
     signed credentials get UNAUTHENTICATED; a caller whose role does not allow
     the call gets PERMISSION_DENIED. Roles: `admin` (everything, every
-    tenant), `submitter` (submit, read, cancel and retry its tenant's jobs),
+    tenant), `submitter` (submit, read, update, cancel and retry its tenant's
+    jobs),
     `viewer` (read its tenant's jobs), `worker` (WorkerService only).
 
     Tenants. Every job belongs to the tenant of the caller that submitted it
@@ -227,6 +241,18 @@ class JobServiceAsyncStub(JobServiceStub):
     Errors: NOT_FOUND, FAILED_PRECONDITION (the job SUCCEEDED),
     RESOURCE_EXHAUSTED (queue full), UNAVAILABLE (draining).
     """
+    UpdateJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.UpdateJobRequest, _job_service_pb2.UpdateJobResponse]  # type: ignore[assignment]
+    """Changes a job that has not started (AIP-134): its priority, labels or
+    schedule time, as named by `update_mask`. The run order follows at once:
+    a raised priority moves the job ahead of the lower ones (it keeps its
+    place in line among its new equals, by when it was queued), and a
+    cleared or past schedule_time makes it ready now. Watchers get a
+    WATCH_EVENT_TYPE_STATE_CHANGED message whose state is still QUEUED, and
+    the audit trail records who changed what. Allowed to the roles that may
+    cancel the job. Errors: NOT_FOUND, INVALID_ARGUMENT (no or unknown
+    update_mask path, a bad value, naming the field), FAILED_PRECONDITION
+    (the job is not QUEUED any more; the message names its state).
+    """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     """JobService accepts long-running work and reports on it.
@@ -242,7 +268,8 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     client certificate (mutual TLS). Missing, malformed, expired or wrongly
     signed credentials get UNAUTHENTICATED; a caller whose role does not allow
     the call gets PERMISSION_DENIED. Roles: `admin` (everything, every
-    tenant), `submitter` (submit, read, cancel and retry its tenant's jobs),
+    tenant), `submitter` (submit, read, update, cancel and retry its tenant's
+    jobs),
     `viewer` (read its tenant's jobs), `worker` (WorkerService only).
 
     Tenants. Every job belongs to the tenant of the caller that submitted it
@@ -377,6 +404,24 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         RUNNING or CANCELLING job returns it unchanged.
         Errors: NOT_FOUND, FAILED_PRECONDITION (the job SUCCEEDED),
         RESOURCE_EXHAUSTED (queue full), UNAVAILABLE (draining).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateJob(
+        self,
+        request: _job_service_pb2.UpdateJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.UpdateJobResponse, _abc.Awaitable[_job_service_pb2.UpdateJobResponse]]:
+        """Changes a job that has not started (AIP-134): its priority, labels or
+        schedule time, as named by `update_mask`. The run order follows at once:
+        a raised priority moves the job ahead of the lower ones (it keeps its
+        place in line among its new equals, by when it was queued), and a
+        cleared or past schedule_time makes it ready now. Watchers get a
+        WATCH_EVENT_TYPE_STATE_CHANGED message whose state is still QUEUED, and
+        the audit trail records who changed what. Allowed to the roles that may
+        cancel the job. Errors: NOT_FOUND, INVALID_ARGUMENT (no or unknown
+        update_mask path, a bad value, naming the field), FAILED_PRECONDITION
+        (the job is not QUEUED any more; the message names its state).
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

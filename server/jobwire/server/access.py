@@ -44,6 +44,7 @@ class Action(enum.StrEnum):
     SUBMIT = "submit jobs"
     READ = "read jobs"  # GetJob, ListJobs, WatchJob, GetQueueStats, ListJobAuditEntries
     CANCEL = "cancel jobs"
+    UPDATE = "update queued jobs"  # UpdateJob
     RETRY = "retry jobs"
     WORK = "run jobs as a worker"  # WorkerService.Connect
 
@@ -51,7 +52,7 @@ class Action(enum.StrEnum):
 # The whole permission model in one table (README "Security" shows it to users).
 PERMISSIONS: dict[Role, frozenset[Action]] = {
     Role.ADMIN: frozenset(Action),
-    Role.SUBMITTER: frozenset({Action.SUBMIT, Action.READ, Action.CANCEL, Action.RETRY}),
+    Role.SUBMITTER: frozenset({Action.SUBMIT, Action.READ, Action.CANCEL, Action.RETRY, Action.UPDATE}),
     Role.VIEWER: frozenset({Action.READ}),
     Role.WORKER: frozenset({Action.WORK}),
 }

@@ -69,6 +69,10 @@ class JobAlreadyFinished(JobwireError):
     """The job has already finished and cannot be changed."""
 
 
+class JobNotQueued(JobwireError):
+    """The job has started (or ended): what may change only before it runs cannot change any more."""
+
+
 class TooManyJobTypes(JobwireError):
     """The server knows as many job types as it may: no new one can be declared."""
 

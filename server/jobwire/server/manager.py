@@ -47,7 +47,7 @@ from jobwire.server.scheduler import Scheduler
 from jobwire.server.stats import StatsWindow
 from jobwire.server.stores.base import JobQuery, JobStore
 from jobwire.server.tenants import TenantPolicies
-from jobwire.server.validation import SubmitRequest, job_type_violations
+from jobwire.server.validation import JobUpdate, SubmitRequest, job_type_violations
 from jobwire.server.workers import LeaseToken, SessionSettings, WorkerSession, WorkerSessions
 
 log = logging.getLogger("jobwire.manager")
@@ -406,6 +406,11 @@ class JobManager:
         self, job_id: str, reason: str = "", caller: Caller = LOCAL_CALLER, request_id: str = ""
     ) -> Job:
         return await self.jobs.cancel(job_id, reason, caller, request_id)
+
+    async def update(
+        self, job_id: str, update: JobUpdate, caller: Caller = LOCAL_CALLER, request_id: str = ""
+    ) -> Job:
+        return await self.jobs.update(job_id, update, caller, request_id)
 
     async def retry(self, job_id: str, caller: Caller = LOCAL_CALLER, request_id: str = "") -> Job:
         return await self.jobs.retry(job_id, caller, request_id)

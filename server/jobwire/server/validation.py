@@ -7,7 +7,7 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jobwire.handlers.api import JOB_TYPE_PATTERN, RetryDefaults
@@ -40,6 +40,58 @@ class SubmitRequest:
     timeout: float | None = None
     retry: RetryDefaults | None = None
     schedule_time: float | None = None  # seconds since the epoch
+
+
+# What UpdateJob may change (its update_mask paths): only what orders or describes a job not yet started.
+UPDATABLE_FIELDS = ("priority", "labels", "schedule_time")
+
+
+@dataclass(slots=True)
+class JobUpdate:
+    """What a client asks UpdateJob for: the new values of the fields named in ``paths``."""
+
+    paths: list[str]
+    priority: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    schedule_time: float | None = None  # None (or a past time): run as soon as possible
+
+    def changes(self) -> dict[str, Any]:
+        """The Job fields to set."""
+        return {name: getattr(self, name) for name in dict.fromkeys(self.paths)}
+
+
+def update_violations(update: JobUpdate, request_id: str) -> list[FieldViolation]:
+    """Every problem of an update; fields are named as in UpdateJobRequest (``job.priority``...)."""
+    violations: list[FieldViolation] = []
+    if not update.paths:
+        violations.append(
+            FieldViolation("update_mask", f"required: name some of {', '.join(UPDATABLE_FIELDS)}")
+        )
+    for index, path in enumerate(update.paths):
+        if path not in UPDATABLE_FIELDS:
+            violations.append(
+                FieldViolation(
+                    f"update_mask.paths[{index}]",
+                    f"{path[:64]!r} cannot be changed; only {', '.join(UPDATABLE_FIELDS)} can",
+                )
+            )
+    if "priority" in update.paths and not PRIORITY_MIN <= update.priority <= PRIORITY_MAX:
+        violations.append(
+            FieldViolation(
+                "job.priority", f"must be from {PRIORITY_MIN} to {PRIORITY_MAX}, got {update.priority}"
+            )
+        )
+    if "labels" in update.paths:
+        violations.extend(label_violations(update.labels, "job.labels"))
+    if (
+        "schedule_time" in update.paths
+        and update.schedule_time is not None
+        and update.schedule_time > time.time() + MAX_SCHEDULE_AHEAD
+    ):
+        violations.append(FieldViolation("job.schedule_time", "at most 365 days ahead"))
+    if len(request_id) > MAX_REQUEST_ID:
+        violations.append(FieldViolation("request_id", f"at most {MAX_REQUEST_ID} characters"))
+    return violations
 
 
 def submit_violations(request: SubmitRequest) -> list[FieldViolation]:

@@ -22,6 +22,7 @@ _MAPPING: list[tuple[type[errors.JobwireError], grpc.StatusCode, str]] = [
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     (errors.JobNotFound, grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND"),
     (errors.JobAlreadyFinished, grpc.StatusCode.FAILED_PRECONDITION, "JOB_ALREADY_FINISHED"),
+    (errors.JobNotQueued, grpc.StatusCode.FAILED_PRECONDITION, "JOB_NOT_QUEUED"),
     (errors.QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL"),
     (errors.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, "TENANT_QUOTA_EXCEEDED"),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),

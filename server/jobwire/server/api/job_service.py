@@ -15,7 +15,7 @@ from jobwire.server.job import MAX_PARAMS_BYTES
 from jobwire.server.manager import JobManager
 from jobwire.server.state_machine import JobState
 from jobwire.server.stores.base import JobQuery
-from jobwire.server.validation import MAX_REASON, MAX_REQUEST_ID, SubmitRequest
+from jobwire.server.validation import MAX_REASON, MAX_REQUEST_ID, JobUpdate, SubmitRequest
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
 log = logging.getLogger("jobwire.api")
@@ -144,6 +144,26 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
             await abort(context, error)
         return job_service_pb2.RetryJobResponse(job=convert.job_to_proto(job))
 
+    async def UpdateJob(
+        self, request: job_service_pb2.UpdateJobRequest, context: grpc.aio.ServicerContext
+    ) -> job_service_pb2.UpdateJobResponse:
+        try:
+            job = request.job
+            update = JobUpdate(
+                paths=list(request.update_mask.paths),
+                priority=job.priority,
+                labels=dict(job.labels),
+                schedule_time=convert.timestamp_seconds(job.schedule_time)
+                if job.HasField("schedule_time")
+                else None,
+            )
+            updated = await self._manager.update(
+                _job_id(job.id, "job.id"), update, current_caller(), request.request_id
+            )
+        except JobwireError as error:
+            await abort(context, error)
+        return job_service_pb2.UpdateJobResponse(job=convert.job_to_proto(updated))
+
     async def GetQueueStats(
         self, request: job_service_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
     ) -> job_service_pb2.GetQueueStatsResponse:
@@ -247,11 +267,11 @@ def _request_id(request_id: str) -> str:
     return request_id
 
 
-def _job_id(job_id: str) -> str:
+def _job_id(job_id: str, field: str = "job_id") -> str:
     if not job_id:
-        raise invalid("job_id", "required")
+        raise invalid(field, "required")
     if len(job_id) > 64:
-        raise invalid("job_id", "at most 64 characters")
+        raise invalid(field, "at most 64 characters")
     return job_id
 
 

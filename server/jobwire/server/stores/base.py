@@ -33,7 +33,6 @@ UNCHANGEABLE = frozenset(
         "id",
         "type",
         "params",
-        "labels",
         "create_time",
         "request_id",
         "request_fingerprint",

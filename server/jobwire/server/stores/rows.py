@@ -184,7 +184,7 @@ def job_to_row(job: Job) -> Row:
         int(job.state),
         job.priority,
         _dumps(job.params) if job.params else "{}",
-        _dumps(job.labels) if job.labels else "{}",
+        _labels_json(job.labels),
         job.create_time,
         job.update_time,
         job.queue_time,
@@ -354,7 +354,12 @@ def _error_json(error: JobError | None) -> str | None:
 
 
 # How each field a compare-and-set may change becomes its column's value.
+def _labels_json(labels: Mapping[str, str]) -> str:
+    return _dumps(labels) if labels else "{}"
+
+
 _FIELD_ENCODERS: dict[str, Callable[[Any], Any]] = {
+    "labels": _labels_json,
     "progress": progress_json,
     "result": _json_object,
     "error": _error_json,
