@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -510,3 +510,21 @@ def test_health_is_serving(jobwire_target: str) -> None:
         for service in ("", "jobwire.v1.JobService"):
             response = health.Check(health_pb2.HealthCheckRequest(service=service))
             assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_progress_details_reach_watchers_and_are_kept(store: str, tmp_path: Any) -> None:
+    config = ServerConfig(host="127.0.0.1", port=0, store=f"sqlite:///{tmp_path / 'j.db'}")
+    with (
+        ServerThread(None if store == "memory" else config) as server,
+        grpc.insecure_channel(server.target) as ch,
+    ):
+        stub = job_service_pb2_grpc.JobServiceStub(ch)
+        job = submit(stub, "test.progress", params={"count": 5, "details": True})
+        updates = watch_all(stub, job.id)
+        details = [
+            json_format.MessageToDict(u.job.progress.details) for u in updates if u.job.HasField("progress")
+        ]
+        assert details[-1] == {"done": 5, "left": 0}
+        final = stub.GetJob(S.GetJobRequest(job_id=job.id)).job
+        assert json_format.MessageToDict(final.progress.details) == {"done": 5, "left": 0}

@@ -368,6 +368,7 @@ def test_a_remote_job_keeps_its_last_progress_and_the_worker_exits_cleanly(clust
     done = cluster.wait_state(slept.id, J.JOB_STATE_SUCCEEDED)
     # The report sent just before the outcome is kept: 100% (2/2), not the step before.
     assert (done.progress.percent, done.progress.current_step, done.progress.total_steps) == (100.0, 2, 2)
+    assert json_format.MessageToDict(done.progress.details) == {"steps_done": 2, "unit": "step"}
     echoed = cluster.submit("remote.echo", {"x": 1})  # a plain handler: it runs in a pool thread
     cluster.wait_state(echoed.id, J.JOB_STATE_SUCCEEDED)
     worker.send_signal(signal.SIGTERM)

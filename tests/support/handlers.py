@@ -74,10 +74,11 @@ async def limited(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
 
 @handler("test.progress")
 async def progress(params: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    """Reports ``count`` progress updates as fast as it can."""
+    """Reports ``count`` progress updates as fast as it can (with ``details`` too when asked)."""
     count = int(params.get("count", 100))
     for i in range(count):
-        ctx.report_progress(current_step=i + 1, total_steps=count)
+        details = {"done": i + 1, "left": count - i - 1} if params.get("details") else None
+        ctx.report_progress(current_step=i + 1, total_steps=count, details=details)
     await ctx.asleep(0)
     return {"count": count}
 

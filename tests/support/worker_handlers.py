@@ -18,7 +18,10 @@ async def remote_sleep(params: dict[str, Any], ctx: JobContext) -> dict[str, Any
     steps = max(1, int(params.get("steps", 10)))
     for step in range(steps):
         await ctx.asleep(seconds / steps)
-        ctx.report_progress(current_step=step + 1, total_steps=steps, message=f"step {step + 1}")
+        details = {"steps_done": step + 1, "unit": "step"}
+        ctx.report_progress(
+            current_step=step + 1, total_steps=steps, message=f"step {step + 1}", details=details
+        )
     return {"slept": seconds, "attempt": ctx.attempt, "pid": os.getpid()}
 
 

@@ -126,7 +126,24 @@ def fmt_progress(job: job_pb2.Job) -> str:
         text += f" ({p.current_step}/{p.total_steps})"
     if p.message:
         text += f" {p.message}"
+    details = fmt_details(p)
+    if details:
+        text += f" [{details}]"
     return text
+
+
+def fmt_details(progress: job_pb2.Progress, limit: int = 120) -> str:
+    """A progress report's details as 'rows=1200 failed=3' (nested values as JSON), cut at ``limit``."""
+    if not progress.HasField("details"):
+        return ""
+    parts = []
+    for key, value in sorted(json_format.MessageToDict(progress.details).items()):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        shown = value if isinstance(value, str | int | float | bool) else json.dumps(value)
+        parts.append(f"{key}={shown}")
+    text = " ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def fmt_labels(labels: Any) -> str:
@@ -466,12 +483,13 @@ class WatchView:
         if job.state == job_pb2.JOB_STATE_SUCCEEDED:
             percent = 100.0
         steps = f"{p.current_step}/{p.total_steps}" if p.total_steps else ""
+        details = fmt_details(p, 60)
         self._progress.update(
             self._task,
             completed=max(0.0, min(100.0, percent)),
             state=state_name(job.state),
             steps=steps,
-            message=p.message,
+            message=f"{p.message} [{details}]" if details else p.message,
         )
         if is_terminal(job.state):
             self._progress.refresh()

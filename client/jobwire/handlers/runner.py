@@ -11,10 +11,11 @@ from __future__ import annotations
 import abc
 import asyncio
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from jobwire.handlers.api import HandlerSpec, JobCancelled, JobContext, Progress
+from jobwire.handlers.api import HandlerSpec, JobCancelled, JobContext, Progress, progress_details
 
 
 def merge_progress(
@@ -23,6 +24,7 @@ def merge_progress(
     message: str | None,
     current_step: int | None,
     total_steps: int | None,
+    details: Mapping[str, Any] | None = None,
 ) -> Progress:
     """New progress from a report: unset fields keep their value; percent derives from steps if absent."""
     base = previous or Progress()
@@ -38,6 +40,7 @@ def merge_progress(
         message=base.message if message is None else str(message)[:1024],
         current_step=new_current,
         total_steps=new_total,
+        details=base.details if details is None else progress_details(details),
     )
 
 
@@ -77,9 +80,12 @@ class CancellableContext(JobContext):
         message: str | None = None,
         current_step: int | None = None,
         total_steps: int | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> None:
         with self._lock:
-            self._progress = merge_progress(self._progress, percent, message, current_step, total_steps)
+            self._progress = merge_progress(
+                self._progress, percent, message, current_step, total_steps, details
+            )
             progress = self._progress
         if _in_loop_thread(self._loop):
             self._emit(progress)

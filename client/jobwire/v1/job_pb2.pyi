@@ -185,6 +185,7 @@ class Progress(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     CURRENT_STEP_FIELD_NUMBER: _builtins.int
     TOTAL_STEPS_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
     percent: _builtins.float
     """Percent complete, from 0 to 100 inclusive. Set by the handler; when the
     handler reports only steps, the server derives it as
@@ -198,6 +199,15 @@ class Progress(_message.Message):
     """How many steps are done, from 0 to total_steps. 0 when not reported."""
     total_steps: _builtins.int
     """How many steps the job has in all. 0 when unknown."""
+    @_builtins.property
+    def details(self) -> _struct_pb2.Struct:
+        """The job's own figures, as the handler reports them: items processed and
+        failed, bytes, a rate... A JSON object of at most 4 KiB once serialized
+        (a worker's report with larger details keeps its other fields and drops
+        these). Each report replaces the previous details whole; unset when the
+        handler never reported any.
+        """
+
     def __init__(
         self,
         *,
@@ -205,10 +215,11 @@ class Progress(_message.Message):
         message: _builtins.str = ...,
         current_step: _builtins.int = ...,
         total_steps: _builtins.int = ...,
+        details: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_step", b"current_step", "message", b"message", "percent", b"percent", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_step", b"current_step", "details", b"details", "message", b"message", "percent", b"percent", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from jobwire.handlers.api import HandlerSpec, JobCancelled, NonRetryableError, Progress
@@ -95,12 +95,15 @@ def register_request(
 
 
 def progress_proto(progress: Progress) -> job_pb2.Progress:
-    return job_pb2.Progress(
+    message = job_pb2.Progress(
         percent=progress.percent,
         message=progress.message,
         current_step=progress.current_step,
         total_steps=progress.total_steps,
     )
+    if progress.details is not None:
+        message.details.update(progress.details)
+    return message
 
 
 def progress_from_proto(job: job_pb2.Job) -> Progress | None:
@@ -108,7 +111,8 @@ def progress_from_proto(job: job_pb2.Job) -> Progress | None:
     if not job.HasField("progress"):
         return None
     p = job.progress
-    return Progress(p.percent, p.message, p.current_step, p.total_steps)
+    details = json_format.MessageToDict(p.details) if p.HasField("details") else None
+    return Progress(p.percent, p.message, p.current_step, p.total_steps, details)
 
 
 def complete_request(lease: Lease, value: Any) -> worker_service_pb2.ConnectRequest:

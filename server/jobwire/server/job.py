@@ -203,14 +203,7 @@ class Job:
             update_time=self.update_time,
             queue_time=self.queue_time,
             attempt=self.attempt,
-            progress=None
-            if self.progress is None
-            else Progress(
-                self.progress.percent,
-                self.progress.message,
-                self.progress.current_step,
-                self.progress.total_steps,
-            ),
+            progress=None if self.progress is None else self.progress.copy(),
             result=self.result,
             error=self.error,
             start_time=self.start_time,

@@ -188,6 +188,8 @@ def _set_progress(target: job_pb2.Progress, progress: Progress) -> None:
     target.message = progress.message
     target.current_step = progress.current_step
     target.total_steps = progress.total_steps
+    if progress.details:
+        target.details.update(progress.details)
 
 
 # -- ListJobs filters and page tokens ------------------------------------------------------------------

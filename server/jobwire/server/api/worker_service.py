@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from jobwire.handlers.api import MAX_PROGRESS_DETAILS_BYTES
 from jobwire.server.api import convert
 from jobwire.server.api.authentication import current_caller
 from jobwire.server.api.errors import abort, invalid
@@ -172,11 +173,18 @@ def _token_proto(token: LeaseToken) -> pb.LeaseToken:
 
 
 def _progress(progress: Any) -> Progress:
+    details = None
+    if progress.HasField("details"):
+        if progress.details.ByteSize() <= MAX_PROGRESS_DETAILS_BYTES:
+            details = convert.struct_to_dict(progress.details)
+        else:  # a report is not worth ending the worker's session: keep the rest of it
+            log.warning("progress details over %d bytes dropped", MAX_PROGRESS_DETAILS_BYTES)
     return Progress(
         percent=min(100.0, max(0.0, progress.percent)),
         message=progress.message[:1024],
         current_step=progress.current_step,
         total_steps=progress.total_steps,
+        details=details,
     )
 
 

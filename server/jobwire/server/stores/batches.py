@@ -23,8 +23,7 @@ class ProgressNote:
     @classmethod
     def of(cls, lease_epoch: int, progress: Progress, time: float) -> ProgressNote:
         """A note owning its copy of ``progress`` (the reporter may change its own afterwards)."""
-        copied = Progress(progress.percent, progress.message, progress.current_step, progress.total_steps)
-        return cls(lease_epoch, copied, time)
+        return cls(lease_epoch, progress.copy(), time)
 
 
 @dataclass(slots=True)

@@ -260,9 +260,7 @@ class MemoryStore(JobStore):
         if stored is None or stored.state not in ACTIVE_STATES or stored.lease_epoch != lease_epoch:
             return
         updated = stored.copy()
-        updated.progress = Progress(
-            progress.percent, progress.message, progress.current_step, progress.total_steps
-        )
+        updated.progress = progress.copy()
         updated.update_time, updated.sequence = now, stored.sequence + 1
         self._jobs[job_id] = updated
         self._publish(updated, ChangeKind.PROGRESS)

@@ -87,14 +87,15 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 def progress_json(progress: Progress | None) -> str | None:
     if progress is None:
         return None
-    return _dumps(
-        {
-            "percent": progress.percent,
-            "message": progress.message,
-            "current_step": progress.current_step,
-            "total_steps": progress.total_steps,
-        }
-    )
+    fields = {
+        "percent": progress.percent,
+        "message": progress.message,
+        "current_step": progress.current_step,
+        "total_steps": progress.total_steps,
+    }
+    if progress.details:
+        fields["details"] = progress.details
+    return _dumps(fields)
 
 
 def _error_obj(error: JobError) -> dict[str, Any]:
@@ -253,7 +254,9 @@ def row_to_job(row: Sequence[Any]) -> Job:
     job_progress = None
     if progress is not None:
         p = json.loads(progress)
-        job_progress = Progress(p["percent"], p["message"], p["current_step"], p["total_steps"])
+        job_progress = Progress(
+            p["percent"], p["message"], p["current_step"], p["total_steps"], p.get("details")
+        )
     job_error = None if error is None else _error_from(json.loads(error))
     return Job(
         id=job_id,
