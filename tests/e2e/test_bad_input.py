@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,3 +102,22 @@ def test_a_fail_job_with_an_undecodable_detail_is_recorded_and_the_session_lives
         assert assignment.job.id == second.id
         worker.send(W.ConnectRequest(complete_job=W.CompleteJob(lease=assignment.lease)))
         assert worker.next("write_result").write_result.accepted
+
+
+def test_a_worker_progress_report_with_oversized_details_keeps_the_rest(server: ServerThread) -> None:
+    channel, stub = _stub(server.target)
+    with channel, RawWorker(server.target) as worker:
+        worker.register("raw.details", credits=1)
+        job = stub.SubmitJob(S.SubmitJobRequest(type="raw.details")).job
+        lease = worker.next("assignment").assignment.lease
+        progress = J.Progress(percent=40, message="big")
+        progress.details.update({"blob": "x" * 5000})
+        worker.send(W.ConnectRequest(report_progress=W.ReportProgress(lease=lease, progress=progress)))
+        for _ in range(200):
+            shown = stub.GetJob(S.GetJobRequest(job_id=job.id)).job.progress
+            if shown.percent == 40:
+                break
+            time.sleep(0.01)
+        assert (shown.percent, shown.message, shown.HasField("details")) == (40, "big", False)
+        worker.send(W.ConnectRequest(complete_job=W.CompleteJob(lease=lease)))
+        assert worker.next("write_result").write_result.accepted  # the session lives on
