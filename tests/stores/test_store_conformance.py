@@ -93,7 +93,11 @@ def full_job(make_job: MakeJob) -> Job:
         cancel_reason="",
         sequence=17,
         retry_policy=RetryPolicy(
-            max_attempts=5, initial_backoff=0.5, max_backoff=60.0, backoff_multiplier=3.0
+            max_attempts=5,
+            initial_backoff=0.5,
+            max_backoff=60.0,
+            backoff_multiplier=3.0,
+            non_retryable_codes=frozenset({3, 4}),
         ),
         schedule_time=T0 + 3600.5,
         attempts=(
@@ -897,7 +901,9 @@ async def test_counts_follow_every_insert_change_and_purge(
 # --- job types -------------------------------------------------------------------------------------
 
 
-_WORKER_RETRY = RetryDefaults(max_attempts=3, initial_backoff=0.5, max_backoff=30.0, backoff_multiplier=1.5)
+_WORKER_RETRY = RetryDefaults(
+    max_attempts=3, initial_backoff=0.5, max_backoff=30.0, backoff_multiplier=1.5, non_retryable_codes=(3,)
+)
 
 
 def worker_type(

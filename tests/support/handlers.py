@@ -25,6 +25,12 @@ def fail(params: dict[str, Any], ctx: JobContext) -> None:
     raise ValueError("boom")
 
 
+@handler("test.slow_once", max_attempts=3, timeout=0.05, non_retryable_codes=[4])
+async def slow_once(params: dict[str, Any], ctx: JobContext) -> None:
+    """Runs past its 50 ms time-out; DEADLINE_EXCEEDED (4) is not retried for this type."""
+    await ctx.asleep(5)
+
+
 @handler("test.scalar")
 async def scalar(params: dict[str, Any], ctx: JobContext) -> int:
     return 42

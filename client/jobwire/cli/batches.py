@@ -44,6 +44,7 @@ def submit_file(client: JobwireClient, args: argparse.Namespace) -> int:
         "timeout": args.timeout,
         "max_attempts": args.max_attempts,
         "schedule_time": args.at,
+        "non_retryable_codes": args.no_retry_on,
     }
     defaults = {key: value for key, value in defaults.items() if value is not None}
     name = "<stdin>" if args.from_file == "-" else args.from_file

@@ -21,7 +21,7 @@ from typing import Any
 
 from jobwire.cli import render
 from jobwire.cli.batches import submit_file
-from jobwire.cli.parsing import UsageError, label_arg, labels_dict, parse_params, state_arg
+from jobwire.cli.parsing import UsageError, code_arg, label_arg, labels_dict, parse_params, state_arg
 from jobwire.client import JobwireClient, JobwireError
 from jobwire.client._core import DEFAULT_TARGET
 from jobwire.client.durations import parse_duration, parse_time
@@ -175,6 +175,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     p.add_argument("--request-id", metavar="ID", help="idempotency key (default: a fresh UUID4)")
     p.add_argument("--max-attempts", type=int, metavar="N", help="attempts in all (default: the type's)")
+    p.add_argument(
+        "--no-retry-on",
+        action="append",
+        type=code_arg,
+        metavar="CODE",
+        help="repeatable: a failure with this status code (INVALID_ARGUMENT, DEADLINE_EXCEEDED...) is "
+        "not retried",
+    )
     p.add_argument(
         "--at",
         type=_when_arg,
@@ -442,6 +450,7 @@ def cmd_submit(client: JobwireClient, args: argparse.Namespace) -> int:
         timeout=args.timeout,
         max_attempts=args.max_attempts,
         schedule_time=args.at,
+        non_retryable_codes=args.no_retry_on,
     )
     if args.watch:
         if not args.json:

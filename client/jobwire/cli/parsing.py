@@ -7,6 +7,8 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import grpc
+
 from jobwire.client.jobs import parse_state
 from jobwire.v1 import job_pb2
 
@@ -56,6 +58,17 @@ def label_arg(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def code_arg(text: str) -> grpc.StatusCode:
+    """argparse type for a status code: "INVALID_ARGUMENT", "invalid-argument" or its number (3)."""
+    name = text.strip().upper().replace("-", "_")
+    for code in grpc.StatusCode:
+        if name in (code.name, str(code.value[0])) and code is not grpc.StatusCode.OK:
+            return code
+    raise argparse.ArgumentTypeError(
+        f"unknown status code {text!r} (e.g. INVALID_ARGUMENT, DEADLINE_EXCEEDED)"
+    )
 
 
 def labels_dict(pairs: Iterable[tuple[str, str]] | None) -> dict[str, str]:

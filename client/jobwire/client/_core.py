@@ -93,6 +93,7 @@ def build_submit_request(
     timeout: Timeout | None = None,
     max_attempts: int | None = None,
     schedule_time: datetime.datetime | None = None,
+    non_retryable_codes: Iterable[grpc.StatusCode | int] | None = None,
 ) -> job_service_pb2.SubmitJobRequest:
     """The SubmitJobRequest for ``submit``; always carries a request_id (generated when None)."""
     request = job_service_pb2.SubmitJobRequest(
@@ -110,6 +111,9 @@ def build_submit_request(
         request.timeout.CopyFrom(duration)
     if max_attempts is not None:
         request.retry_policy.max_attempts = max_attempts
+    for code in non_retryable_codes or ():
+        value = code.value[0] if isinstance(code, grpc.StatusCode) else int(code)
+        request.retry_policy.non_retryable_codes.append(value)
     if schedule_time is not None:
         request.schedule_time.CopyFrom(to_timestamp(schedule_time))
     return request

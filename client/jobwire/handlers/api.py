@@ -64,6 +64,8 @@ class RetryDefaults:
     initial_backoff: float | None = None  # seconds
     max_backoff: float | None = None  # seconds
     backoff_multiplier: float | None = None
+    # google.rpc.Code values whose failures are not retried (the proto's non_retryable_codes).
+    non_retryable_codes: tuple[int, ...] | None = None
 
 
 class JobCancelled(Exception):
@@ -95,11 +97,14 @@ def handler(
     initial_backoff: float | None = None,
     max_backoff: float | None = None,
     backoff_multiplier: float | None = None,
+    non_retryable_codes: Iterable[int] | None = None,
 ) -> Callable[[F], F]:
     """Mark a function as the handler of job type ``name``; ``load_handlers`` finds it in its module.
 
     ``max_running`` limits running jobs of this type server-wide; ``timeout`` (seconds) bounds one
-    attempt; the retry settings are the type's defaults (a SubmitJob may override them).
+    attempt; the retry settings are the type's defaults (a SubmitJob may override them), with
+    ``non_retryable_codes`` the google.rpc.Code values (``grpc.StatusCode.X.value[0]``, or
+    ``google.rpc.code_pb2.X``) whose failures end the job at once.
     """
     if not JOB_TYPE_PATTERN.match(name):
         raise ValueError(f"invalid job type name {name!r}: 1-128 characters of letters, digits and ._:/-")
@@ -114,7 +119,10 @@ def handler(
             raise ValueError(f"{label} must be positive")
     if backoff_multiplier is not None and not 1.0 <= backoff_multiplier <= 10.0:
         raise ValueError("backoff_multiplier must be from 1 to 10")
-    retry = RetryDefaults(max_attempts, initial_backoff, max_backoff, backoff_multiplier)
+    codes = None if non_retryable_codes is None else tuple(sorted(set(non_retryable_codes)))
+    if codes is not None and (len(codes) > 16 or not all(1 <= code <= 16 for code in codes)):
+        raise ValueError("non_retryable_codes must be at most 16 google.rpc.Code values from 1 to 16")
+    retry = RetryDefaults(max_attempts, initial_backoff, max_backoff, backoff_multiplier, codes)
 
     def mark(func: F) -> F:
         spec = HandlerSpec(name, func, inspect.iscoroutinefunction(func), max_running, timeout, retry)

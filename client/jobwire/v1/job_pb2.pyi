@@ -11,6 +11,7 @@ from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import code_pb2 as _code_pb2
 from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
@@ -555,6 +556,7 @@ class RetryPolicy(_message.Message):
     INITIAL_BACKOFF_FIELD_NUMBER: _builtins.int
     MAX_BACKOFF_FIELD_NUMBER: _builtins.int
     BACKOFF_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    NON_RETRYABLE_CODES_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
     """How many attempts the job may have in all, from 1 (no retries) to 100."""
     backoff_multiplier: _builtins.float
@@ -567,6 +569,15 @@ class RetryPolicy(_message.Message):
     def max_backoff(self) -> _duration_pb2.Duration:
         """Back-off is never longer than this, from 1 ms to 7 days."""
 
+    @_builtins.property
+    def non_retryable_codes(self) -> _containers.RepeatedScalarFieldContainer[_code_pb2.Code.ValueType]:
+        """Failures with one of these codes are not retried: the job ends FAILED
+        at once, whatever attempts are left. For example INVALID_ARGUMENT (bad
+        input will not get better) or DEADLINE_EXCEEDED (a time-out that would
+        only repeat). At most 16 codes, never OK. Empty takes the job type's
+        list, then none.
+        """
+
     def __init__(
         self,
         *,
@@ -574,10 +585,11 @@ class RetryPolicy(_message.Message):
         initial_backoff: _duration_pb2.Duration | None = ...,
         max_backoff: _duration_pb2.Duration | None = ...,
         backoff_multiplier: _builtins.float = ...,
+        non_retryable_codes: _abc.Iterable[_code_pb2.Code.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["initial_backoff", b"initial_backoff", "max_backoff", b"max_backoff"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_multiplier", b"backoff_multiplier", "initial_backoff", b"initial_backoff", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_multiplier", b"backoff_multiplier", "initial_backoff", b"initial_backoff", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff", "non_retryable_codes", b"non_retryable_codes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

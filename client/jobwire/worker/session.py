@@ -75,6 +75,8 @@ def declaration(spec: HandlerSpec) -> worker_service_pb2.JobTypeDeclaration:
         policy.max_backoff.CopyFrom(_duration(retry.max_backoff))
     if retry.backoff_multiplier is not None:
         policy.backoff_multiplier = retry.backoff_multiplier
+    if retry.non_retryable_codes:
+        policy.non_retryable_codes.extend(retry.non_retryable_codes)
     if spec.timeout is not None:
         decl.timeout.CopyFrom(_duration(spec.timeout))
     return decl

@@ -122,8 +122,9 @@ def decide(job: Job, outcome: Outcome, now: float, ending: Ending) -> tuple[JobS
     else:
         attempt_error = outcome.error
         used = job.attempt - job.attempt_base
-        if outcome.retryable and used < job.retry_policy.max_attempts:
-            delay = job.retry_policy.backoff(used, ending.rng.random())
+        policy = job.retry_policy
+        if outcome.retryable and policy.retries(int(outcome.error.code)) and used < policy.max_attempts:
+            delay = policy.backoff(used, ending.rng.random())
             target = JobState.QUEUED
             changes = {
                 "attempt": job.attempt + 1,

@@ -95,6 +95,11 @@ class RetryPolicy:
     initial_backoff: float = 1.0  # seconds
     max_backoff: float = 300.0  # seconds
     backoff_multiplier: float = 2.0
+    non_retryable_codes: frozenset[int] = frozenset()  # google.rpc.Code values that end the job
+
+    def retries(self, code: int) -> bool:
+        """Whether a failure with this code may be retried (attempts permitting)."""
+        return code not in self.non_retryable_codes
 
     def backoff(self, failures: int, jitter: float) -> float:
         """Seconds to wait after the ``failures``-th failure; ``jitter`` in [0, 1) scales it to 50-100%."""

@@ -60,11 +60,16 @@ def resolve_retry_policy(
                 return float(value)
         return float(getattr(server, name))
 
+    codes: frozenset[int] = server.non_retryable_codes
+    for source in (declared, requested):  # the most specific list given wins, whole
+        if source is not None and source.non_retryable_codes:
+            codes = frozenset(source.non_retryable_codes)
     return RetryPolicy(
         max_attempts=int(pick("max_attempts")),
         initial_backoff=pick("initial_backoff"),
         max_backoff=pick("max_backoff"),
         backoff_multiplier=pick("backoff_multiplier"),
+        non_retryable_codes=codes,
     )
 
 

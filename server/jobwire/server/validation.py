@@ -153,6 +153,11 @@ def retry_violations(retry: RetryDefaults, field: str) -> list[FieldViolation]:
         violations.append(FieldViolation(f"{field}.max_backoff", "must be from 1 millisecond to 7 days"))
     if retry.backoff_multiplier is not None and not 1.0 <= retry.backoff_multiplier <= 10.0:
         violations.append(FieldViolation(f"{field}.backoff_multiplier", "must be from 1.0 to 10.0"))
+    codes = retry.non_retryable_codes or ()
+    if len(codes) > 16 or not all(1 <= code <= 16 for code in codes):
+        violations.append(
+            FieldViolation(f"{field}.non_retryable_codes", "at most 16 google.rpc.Code values, none OK")
+        )
     return violations
 
 

@@ -128,7 +128,9 @@ def job_to_proto(job: Job, with_payload: bool = True) -> job_pb2.Job:
 @functools.lru_cache(maxsize=256)  # few distinct policies; callers only copy from the cached message
 def _retry_policy_proto(policy: RetryPolicy) -> job_pb2.RetryPolicy:
     message = job_pb2.RetryPolicy(
-        max_attempts=policy.max_attempts, backoff_multiplier=policy.backoff_multiplier
+        max_attempts=policy.max_attempts,
+        backoff_multiplier=policy.backoff_multiplier,
+        non_retryable_codes=sorted(policy.non_retryable_codes),
     )
     set_duration(message.initial_backoff, policy.initial_backoff)
     set_duration(message.max_backoff, policy.max_backoff)
@@ -165,6 +167,7 @@ def retry_from_proto(policy: job_pb2.RetryPolicy) -> RetryDefaults:
         else None,
         max_backoff=duration_seconds(policy.max_backoff) if policy.HasField("max_backoff") else None,
         backoff_multiplier=policy.backoff_multiplier or None,
+        non_retryable_codes=tuple(sorted(set(policy.non_retryable_codes))) or None,
     )
 
 

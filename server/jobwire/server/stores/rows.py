@@ -122,15 +122,22 @@ def _optional_int(value: Any) -> int | None:
 
 @functools.lru_cache(maxsize=256)  # a few distinct policies serve millions of jobs
 @functools.lru_cache(maxsize=256)  # few distinct policies, and a policy is immutable
+def _retry_fields(policy: RetryPolicy | RetryDefaults) -> dict[str, Any]:
+    """A job's policy or a type's defaults as stored JSON (the codes only when there are some: rows
+    written before they existed read the same)."""
+    fields: dict[str, Any] = {
+        "max_attempts": policy.max_attempts,
+        "initial_backoff": policy.initial_backoff,
+        "max_backoff": policy.max_backoff,
+        "backoff_multiplier": policy.backoff_multiplier,
+    }
+    if policy.non_retryable_codes:
+        fields["non_retryable_codes"] = sorted(policy.non_retryable_codes)
+    return fields
+
+
 def _retry_policy_json(policy: RetryPolicy) -> str:
-    return _dumps(
-        {
-            "max_attempts": policy.max_attempts,
-            "initial_backoff": policy.initial_backoff,
-            "max_backoff": policy.max_backoff,
-            "backoff_multiplier": policy.backoff_multiplier,
-        }
-    )
+    return _dumps(_retry_fields(policy))
 
 
 def _retry_policy_from(text: str) -> RetryPolicy:
@@ -140,6 +147,7 @@ def _retry_policy_from(text: str) -> RetryPolicy:
         float(r["initial_backoff"]),
         float(r["max_backoff"]),
         float(r["backoff_multiplier"]),
+        frozenset(r.get("non_retryable_codes", ())),
     )
 
 
@@ -299,14 +307,7 @@ def job_type_to_row(job_type: JobType) -> Row:
         job_type.name,
         job_type.timeout,
         job_type.max_running,
-        _dumps(
-            {
-                "max_attempts": retry.max_attempts,
-                "initial_backoff": retry.initial_backoff,
-                "max_backoff": retry.max_backoff,
-                "backoff_multiplier": retry.backoff_multiplier,
-            }
-        ),
+        _dumps(_retry_fields(retry)),
         job_type.last_seen,
         job_type.tenant,
     )
@@ -324,6 +325,7 @@ def row_to_job_type(row: Sequence[Any]) -> JobType:
             _optional_float(r["initial_backoff"]),
             _optional_float(r["max_backoff"]),
             _optional_float(r["backoff_multiplier"]),
+            tuple(r["non_retryable_codes"]) if r.get("non_retryable_codes") else None,
         ),
         last_seen=last_seen,
         tenant=tenant,
