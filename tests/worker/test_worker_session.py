@@ -36,6 +36,7 @@ def plain(params: dict[str, Any], ctx: Any) -> None:
     initial_backoff=0.25,
     max_backoff=10,
     backoff_multiplier=3.0,
+    non_retryable_codes=[4, 3, 3],
 )
 async def tuned(params: dict[str, Any], ctx: Any) -> None:
     return None
@@ -99,6 +100,7 @@ def test_declaration_carries_the_handler_defaults() -> None:
     assert policy.initial_backoff.ToMilliseconds() == 250
     assert policy.max_backoff.ToSeconds() == 10
     assert policy.backoff_multiplier == 3.0
+    assert list(policy.non_retryable_codes) == [3, 4]
 
 
 def test_register_request_lists_every_type_and_the_credits() -> None:
