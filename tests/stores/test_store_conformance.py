@@ -23,12 +23,14 @@ from jobwire.server.job_types import JobType
 from jobwire.server.state_machine import JobState
 from jobwire.server.stores.base import (
     Claim,
+    Cursor,
     DuplicateRequestId,
     Expect,
     JobCount,
     JobFilter,
     JobQuery,
     JobStore,
+    ListOrder,
     QueuedJob,
     RateLimited,
     SubmitRate,
@@ -688,7 +690,7 @@ async def test_list_is_newest_first_and_limited(store: JobStore, make_job: MakeJ
     newest_first = [job.id for job in reversed(jobs)]
     assert await ids(store, JobQuery()) == newest_first
     assert await ids(store, JobQuery(limit=3)) == newest_first[:3]
-    assert await ids(store, JobQuery(before_id=newest_first[2])) == newest_first[3:]
+    assert await ids(store, JobQuery(after=Cursor(newest_first[2]))) == newest_first[3:]
     assert await store.list(JobQuery(limit=2)) == list(reversed(jobs))[:2]
 
 
@@ -712,7 +714,7 @@ async def test_paging_sees_every_job_once_while_jobs_arrive(store: JobStore, mak
     seen: list[str] = []
     cursor: str | None = None
     while True:
-        page = await ids(store, JobQuery(limit=5, before_id=cursor))
+        page = await ids(store, JobQuery(limit=5, after=None if cursor is None else Cursor(cursor)))
         seen += page
         if len(page) < 5:
             break
@@ -729,6 +731,35 @@ async def test_filter_by_states(store: JobStore, make_job: MakeJob) -> None:
     wanted = frozenset({JobState.RUNNING, JobState.CANCELLING})
     got = await ids(store, JobQuery(filter=JobFilter(states=wanted)))
     assert got == sorted((by_state[s].id for s in wanted), reverse=True)
+
+
+@pytest.mark.parametrize("order", list(ListOrder), ids=[o.name for o in ListOrder])
+async def test_every_order_pages_through_every_job_once(
+    store: JobStore, make_job: MakeJob, order: ListOrder
+) -> None:
+    jobs = [make_job(priority=p) for p in (5, 1, 9, 5, 1, 9, 3)]
+    for job in jobs:
+        await store.insert(job)
+    expected = sorted(jobs, key=lambda j: j.id, reverse=order is not ListOrder.OLDEST)
+    if order in (ListOrder.PRIORITY_HIGH, ListOrder.PRIORITY_LOW):  # newest first within a priority
+        expected.sort(key=lambda j: j.priority, reverse=order is ListOrder.PRIORITY_HIGH)
+    seen: list[Job] = []
+    cursor = None
+    while page := await store.list(JobQuery(limit=2, after=cursor, order=order)):
+        seen.extend(page)
+        cursor = Cursor(page[-1].id, page[-1].priority)
+    assert [j.id for j in seen] == [j.id for j in expected]
+
+
+async def test_filter_by_priorities_and_count_matching(store: JobStore, make_job: MakeJob) -> None:
+    jobs = [make_job(priority=p, type=t) for p, t in ((1, "a"), (5, "a"), (9, "b"), (5, "b"), (0, "a"))]
+    for job in jobs:
+        await store.insert(job)
+    five_or_nine = JobFilter(priorities=frozenset({5, 9}))
+    assert sorted(await ids(store, JobQuery(filter=five_or_nine))) == sorted(j.id for j in jobs[1:4])
+    assert await store.count_matching(five_or_nine) == 3
+    assert await store.count_matching(JobFilter(priorities=frozenset({5}), types=frozenset({"a"}))) == 1
+    assert await store.count_matching(JobFilter()) == 5
 
 
 async def test_filter_by_types(store: JobStore, make_job: MakeJob) -> None:
@@ -788,7 +819,7 @@ async def test_filters_combine_with_paging(store: JobStore, make_job: MakeJob) -
         create_time_start=T0 + 2,
     )
     first = await ids(store, JobQuery(filter=job_filter, limit=2))
-    rest = await ids(store, JobQuery(filter=job_filter, limit=50, before_id=first[-1]))
+    rest = await ids(store, JobQuery(filter=job_filter, limit=50, after=Cursor(first[-1])))
     assert first + rest == sorted(matching, reverse=True)
     assert len(matching) >= 3
 
@@ -1043,9 +1074,13 @@ async def test_filter_by_tenants_and_count_per_tenant(store: JobStore, make_job:
     assert await ids(store, of("a", states=frozenset({JobState.QUEUED}))) == [a1.id]
     assert await ids(store, JobQuery()) == [c1.id, a2.id, b1.id, a1.id]  # no tenants: every tenant's
     first = await ids(store, JobQuery(filter=JobFilter(tenants=frozenset({"a", "b"})), limit=2))
-    rest = await ids(store, JobQuery(filter=JobFilter(tenants=frozenset({"a", "b"})), before_id=first[-1]))
+    rest = await ids(
+        store, JobQuery(filter=JobFilter(tenants=frozenset({"a", "b"})), after=Cursor(first[-1]))
+    )
     assert first + rest == [a2.id, b1.id, a1.id]
-    [basic] = await store.list(JobQuery(filter=JobFilter(tenants=frozenset({"a"})), limit=1, before_id=a2.id))
+    [basic] = await store.list(
+        JobQuery(filter=JobFilter(tenants=frozenset({"a"})), limit=1, after=Cursor(a2.id))
+    )
     assert (basic.tenant, basic.created_by) == ("a", "alice")  # kept in a listing without the payload
 
     key = lambda c: (c.state, c.type, c.priority)  # noqa: E731

@@ -220,6 +220,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         metavar="TENANT",
         help="only this tenant's jobs; repeatable (admins: others see only their own tenant)",
     )
+    p.add_argument("--priority", action="append", type=int, dest="priorities", metavar="N", help="repeatable")
+    p.add_argument(
+        "--order-by",
+        default="",
+        metavar="ORDER",
+        help='"create_time desc" (default), "create_time", "priority desc" or "priority"',
+    )
+    p.add_argument("--count", action="store_true", help="print only how many jobs match")
     p.add_argument("--limit", type=int, default=20, metavar="N", help="rows to show (default 20; 0 = all)")
     p.set_defaults(handler=cmd_list)
 
@@ -509,12 +517,22 @@ def cmd_list(client: JobwireClient, args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise UsageError("--limit must be 0 or more")
     limit = args.limit or None
+    filters: dict[str, Any] = {
+        "states": args.state,
+        "types": args.types,
+        "labels": labels_dict(args.label),
+        "tenants": args.tenants,
+        "priorities": args.priorities,
+    }
+    if args.count:
+        total = client.count_jobs(**filters)
+        if args.json:
+            render.print_json({"total_size": total})
+        else:
+            print(total)
+        return EXIT_OK
     jobs_iter = client.list_jobs(
-        states=args.state,
-        types=args.types,
-        labels=labels_dict(args.label),
-        page_size=min(limit, 100) if limit else 100,
-        tenants=args.tenants,
+        **filters, page_size=min(limit, 100) if limit else 100, order_by=args.order_by
     )
     jobs = list(itertools.islice(jobs_iter, limit))
     if args.json:

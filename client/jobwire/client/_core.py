@@ -148,12 +148,18 @@ def build_list_request(
     page_token: str = "",
     with_payload: bool = False,
     tenants: NameFilter = None,
+    priorities: Iterable[int] | int | None = None,
+    order_by: str = "",
+    include_total_size: bool = False,
 ) -> job_service_pb2.ListJobsRequest:
     """The ListJobsRequest for one page; states may be numbers or names such as "queued".
 
-    A single state, type or tenant may be given bare instead of in a list. ``tenants`` is for admins
-    (who see every tenant's jobs); other callers may name only their own tenant.
+    A single state, type, tenant or priority may be given bare instead of in a list. ``tenants`` is
+    for admins (who see every tenant's jobs); other callers may name only their own tenant.
+    ``order_by``: "create_time desc" (default), "create_time", "priority desc" or "priority".
     """
+    if isinstance(priorities, int):
+        priorities = [priorities]
     if isinstance(states, int | str):
         states = [states]
     if isinstance(types, str):
@@ -172,6 +178,9 @@ def build_list_request(
         labels=dict(labels or {}),
         view=job_pb2.JOB_VIEW_FULL if with_payload else job_pb2.JOB_VIEW_BASIC,
         tenants=list(tenants or ()),
+        priorities=list(priorities or ()),
+        order_by=order_by,
+        include_total_size=include_total_size,
     )
     if create_time_start is not None:
         request.create_time_start.CopyFrom(to_timestamp(create_time_start))

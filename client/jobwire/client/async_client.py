@@ -193,8 +193,11 @@ class AsyncJobwireClient:
         page_size: int = _core.DEFAULT_PAGE_SIZE,
         with_payload: bool = False,
         tenants: _core.NameFilter = None,
+        priorities: Iterable[int] | int | None = None,
+        order_by: str = "",
     ) -> AsyncIterator[job_pb2.Job]:
-        """Every matching job, newest first, fetching pages lazily as the caller iterates.
+        """Every matching job, newest first (or in ``order_by``: "create_time", "priority desc",
+        "priority"), fetching pages lazily as the caller iterates.
 
         ``tenants`` (one name or several) is for admins, who otherwise see every tenant's jobs; other
         callers see only their own tenant's and may name only it (another is PERMISSION_DENIED).
@@ -208,6 +211,8 @@ class AsyncJobwireClient:
             page_size=page_size,
             with_payload=with_payload,
             tenants=tenants,
+            priorities=priorities,
+            order_by=order_by,
         )
         while True:
             jobs, token = await self._list_page(request)
@@ -216,6 +221,32 @@ class AsyncJobwireClient:
             if not token:
                 return
             request.page_token = token
+
+    async def count_jobs(
+        self,
+        *,
+        states: _core.StateFilter = None,
+        types: Iterable[str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        create_time_start: datetime.datetime | None = None,
+        create_time_end: datetime.datetime | None = None,
+        tenants: _core.NameFilter = None,
+        priorities: Iterable[int] | int | None = None,
+    ) -> int:
+        """How many jobs ``list_jobs`` with the same filters would give (the server counts them)."""
+        request = _core.build_list_request(
+            states=states,
+            types=types,
+            labels=labels,
+            create_time_start=create_time_start,
+            create_time_end=create_time_end,
+            page_size=1,
+            tenants=tenants,
+            priorities=priorities,
+            include_total_size=True,
+        )
+        response: job_service_pb2.ListJobsResponse = await self._call(self._stub.ListJobs, request)
+        return response.total_size
 
     async def cancel(self, job_id: str, reason: str = "", *, request_id: str | None = None) -> job_pb2.Job:
         """Cancel a job; returns it CANCELLED, or CANCELLING while its handler stops.

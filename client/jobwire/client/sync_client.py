@@ -182,8 +182,11 @@ class JobwireClient:
         page_size: int = _core.DEFAULT_PAGE_SIZE,
         with_payload: bool = False,
         tenants: _core.NameFilter = None,
+        priorities: Iterable[int] | int | None = None,
+        order_by: str = "",
     ) -> Iterator[job_pb2.Job]:
-        """Every matching job, newest first, fetching pages lazily as the caller iterates.
+        """Every matching job, newest first (or in ``order_by``: "create_time", "priority desc",
+        "priority"), fetching pages lazily as the caller iterates.
 
         Jobs come without params and result unless ``with_payload`` (the server's full view).
         ``tenants`` (one name or several) is for admins, who otherwise see every tenant's jobs; other
@@ -198,6 +201,8 @@ class JobwireClient:
             page_size=page_size,
             with_payload=with_payload,
             tenants=tenants,
+            priorities=priorities,
+            order_by=order_by,
         )
         while True:
             jobs, token = self._list_page(request)
@@ -205,6 +210,32 @@ class JobwireClient:
             if not token:
                 return
             request.page_token = token
+
+    def count_jobs(
+        self,
+        *,
+        states: _core.StateFilter = None,
+        types: Iterable[str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        create_time_start: datetime.datetime | None = None,
+        create_time_end: datetime.datetime | None = None,
+        tenants: _core.NameFilter = None,
+        priorities: Iterable[int] | int | None = None,
+    ) -> int:
+        """How many jobs ``list_jobs`` with the same filters would give (the server counts them)."""
+        request = _core.build_list_request(
+            states=states,
+            types=types,
+            labels=labels,
+            create_time_start=create_time_start,
+            create_time_end=create_time_end,
+            page_size=1,
+            tenants=tenants,
+            priorities=priorities,
+            include_total_size=True,
+        )
+        response: job_service_pb2.ListJobsResponse = self._call(self._stub.ListJobs, request)
+        return response.total_size
 
     def cancel(self, job_id: str, reason: str = "", *, request_id: str | None = None) -> job_pb2.Job:
         """Cancel a job; returns it CANCELLED, or CANCELLING while its handler stops.

@@ -334,6 +334,9 @@ class ListJobsRequest(_message.Message):
     CREATE_TIME_END_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
     TENANTS_FIELD_NUMBER: _builtins.int
+    PRIORITIES_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
+    INCLUDE_TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of jobs to return: default 50 when 0, at most 1,000
     (larger values are treated as 1,000). Negative is INVALID_ARGUMENT.
@@ -349,6 +352,18 @@ class ListJobsRequest(_message.Message):
     without params and result (AIP-157). With JOB_VIEW_FULL a page may hold
     fewer than page_size jobs: a page stops before it would pass the 4 MiB
     message limit, and next_page_token continues after it.
+    """
+    order_by: _builtins.str
+    """The order of the jobs (AIP-132): "create_time desc" (the default,
+    newest first), "create_time" or "create_time asc" (oldest first),
+    "priority desc" (highest first) or "priority" / "priority asc" (lowest
+    first); within a priority, newest first. Anything else is
+    INVALID_ARGUMENT. A page_token goes on in the order it was made with.
+    """
+    include_total_size: _builtins.bool
+    """Also count every job that matches the filters, across all pages, into
+    ListJobsResponse.total_size. A count costs a pass over the matching
+    jobs: ask for it when it is shown, not on every page.
     """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_job_pb2.JobState.ValueType]:
@@ -379,6 +394,10 @@ class ListJobsRequest(_message.Message):
         and may name only it (another is PERMISSION_DENIED).
         """
 
+    @_builtins.property
+    def priorities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Only jobs of one of these priorities (0 to 9)."""
+
     def __init__(
         self,
         *,
@@ -391,10 +410,13 @@ class ListJobsRequest(_message.Message):
         create_time_end: _timestamp_pb2.Timestamp | None = ...,
         view: _job_pb2.JobView.ValueType = ...,
         tenants: _abc.Iterable[_builtins.str] | None = ...,
+        priorities: _abc.Iterable[_builtins.int] | None = ...,
+        order_by: _builtins.str = ...,
+        include_total_size: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time_end", b"create_time_end", "create_time_start", b"create_time_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_end", b"create_time_end", "create_time_start", b"create_time_start", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "tenants", b"tenants", "types", b"types", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_end", b"create_time_end", "create_time_start", b"create_time_start", "include_total_size", b"include_total_size", "labels", b"labels", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "priorities", b"priorities", "states", b"states", "tenants", b"tenants", "types", b"types", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -408,21 +430,29 @@ class ListJobsResponse(_message.Message):
 
     JOBS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page, or empty when this is the last page."""
+    total_size: _builtins.int
+    """How many jobs match the filters in all pages, when the request set
+    include_total_size (AIP-158); 0 otherwise.
+    """
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.Job]:
-        """The matching jobs, newest first, in the requested view."""
+        """The matching jobs, in the requested order (newest first by default) and
+        view.
+        """
 
     def __init__(
         self,
         *,
         jobs: _abc.Iterable[_job_pb2.Job] | None = ...,
         next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -380,11 +380,16 @@ class JobOperations:
         caller.principal.require(Action.READ)
         return replace(job_filter, tenants=caller.principal.scope_tenants(job_filter.tenants))
 
+    async def count_jobs(self, job_filter: JobFilter, caller: Caller = LOCAL_CALLER) -> int:
+        """How many jobs a listing with this filter holds in all its pages (only tenants the caller
+        may see)."""
+        return await self.store.count_matching(self.listing_filter(job_filter, caller))
+
     async def list_jobs(self, query: JobQuery, caller: Caller = LOCAL_CALLER) -> tuple[list[Job], bool]:
         """One page, newest first, and whether more pages follow (only tenants the caller may see)."""
         job_filter = self.listing_filter(query.filter, caller)
         rows = await self.store.list(
-            JobQuery(job_filter, query.limit + 1, query.before_id, query.with_payload)
+            JobQuery(job_filter, query.limit + 1, query.after, query.with_payload, query.order)
         )
         more = len(rows) > query.limit
         return [self._annotated(job) for job in rows[: query.limit]], more

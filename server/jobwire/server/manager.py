@@ -45,7 +45,7 @@ from jobwire.server.maintenance import Maintenance
 from jobwire.server.queue_view import QueueView
 from jobwire.server.scheduler import Scheduler
 from jobwire.server.stats import StatsWindow
-from jobwire.server.stores.base import JobQuery, JobStore
+from jobwire.server.stores.base import JobFilter, JobQuery, JobStore
 from jobwire.server.tenants import TenantPolicies
 from jobwire.server.validation import JobUpdate, SubmitRequest, job_type_violations
 from jobwire.server.workers import LeaseToken, SessionSettings, WorkerSession, WorkerSessions
@@ -398,6 +398,9 @@ class JobManager:
 
     async def get(self, job_id: str, caller: Caller = LOCAL_CALLER) -> Job:
         return await self.jobs.get(job_id, caller)
+
+    async def count_jobs(self, job_filter: JobFilter, caller: Caller = LOCAL_CALLER) -> int:
+        return await self.jobs.count_jobs(job_filter, caller)
 
     async def list_jobs(self, query: JobQuery, caller: Caller = LOCAL_CALLER) -> tuple[list[Job], bool]:
         return await self.jobs.list_jobs(query, caller)

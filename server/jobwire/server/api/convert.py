@@ -17,9 +17,9 @@ from jobwire.handlers.api import RetryDefaults
 from jobwire.server.access import TENANT_PATTERN
 from jobwire.server.audit import AuditEntry
 from jobwire.server.errors import FieldViolation, InvalidArgument
-from jobwire.server.job import AttemptRecord, Job, JobError, Progress, RetryPolicy
+from jobwire.server.job import PRIORITY_MAX, PRIORITY_MIN, AttemptRecord, Job, JobError, Progress, RetryPolicy
 from jobwire.server.state_machine import JobState
-from jobwire.server.stores.base import JobFilter
+from jobwire.server.stores.base import Cursor, JobFilter, ListOrder
 from jobwire.server.validation import filter_violations
 from jobwire.v1 import job_pb2
 
@@ -205,6 +205,7 @@ def job_filter_from_request(
     create_time_start: timestamp_pb2.Timestamp | None,
     create_time_end: timestamp_pb2.Timestamp | None,
     tenants: list[str] | None = None,
+    priorities: list[int] | None = None,
 ) -> JobFilter:
     violations: list[FieldViolation] = []
     tenants = tenants or []
@@ -227,6 +228,12 @@ def job_filter_from_request(
     if start is not None and end is not None and end < start:
         violations.append(FieldViolation("create_time_end", "is before create_time_start"))
     violations.extend(filter_violations(types, labels))
+    priorities = priorities or []
+    violations.extend(
+        FieldViolation(f"priorities[{i}]", f"must be from {PRIORITY_MIN} to {PRIORITY_MAX}, got {p}")
+        for i, p in enumerate(priorities)
+        if not PRIORITY_MIN <= p <= PRIORITY_MAX
+    )
     if violations:
         raise InvalidArgument(violations=violations)
     return JobFilter(
@@ -236,10 +243,32 @@ def job_filter_from_request(
         labels=tuple(sorted(labels.items())),
         create_time_start=start,
         create_time_end=end,
+        priorities=frozenset(priorities),
     )
 
 
-def _filter_digest(job_filter: JobFilter) -> str:
+# What ListJobsRequest.order_by accepts (AIP-132), each spelling of each order.
+_ORDERS = {
+    "": ListOrder.NEWEST,
+    "create_time desc": ListOrder.NEWEST,
+    "create_time": ListOrder.OLDEST,
+    "create_time asc": ListOrder.OLDEST,
+    "priority desc": ListOrder.PRIORITY_HIGH,
+    "priority": ListOrder.PRIORITY_LOW,
+    "priority asc": ListOrder.PRIORITY_LOW,
+}
+
+
+def list_order(order_by: str) -> ListOrder:
+    """ListJobsRequest.order_by as an order (spaces and case aside); INVALID_ARGUMENT for any other."""
+    order = _ORDERS.get(" ".join(order_by.lower().split()))
+    if order is None:
+        accepted = '"create_time desc", "create_time", "priority desc" or "priority"'
+        raise InvalidArgument(violations=[FieldViolation("order_by", f"must be {accepted}")])
+    return order
+
+
+def _filter_digest(job_filter: JobFilter, order: ListOrder) -> str:
     canonical = json.dumps(
         [
             sorted(job_filter.tenants),
@@ -248,14 +277,20 @@ def _filter_digest(job_filter: JobFilter) -> str:
             list(job_filter.labels),
             job_filter.create_time_start,
             job_filter.create_time_end,
+            *([sorted(job_filter.priorities)] if job_filter.priorities else []),
+            *([order.value] if order is not ListOrder.NEWEST else []),
         ]
     )
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def encode_page_token(last_id: str, job_filter: JobFilter) -> str:
-    """Opaque to clients (AIP-158): the last id returned, bound to the filters it was made with."""
-    raw = json.dumps({"after": last_id, "filter": _filter_digest(job_filter)}).encode()
+def encode_page_token(last: Job, job_filter: JobFilter, order: ListOrder = ListOrder.NEWEST) -> str:
+    """Opaque to clients (AIP-158): where the page ended (the last job's id, and its priority when the
+    order is by priority), bound to the filters and the order it was made with."""
+    data: dict[str, Any] = {"after": last.id, "filter": _filter_digest(job_filter, order)}
+    if order in (ListOrder.PRIORITY_HIGH, ListOrder.PRIORITY_LOW):
+        data["priority"] = last.priority
+    raw = json.dumps(data).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -275,20 +310,27 @@ def _decode_token(token: str, method: str) -> dict[str, Any]:
         ) from error
 
 
-def decode_page_token(token: str, job_filter: JobFilter) -> str:
-    """The cursor in ``token``; INVALID_ARGUMENT if it is malformed or was made for other filters (the
-    filter includes the tenants the caller may see, so a token never crosses tenants)."""
+def decode_page_token(token: str, job_filter: JobFilter, order: ListOrder = ListOrder.NEWEST) -> Cursor:
+    """The cursor in ``token``; INVALID_ARGUMENT if it is malformed or was made for other filters or
+    another order (the filter includes the tenants the caller may see: a token never crosses tenants)."""
     data = _decode_token(token, "ListJobs")
-    last_id, digest = data.get("after"), data.get("filter")
-    if not isinstance(last_id, str) or not isinstance(digest, str):
+    last_id, digest, priority = data.get("after"), data.get("filter"), data.get("priority", 0)
+    if (
+        not isinstance(last_id, str)
+        or not isinstance(digest, str)
+        or not isinstance(priority, int)
+        or isinstance(priority, bool)
+    ):
         raise InvalidArgument(violations=[FieldViolation("page_token", "not a token returned by ListJobs")])
-    if digest != _filter_digest(job_filter):
+    if digest != _filter_digest(job_filter, order):
         raise InvalidArgument(
             violations=[
-                FieldViolation("page_token", "was made for different filters; start again without it")
+                FieldViolation(
+                    "page_token", "was made for different filters or another order; start again without it"
+                )
             ]
         )
-    return last_id
+    return Cursor(last_id, priority)
 
 
 # -- the audit trail -----------------------------------------------------------------------------------

@@ -86,18 +86,26 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
                 request.create_time_start if request.HasField("create_time_start") else None,
                 request.create_time_end if request.HasField("create_time_end") else None,
                 list(request.tenants),
+                list(request.priorities),
             )
+            order = convert.list_order(request.order_by)
             # The filter as it will apply (only tenants the caller may see): page tokens are bound to it.
             job_filter = self._manager.jobs.listing_filter(requested, caller)
             payload = convert.with_payload(request.view, BASIC)
-            before = convert.decode_page_token(request.page_token, job_filter) if request.page_token else None
-            jobs, more = await self._manager.list_jobs(
-                JobQuery(job_filter, page_size, before, payload), caller
+            after = (
+                convert.decode_page_token(request.page_token, job_filter, order)
+                if request.page_token
+                else None
             )
+            jobs, more = await self._manager.list_jobs(
+                JobQuery(job_filter, page_size, after, payload, order), caller
+            )
+            total = await self._manager.count_jobs(job_filter, caller) if request.include_total_size else 0
         except JobwireError as error:
             await abort(context, error)
-        response = job_service_pb2.ListJobsResponse()
+        response = job_service_pb2.ListJobsResponse(total_size=min(total, 2**31 - 1))
         size = 0
+        last = None
         for index, job in enumerate(jobs):
             encoded = convert.job_to_proto(job, payload)
             size += encoded.ByteSize() + 8  # the field's tag and length prefix
@@ -105,8 +113,9 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
                 more = True
                 break
             response.jobs.append(encoded)
-        if more and response.jobs:
-            response.next_page_token = convert.encode_page_token(response.jobs[-1].id, job_filter)
+            last = job
+        if more and last is not None:
+            response.next_page_token = convert.encode_page_token(last, job_filter, order)
         return response
 
     async def CancelJob(

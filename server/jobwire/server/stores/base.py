@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import builtins
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -143,11 +144,30 @@ class JobFilter:
     labels: tuple[tuple[str, str], ...] = ()
     create_time_start: float | None = None  # inclusive
     create_time_end: float | None = None  # exclusive
+    priorities: frozenset[int] = frozenset()
+
+
+class ListOrder(enum.Enum):
+    """The orders a listing comes in (values are ListJobsRequest.order_by's canonical spelling). Ids
+    grow with creation time, so creation order is id order; within a priority, newest first."""
+
+    NEWEST = "create_time desc"
+    OLDEST = "create_time asc"
+    PRIORITY_HIGH = "priority desc"
+    PRIORITY_LOW = "priority asc"
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where the previous page ended: its last job's id, and priority (read when ordered by it)."""
+
+    id: str
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class JobQuery:
-    """One page of a listing: newest first (id descending), ids strictly below ``before_id`` if set.
+    """One page of a listing, in ``order``, from just after ``after`` (the previous page's last job).
 
     Without ``with_payload`` the jobs come back with empty params and no result: a listing that does
     not show them must not read up to 1 MiB of each from the store.
@@ -155,8 +175,22 @@ class JobQuery:
 
     filter: JobFilter = field(default_factory=JobFilter)
     limit: int = 50
-    before_id: str | None = None
+    after: Cursor | None = None
     with_payload: bool = True
+    order: ListOrder = ListOrder.NEWEST
+
+
+def is_after(job: Job, cursor: Cursor, order: ListOrder) -> bool:
+    """Whether ``job`` comes after ``cursor`` in ``order`` (what a next page holds)."""
+    if order is ListOrder.NEWEST:
+        return job.id < cursor.id
+    if order is ListOrder.OLDEST:
+        return job.id > cursor.id
+    if job.priority == cursor.priority:
+        return job.id < cursor.id
+    return (
+        job.priority < cursor.priority if order is ListOrder.PRIORITY_HIGH else job.priority > cursor.priority
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +315,10 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def count(self, tenants: frozenset[str] = frozenset()) -> builtins.list[JobCount]:
         """Stored jobs (of these tenants; empty: all) grouped by state, type and priority."""
+
+    @abc.abstractmethod
+    async def count_matching(self, job_filter: JobFilter) -> int:
+        """How many stored jobs pass ``job_filter`` (a listing's total_size: a count, not kept)."""
 
     @abc.abstractmethod
     async def list_audit(self, job_id: str, after_id: int, limit: int) -> builtins.list[AuditEntry]:

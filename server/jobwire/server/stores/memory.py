@@ -27,10 +27,12 @@ from jobwire.server.stores.base import (
     JobFilter,
     JobQuery,
     JobStore,
+    ListOrder,
     QueuedJob,
     RateLimited,
     SubmitRate,
     check_changeable,
+    is_after,
 )
 
 LOCAL_WORKER = "local"
@@ -48,6 +50,8 @@ def matches_filter(job: Job, job_filter: JobFilter) -> bool:
         if job.labels.get(key) != value:
             return False
     if job_filter.create_time_start is not None and job.create_time < job_filter.create_time_start:
+        return False
+    if job_filter.priorities and job.priority not in job_filter.priorities:
         return False
     return job_filter.create_time_end is None or job.create_time < job_filter.create_time_end
 
@@ -315,15 +319,30 @@ class MemoryStore(JobStore):
     async def list(self, query: JobQuery) -> builtins.list[Job]:
         if query.limit <= 0:
             return []
-        end = len(self._ids) if query.before_id is None else bisect.bisect_left(self._ids, query.before_id)
-        page: list[Job] = []
-        for index in range(end - 1, -1, -1):
-            job = self._jobs[self._ids[index]]
-            if matches_filter(job, query.filter):
-                page.append(_snapshot(job) if query.with_payload else _basic(job))
-                if len(page) == query.limit:
-                    break
-        return page
+        return [_snapshot(job) if query.with_payload else _basic(job) for job in self._page(query)]
+
+    def _page(self, query: JobQuery) -> builtins.list[Job]:
+        after, order = query.after, query.order
+        if order is ListOrder.NEWEST:  # the common case, without sorting: walk the ids backwards
+            end = len(self._ids) if after is None else bisect.bisect_left(self._ids, after.id)
+            page: list[Job] = []
+            for index in range(end - 1, -1, -1):
+                job = self._jobs[self._ids[index]]
+                if matches_filter(job, query.filter):
+                    page.append(job)
+                    if len(page) == query.limit:
+                        break
+            return page
+        matching = [job for job in self._jobs.values() if matches_filter(job, query.filter)]
+        matching.sort(key=lambda job: job.id, reverse=order is not ListOrder.OLDEST)
+        if order is not ListOrder.OLDEST:  # stable: newest first within a priority
+            matching.sort(key=lambda job: job.priority, reverse=order is ListOrder.PRIORITY_HIGH)
+        if after is not None:
+            matching = [job for job in matching if is_after(job, after, order)]
+        return matching[: query.limit]
+
+    async def count_matching(self, job_filter: JobFilter) -> int:
+        return sum(1 for job in self._jobs.values() if matches_filter(job, job_filter))
 
     async def count(self, tenants: frozenset[str] = frozenset()) -> builtins.list[JobCount]:
         counts: Counter[tuple[JobState, str, int]] = Counter()

@@ -66,6 +66,7 @@ from jobwire.server.stores.base import (
     DuplicateRequestId,
     Expect,
     JobCount,
+    JobFilter,
     JobQuery,
     JobStore,
     QueuedJob,
@@ -82,6 +83,7 @@ from jobwire.server.stores.rows import (
     changed_columns,
     job_to_row,
     job_type_to_row,
+    order_sql,
     progress_json,
     row_to_audit,
     row_to_job,
@@ -468,6 +470,32 @@ def split_payload(payload: str) -> tuple[str, str]:
     """(origin, the JSON list) of a payload made by ``notify_payloads``."""
     origin, _, body = payload.partition("|")
     return origin, body
+
+
+def _arg(args: list[Any], value: Any) -> str:
+    """Add a query parameter; its placeholder."""
+    args.append(value)
+    return f"${len(args)}"
+
+
+def _filter_where(job_filter: JobFilter, args: list[Any]) -> list[str]:
+    """The conditions of a listing's filter, their parameters appended to ``args``."""
+    where: list[str] = []
+    if job_filter.tenants:
+        where.append(f"tenant = ANY({_arg(args, sorted(job_filter.tenants))}::text[])")
+    if job_filter.states:
+        where.append(f"state = ANY({_arg(args, sorted(int(s) for s in job_filter.states))}::int[])")
+    if job_filter.types:
+        where.append(f"type = ANY({_arg(args, sorted(job_filter.types))}::text[])")
+    for key, value in job_filter.labels:
+        where.append(f"(labels::jsonb ->> {_arg(args, key)}) = {_arg(args, value)}")
+    if job_filter.create_time_start is not None:
+        where.append(f"create_time >= {_arg(args, job_filter.create_time_start)}")
+    if job_filter.create_time_end is not None:
+        where.append(f"create_time < {_arg(args, job_filter.create_time_end)}")
+    if job_filter.priorities:
+        where.append(f"priority = ANY({_arg(args, sorted(job_filter.priorities))}::int[])")
+    return where
 
 
 class PostgresStore(JobStore):
@@ -898,35 +926,26 @@ class PostgresStore(JobStore):
     async def list(self, query: JobQuery) -> builtins.list[Job]:
         if query.limit <= 0:
             return []
-        where: list[str] = []
         args: list[Any] = []
-
-        def arg(value: Any) -> str:
-            args.append(value)
-            return f"${len(args)}"
-
-        if query.before_id is not None:
-            where.append(f"id < {arg(query.before_id)}")
-        job_filter = query.filter
-        if job_filter.tenants:
-            where.append(f"tenant = ANY({arg(sorted(job_filter.tenants))}::text[])")
-        if job_filter.states:
-            where.append(f"state = ANY({arg(sorted(int(s) for s in job_filter.states))}::int[])")
-        if job_filter.types:
-            where.append(f"type = ANY({arg(sorted(job_filter.types))}::text[])")
-        for key, value in job_filter.labels:
-            where.append(f"(labels::jsonb ->> {arg(key)}) = {arg(value)}")
-        if job_filter.create_time_start is not None:
-            where.append(f"create_time >= {arg(job_filter.create_time_start)}")
-        if job_filter.create_time_end is not None:
-            where.append(f"create_time < {arg(job_filter.create_time_end)}")
+        where = _filter_where(query.filter, args)
+        after, order_by = order_sql(query, lambda value: _arg(args, value))
+        if after is not None:
+            where.append(after)
         select = _SELECT if query.with_payload else _SELECT_BASIC
         sql = (
             select
             + (" WHERE " + " AND ".join(where) if where else "")
-            + f" ORDER BY id DESC LIMIT {arg(query.limit)}"
+            + f" ORDER BY {order_by} LIMIT {_arg(args, query.limit)}"
         )
         return [row_to_job(tuple(row)) for row in await self._fetch(sql, *args)]
+
+    async def count_matching(self, job_filter: JobFilter) -> int:
+        args: list[Any] = []
+        where = _filter_where(job_filter, args)
+        sql = "SELECT COUNT(*) FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        rows = await self._fetch(sql, *args)
+        count: int = rows[0][0]
+        return count
 
     async def count(self, tenants: frozenset[str] = frozenset()) -> builtins.list[JobCount]:
         where, args = ("WHERE tenant = ANY($1::text[]) ", [sorted(tenants)]) if tenants else ("", [])

@@ -18,7 +18,7 @@ from jobwire.server.changes import ChangeKind, JobChange
 from jobwire.server.job import AttemptRecord, Job, JobError, RetryPolicy
 from jobwire.server.job_types import JobType
 from jobwire.server.state_machine import JobState
-from jobwire.server.stores.base import check_changeable
+from jobwire.server.stores.base import JobQuery, ListOrder, check_changeable
 
 COLUMNS = (
     "id",
@@ -403,3 +403,24 @@ def row_to_progress_change(row: Sequence[Any], progress: Progress, update_time: 
         progress=progress,
         update_time=update_time,
     )
+
+
+def order_sql(query: JobQuery, arg: Callable[[Any], str]) -> tuple[str | None, str]:
+    """The SQL condition that continues after the query's cursor (None on a first page) and the ORDER
+    BY clause of its order (as ``stores.base.is_after`` says); ``arg`` adds a parameter and returns its
+    placeholder."""
+    order, after = query.order, query.after
+    if order is ListOrder.NEWEST:
+        return (None if after is None else f"id < {arg(after.id)}"), "id DESC"
+    if order is ListOrder.OLDEST:
+        return (None if after is None else f"id > {arg(after.id)}"), "id ASC"
+    high = order is ListOrder.PRIORITY_HIGH
+    order_by = f"priority {'DESC' if high else 'ASC'}, id DESC"
+    if after is None:
+        return None, order_by
+    ahead = "<" if high else ">"
+    condition = (
+        f"(priority {ahead} {arg(after.priority)} "
+        f"OR (priority = {arg(after.priority)} AND id < {arg(after.id)}))"
+    )
+    return condition, order_by

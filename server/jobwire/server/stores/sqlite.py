@@ -41,6 +41,7 @@ from jobwire.server.stores.base import (
     DuplicateRequestId,
     Expect,
     JobCount,
+    JobFilter,
     JobQuery,
     JobStore,
     QueuedJob,
@@ -59,6 +60,7 @@ from jobwire.server.stores.rows import (
     changed_columns,
     job_to_row,
     job_type_to_row,
+    order_sql,
     progress_json,
     row_to_audit,
     row_to_job,
@@ -449,12 +451,25 @@ def _read_audit(job_id: str, after_id: int, limit: int, conn: sqlite3.Connection
 
 def list_sql(query: JobQuery) -> tuple[str, list[object]]:
     """The SELECT for one page of a listing, and its parameters."""
-    where: list[str] = []
     args: list[object] = []
-    if query.before_id is not None:
-        where.append("id < ?")
-        args.append(query.before_id)
-    job_filter = query.filter
+
+    def arg(value: object) -> str:
+        args.append(value)
+        return "?"
+
+    where = _filter_where(query.filter, args)  # first: "?" parameters go in the order they appear
+    after, order_by = order_sql(query, arg)
+    if after is not None:
+        where.append(after)
+    select = _SELECT if query.with_payload else _SELECT_BASIC
+    sql = select + (" WHERE " + " AND ".join(where) if where else "") + f" ORDER BY {order_by} LIMIT ?"
+    args.append(query.limit)
+    return sql, args
+
+
+def _filter_where(job_filter: JobFilter, args: list[object]) -> list[str]:
+    """The conditions of a listing's filter, their parameters appended to ``args``."""
+    where: list[str] = []
     if job_filter.tenants:
         where.append(f"tenant IN ({', '.join('?' * len(job_filter.tenants))})")
         args.extend(sorted(job_filter.tenants))
@@ -474,10 +489,18 @@ def list_sql(query: JobQuery) -> tuple[str, list[object]]:
     if job_filter.create_time_end is not None:
         where.append("create_time < ?")
         args.append(job_filter.create_time_end)
-    select = _SELECT if query.with_payload else _SELECT_BASIC
-    sql = select + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
-    args.append(query.limit)
-    return sql, args
+    if job_filter.priorities:
+        where.append(f"priority IN ({', '.join('?' * len(job_filter.priorities))})")
+        args.extend(sorted(job_filter.priorities))
+    return where
+
+
+def _read_count_matching(job_filter: JobFilter, conn: sqlite3.Connection) -> int:
+    args: list[object] = []
+    where = _filter_where(job_filter, args)
+    sql = "SELECT COUNT(*) FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+    count: int = conn.execute(sql, args).fetchone()[0]
+    return count
 
 
 def _read_list(query: JobQuery, conn: sqlite3.Connection) -> list[Job]:
@@ -981,6 +1004,9 @@ class SqliteStore(JobStore):
 
     async def count(self, tenants: frozenset[str] = frozenset()) -> builtins.list[JobCount]:
         return await self._read(functools.partial(_read_count, tenants))
+
+    async def count_matching(self, job_filter: JobFilter) -> int:
+        return await self._read(functools.partial(_read_count_matching, job_filter))
 
     async def load_queue(self) -> builtins.list[QueuedJob]:
         return await self._read(_read_queue)
