@@ -112,7 +112,7 @@ def test_an_update_that_changes_nothing_writes_nothing(
 
 
 def test_a_job_that_has_started_cannot_be_updated(stub: job_service_pb2_grpc.JobServiceStub) -> None:
-    job = stub.SubmitJob(S.SubmitJobRequest(type="test.gate"), timeout=10).job
+    job = stub.SubmitJob(S.SubmitJobRequest(type="test.wait_cancel"), timeout=10).job
     for _ in range(200):
         if get(stub, job.id).state == J.JOB_STATE_RUNNING:
             break
