@@ -116,6 +116,7 @@ def full_job(make_job: MakeJob) -> Job:
         attempt_base=1,
         tenant="acme-corp.eu",
         created_by="jürgen.müller@例え.jp/🚀",
+        retention=86400.5,
     )
 
 
@@ -1725,16 +1726,16 @@ async def test_sqlite_migrates_a_version_1_database_in_place(tmp_path: Path, mak
 
 
 def _old_style(job: Job) -> tuple[tuple[str, ...], tuple[object, ...]]:
-    """The columns and values of ``job``'s row as written before tenants (the last two columns)."""
-    assert COLUMNS[-2:] == ("tenant", "created_by")
-    return COLUMNS[:-2], job_to_row(job)[:-2]
+    """The columns and values of ``job``'s row as written before tenants (and retention, added after)."""
+    assert COLUMNS[-3:] == ("tenant", "created_by", "retention")
+    return COLUMNS[:-3], job_to_row(job)[:-3]
 
 
 def _before_tenants(make_job: MakeJob) -> tuple[Job, Job]:
     """A job with every field set and a queued one, as they read back once migrated: tenant "default",
-    nobody as their creator."""
+    nobody as their creator, no retention of their own."""
     finished = full_job(make_job)
-    finished.tenant, finished.created_by = "default", ""
+    finished.tenant, finished.created_by, finished.retention = "default", "", None
     queued = make_job(type="email", request_id="req-queued")
     return finished, queued
 
@@ -1806,7 +1807,7 @@ async def test_sqlite_migrates_a_version_3_database_to_tenants(tmp_path: Path, m
         await store.close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 6
         indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "jobs_request_id" not in indexes and "jobs_tenant_request_id" in indexes
     finally:

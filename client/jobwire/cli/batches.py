@@ -23,7 +23,7 @@ from jobwire.client import JobwireClient, JobwireError
 from jobwire.client._core import MAX_BATCH_JOBS
 from jobwire.client.durations import parse_duration, parse_time
 
-FIELDS = ("type", "params", "priority", "labels", "request_id", "timeout", "max_attempts", "at")
+FIELDS = ("type", "params", "priority", "labels", "request_id", "timeout", "max_attempts", "retention", "at")
 _REQUEST_INDEX = re.compile(r"requests\[(\d+)\]\.?")
 
 
@@ -45,6 +45,7 @@ def submit_file(client: JobwireClient, args: argparse.Namespace) -> int:
         "max_attempts": args.max_attempts,
         "schedule_time": args.at,
         "non_retryable_codes": args.no_retry_on,
+        "retention": args.retention,
     }
     defaults = {key: value for key, value in defaults.items() if value is not None}
     name = "<stdin>" if args.from_file == "-" else args.from_file
@@ -106,9 +107,10 @@ def _job(text: str) -> dict[str, Any]:
     if not isinstance(value.get("type"), str):
         raise ValueError('"type" (a string) is required')
     job = {key: item for key, item in value.items() if item is not None}
-    if "timeout" in job:
-        timeout = job["timeout"]
-        job["timeout"] = parse_duration(timeout) if isinstance(timeout, str) else _number(timeout, "timeout")
+    for key in ("timeout", "retention"):  # "30s" or seconds
+        if key in job:
+            given = job[key]
+            job[key] = parse_duration(given) if isinstance(given, str) else _number(given, key)
     if "at" in job:
         job["schedule_time"] = parse_time(str(job.pop("at")))
     for key in ("priority", "max_attempts"):

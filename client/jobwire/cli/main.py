@@ -176,6 +176,12 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument("--request-id", metavar="ID", help="idempotency key (default: a fresh UUID4)")
     p.add_argument("--max-attempts", type=int, metavar="N", help="attempts in all (default: the type's)")
     p.add_argument(
+        "--retention",
+        type=_duration_arg,
+        metavar="DURATION",
+        help="keep the job this long once it ends (default: the server's for its outcome)",
+    )
+    p.add_argument(
         "--no-retry-on",
         action="append",
         type=code_arg,
@@ -195,7 +201,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         metavar="PATH",
         help="submit one job per line of a JSON Lines file ('-': standard input), 1,000 per call, each "
         'call all or nothing; a line holds "type" and optionally "params", "priority", "labels", '
-        '"request_id", "timeout", "max_attempts", "at"; the options above are defaults for every line',
+        '"request_id", "timeout", "max_attempts", "retention", "at"; the options above are defaults for '
+        "every line",
     )
     p.set_defaults(handler=cmd_submit)
 
@@ -459,6 +466,7 @@ def cmd_submit(client: JobwireClient, args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         schedule_time=args.at,
         non_retryable_codes=args.no_retry_on,
+        retention=args.retention,
     )
     if args.watch:
         if not args.json:

@@ -94,6 +94,7 @@ def build_submit_request(
     max_attempts: int | None = None,
     schedule_time: datetime.datetime | None = None,
     non_retryable_codes: Iterable[grpc.StatusCode | int] | None = None,
+    retention: Timeout | None = None,
 ) -> job_service_pb2.SubmitJobRequest:
     """The SubmitJobRequest for ``submit``; always carries a request_id (generated when None)."""
     request = job_service_pb2.SubmitJobRequest(
@@ -111,6 +112,9 @@ def build_submit_request(
         request.timeout.CopyFrom(duration)
     if max_attempts is not None:
         request.retry_policy.max_attempts = max_attempts
+    kept = to_duration(retention)
+    if kept is not None:
+        request.retention.CopyFrom(kept)
     for code in non_retryable_codes or ():
         value = code.value[0] if isinstance(code, grpc.StatusCode) else int(code)
         request.retry_policy.non_retryable_codes.append(value)

@@ -94,12 +94,14 @@ class JobwireClient:
         max_attempts: int | None = None,
         schedule_time: datetime.datetime | None = None,
         non_retryable_codes: Iterable[grpc.StatusCode | int] | None = None,
+        retention: _core.Timeout | None = None,
     ) -> job_pb2.Job:
         """Submit a job and return it (QUEUED). Retried on UNAVAILABLE under one request_id.
 
         ``timeout`` bounds one attempt; ``max_attempts`` overrides the type's retry budget;
         ``schedule_time`` (an aware datetime) delays the start; a failure with one of
-        ``non_retryable_codes`` (e.g. ``grpc.StatusCode.INVALID_ARGUMENT``) is not retried.
+        ``non_retryable_codes`` (e.g. ``grpc.StatusCode.INVALID_ARGUMENT``) is not retried;
+        ``retention`` (seconds or a timedelta) is how long the job is kept once it ends.
         """
         request = _core.build_submit_request(
             type,
@@ -111,6 +113,7 @@ class JobwireClient:
             max_attempts=max_attempts,
             schedule_time=schedule_time,
             non_retryable_codes=non_retryable_codes,
+            retention=retention,
         )
         response: job_service_pb2.SubmitJobResponse = self._call(
             self._stub.SubmitJob, request, _core.SUBMIT_RETRY

@@ -287,6 +287,7 @@ class Job(_message.Message):
     ATTEMPTS_IN_BUDGET_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
+    RETENTION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier: 26 characters of lowercase Crockford base32
     (URL-safe), roughly sortable by creation time. Never reused.
@@ -436,6 +437,13 @@ class Job(_message.Message):
         expires, the attempt is abandoned and the job retried or failed.
         """
 
+    @_builtins.property
+    def retention(self) -> _duration_pb2.Duration:
+        """How long the job is kept once it ends, when it asked for its own
+        retention at submission; unset when it takes the server's (its
+        expire_time, once it ends, says when it goes either way).
+        """
+
     def __init__(
         self,
         *,
@@ -469,10 +477,11 @@ class Job(_message.Message):
         attempts_in_budget: _builtins.int = ...,
         tenant: _builtins.str = ...,
         created_by: _builtins.str = ...,
+        retention: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "lease_expire_time", b"lease_expire_time", "params", b"params", "progress", b"progress", "result", b"result", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "start_time", b"start_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "lease_expire_time", b"lease_expire_time", "params", b"params", "progress", b"progress", "result", b"result", "retention", b"retention", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "start_time", b"start_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "attempts_in_budget", b"attempts_in_budget", "cancel_reason", b"cancel_reason", "create_time", b"create_time", "created_by", b"created_by", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "id", b"id", "labels", b"labels", "lease_epoch", b"lease_epoch", "lease_expire_time", b"lease_expire_time", "params", b"params", "priority", b"priority", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "start_time", b"start_time", "state", b"state", "tenant", b"tenant", "timeout", b"timeout", "type", b"type", "update_time", b"update_time", "wait_message", b"wait_message", "wait_reason", b"wait_reason", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "attempts_in_budget", b"attempts_in_budget", "cancel_reason", b"cancel_reason", "create_time", b"create_time", "created_by", b"created_by", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "id", b"id", "labels", b"labels", "lease_epoch", b"lease_epoch", "lease_expire_time", b"lease_expire_time", "params", b"params", "priority", b"priority", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "retention", b"retention", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "start_time", b"start_time", "state", b"state", "tenant", b"tenant", "timeout", b"timeout", "type", b"type", "update_time", b"update_time", "wait_message", b"wait_message", "wait_reason", b"wait_reason", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

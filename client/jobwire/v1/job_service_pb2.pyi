@@ -90,6 +90,7 @@ class SubmitJobRequest(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     RETRY_POLICY_FIELD_NUMBER: _builtins.int
     SCHEDULE_TIME_FIELD_NUMBER: _builtins.int
+    RETENTION_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     """Required. The job type: the name of a handler the server knows, 1 to 128
     characters of letters, digits and "._-:/". An unknown type is
@@ -146,6 +147,14 @@ class SubmitJobRequest(_message.Message):
         enter the run order. A time in the past means "now".
         """
 
+    @_builtins.property
+    def retention(self) -> _duration_pb2.Duration:
+        """Optional: how long to keep the job once it ends, from 1 second to 3,650
+        days; after that it is purged (GetJob answers NOT_FOUND). Unset means
+        the server's retention for the job's outcome (`--retention-succeeded`,
+        `--retention-failed`, `--retention-cancelled`, else `--retention`).
+        """
+
     def __init__(
         self,
         *,
@@ -157,10 +166,11 @@ class SubmitJobRequest(_message.Message):
         timeout: _duration_pb2.Duration | None = ...,
         retry_policy: _job_pb2.RetryPolicy | None = ...,
         schedule_time: _timestamp_pb2.Timestamp | None = ...,
+        retention: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "params", b"params", "priority", b"priority", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "params", b"params", "priority", b"priority", "retention", b"retention", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "labels", b"labels", "params", b"params", "priority", b"priority", "request_id", b"request_id", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "timeout", b"timeout", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "labels", b"labels", "params", b"params", "priority", b"priority", "request_id", b"request_id", "retention", b"retention", "retry_policy", b"retry_policy", "schedule_time", b"schedule_time", "timeout", b"timeout", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
     _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015

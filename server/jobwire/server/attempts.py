@@ -34,6 +34,7 @@ from jobwire.server.job import (
     JobError,
     result_too_large,
 )
+from jobwire.server.retention import RetentionPolicy
 from jobwire.server.state_machine import JobState, check_transition
 from jobwire.server.stores.base import Expect, JobStore
 
@@ -104,7 +105,7 @@ def terminal_changes(now: float, retention: float) -> dict[str, Any]:
 class Ending:
     """What ending attempts needs from the server's settings."""
 
-    retention: float
+    retention: RetentionPolicy
     rng: random.Random
 
 
@@ -138,7 +139,7 @@ def decide(job: Job, outcome: Outcome, now: float, ending: Ending) -> tuple[JobS
     changes["attempts"] = (*job.attempts[-(MAX_ATTEMPT_HISTORY - 1) :], record)
     changes["lease_expire_time"] = None
     if target.is_terminal:
-        changes.update(terminal_changes(now, ending.retention))
+        changes.update(terminal_changes(now, ending.retention.for_job(job.retention, target)))
     return target, changes
 
 

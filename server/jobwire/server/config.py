@@ -16,6 +16,7 @@ from typing import Any
 from jobwire.client.durations import parse_duration
 from jobwire.server.job import RetryPolicy
 from jobwire.server.manager import ManagerSettings
+from jobwire.server.state_machine import JobState
 from jobwire.server.stores.factory import check_store_url
 from jobwire.server.tenants import TenantPolicies, TenantQuota, load_tenants_file
 
@@ -149,6 +150,9 @@ class ServerConfig:
     drain_delay: float = 5.0
     drain_grace: float = 30.0
     retention: float = 7 * 86400.0
+    retention_succeeded: float | None = None  # None: --retention
+    retention_failed: float | None = None
+    retention_cancelled: float | None = None
     sweep_interval: float = 60.0
     stats_window: float = 300.0
     lease_duration: float = 30.0
@@ -198,6 +202,15 @@ class ServerConfig:
             default_timeout=self.default_timeout,
             cancel_grace=self.cancel_grace,
             retention=self.retention,
+            outcome_retention={
+                state: seconds
+                for state, seconds in (
+                    (JobState.SUCCEEDED, self.retention_succeeded),
+                    (JobState.FAILED, self.retention_failed),
+                    (JobState.CANCELLED, self.retention_cancelled),
+                )
+                if seconds is not None
+            },
             sweep_interval=self.sweep_interval,
             stats_window=self.stats_window,
             lease_duration=self.lease_duration,
@@ -221,6 +234,9 @@ class ServerConfig:
             raise ValueError("aging-interval, cancel-grace, drain-delay and drain-grace must not be negative")
         if self.retention <= 0 or self.sweep_interval <= 0 or self.stats_window <= 0:
             raise ValueError("retention, sweep-interval and stats-window must be positive")
+        kept = (self.retention_succeeded, self.retention_failed, self.retention_cancelled)
+        if any(seconds is not None and seconds <= 0 for seconds in kept):
+            raise ValueError("retention-succeeded, retention-failed and retention-cancelled must be positive")
         if self.lease_duration < 0.1:
             raise ValueError("lease-duration must be at least 100ms")
         if not 1 <= self.default_max_attempts <= 100:
@@ -268,6 +284,19 @@ OPTIONS: dict[str, Option] = {
     ),
     "drain_grace": Option("--drain-grace", parse_duration, "on SIGTERM, how long running jobs may finish"),
     "retention": Option("--retention", parse_duration, "how long finished jobs are kept (default 7d)"),
+    "retention_succeeded": Option(
+        "--retention-succeeded",
+        parse_optional_duration,
+        "how long SUCCEEDED jobs are kept (default --retention)",
+    ),
+    "retention_failed": Option(
+        "--retention-failed", parse_optional_duration, "how long FAILED jobs are kept (default --retention)"
+    ),
+    "retention_cancelled": Option(
+        "--retention-cancelled",
+        parse_optional_duration,
+        "how long CANCELLED jobs are kept (default --retention)",
+    ),
     "sweep_interval": Option("--sweep-interval", parse_duration, "how often expired jobs are purged"),
     "stats_window": Option("--stats-window", parse_duration, "window of the GetQueueStats timings"),
     "lease_duration": Option(

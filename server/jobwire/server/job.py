@@ -180,6 +180,8 @@ class Job:
     tenant: str = "default"
     # Who submitted it: the subject of the submitter's credential.
     created_by: str = ""
+    # How long to keep the job once it ends (seconds); None: the server's retention for its outcome.
+    retention: float | None = None
     # Computed on read (never stored): the run-order position and why a queued job waits.
     queue_position: int = 0
     wait_reason: WaitReason = WaitReason.NONE
@@ -229,6 +231,7 @@ class Job:
             attempt_base=self.attempt_base,
             tenant=self.tenant,
             created_by=self.created_by,
+            retention=self.retention,
         )
 
 

@@ -40,6 +40,7 @@ from jobwire.server.events import EventHub, EventKind, JobEvent
 from jobwire.server.job import PRIORITY_DEFAULT, Job, JobIdGenerator, RetryPolicy, WaitReason
 from jobwire.server.job_types import JobType, TypeRegistry, resolve_retry_policy
 from jobwire.server.queue_view import QueueView
+from jobwire.server.retention import RetentionPolicy
 from jobwire.server.state_machine import JobState, check_transition
 from jobwire.server.stats import StatsWindow, WindowFigures
 from jobwire.server.stores.base import (
@@ -72,7 +73,7 @@ _CAS_TRIES = 5
 @dataclass(frozen=True, slots=True)
 class OperationSettings:
     max_queued: int
-    retention: float
+    retention: RetentionPolicy
     max_running: int
     retry_policy: RetryPolicy
     tenants: TenantPolicies
@@ -285,6 +286,7 @@ class JobOperations:
             schedule_time=schedule_time,
             tenant=caller.principal.tenant,
             created_by=caller.principal.subject,
+            retention=request.retention,
         )
 
     async def _insert(self, tenant: str, jobs: list[Job], entries: list[AuditEntry]) -> None:
@@ -479,7 +481,8 @@ class JobOperations:
             now = self.clock.now()
             if job.state is JobState.QUEUED:
                 changes = {"cancel_reason": reason, **cancelled_changes(reason)}
-                changes.update(terminal_changes(now, self.settings.retention))
+                kept = self.settings.retention.for_job(job.retention, JobState.CANCELLED)
+                changes.update(terminal_changes(now, kept))
                 target, action = JobState.CANCELLED, audit.CANCELLED
             elif job.state is JobState.RUNNING:
                 changes, target, action = (

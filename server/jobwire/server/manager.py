@@ -43,7 +43,9 @@ from jobwire.server.jobs import JobOperations, OperationSettings, QueueStats
 from jobwire.server.leases import LeaseKeeper, LeaseSettings
 from jobwire.server.maintenance import Maintenance
 from jobwire.server.queue_view import QueueView
+from jobwire.server.retention import RetentionPolicy
 from jobwire.server.scheduler import Scheduler
+from jobwire.server.state_machine import JobState
 from jobwire.server.stats import StatsWindow
 from jobwire.server.stores.base import JobFilter, JobQuery, JobStore
 from jobwire.server.tenants import TenantPolicies
@@ -67,6 +69,8 @@ class ManagerSettings:
     default_timeout: float | None = None
     cancel_grace: float = 10.0
     retention: float = 7 * 24 * 3600.0
+    # Per outcome (SUCCEEDED, FAILED, CANCELLED): overrides ``retention`` for the jobs that end so.
+    outcome_retention: dict[JobState, float] = field(default_factory=dict)
     sweep_interval: float = 60.0
     stats_window: float = 300.0
     handler_threads: int | None = None
@@ -92,7 +96,8 @@ class JobManager:
         self.clock = clock = clock or SystemClock()
         self.cluster = store.cluster()
         replica = self.cluster.replica_id
-        ending = Ending(settings.retention, rng or random.Random())
+        retention = RetentionPolicy(settings.retention, dict(settings.outcome_retention))
+        ending = Ending(retention, rng or random.Random())
         self.types = TypeRegistry(
             {name: JobType.from_handler(spec) for name, spec in self.handlers.items()}, settings.type_limits
         )
@@ -154,7 +159,7 @@ class JobManager:
             self.stats_window,
             OperationSettings(
                 settings.max_queued,
-                settings.retention,
+                retention,
                 settings.max_running,
                 settings.retry_policy,
                 settings.tenants,

@@ -14,6 +14,7 @@ from jobwire.handlers.api import JOB_TYPE_PATTERN, RetryDefaults
 from jobwire.server.errors import FieldViolation, InvalidArgument
 from jobwire.server.job import PRIORITY_MAX, PRIORITY_MIN
 from jobwire.server.job_types import JobType
+from jobwire.server.retention import MAX_RETENTION, MIN_RETENTION
 
 LABEL_KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 MAX_LABELS = 64
@@ -40,6 +41,7 @@ class SubmitRequest:
     timeout: float | None = None
     retry: RetryDefaults | None = None
     schedule_time: float | None = None  # seconds since the epoch
+    retention: float | None = None  # seconds to keep it once it ends; None: the server's
 
 
 # What UpdateJob may change (its update_mask paths): only what orders or describes a job not yet started.
@@ -116,6 +118,8 @@ def submit_violations(request: SubmitRequest) -> list[FieldViolation]:
         violations.extend(retry_violations(request.retry, "retry_policy"))
     if request.schedule_time is not None and request.schedule_time > time.time() + MAX_SCHEDULE_AHEAD:
         violations.append(FieldViolation("schedule_time", "at most 365 days ahead"))
+    if request.retention is not None and not MIN_RETENTION <= request.retention <= MAX_RETENTION:
+        violations.append(FieldViolation("retention", "must be from 1 second to 3650 days"))
     return violations
 
 
@@ -241,6 +245,7 @@ def fingerprint(request: SubmitRequest, priority: int) -> str:
             request.timeout,
             request.retry,
             request.schedule_time,
+            *([request.retention] if request.retention is not None else []),
         ],
         sort_keys=True,
         separators=(",", ":"),

@@ -108,6 +108,8 @@ def job_to_proto(job: Job, with_payload: bool = True) -> job_pb2.Job:
         set_timestamp(message.expire_time, job.expire_time)
     if job.timeout is not None:
         set_duration(message.timeout, job.timeout)
+    if job.retention is not None:
+        set_duration(message.retention, job.retention)
     message.retry_policy.CopyFrom(_retry_policy_proto(job.retry_policy))
     if job.schedule_time is not None:
         set_timestamp(message.schedule_time, job.schedule_time)

@@ -296,11 +296,12 @@ def submit_request(request: job_service_pb2.SubmitJobRequest, field_prefix: str 
         type=request.type,
         params=convert.struct_to_dict(request.params) if request.params.fields else {},
         priority=request.priority if request.HasField("priority") else None,
-        labels=dict(request.labels),
+        labels=dict(request.labels) if request.labels else {},
         request_id=request.request_id,
         timeout=convert.duration_seconds(request.timeout) if request.HasField("timeout") else None,
         retry=convert.retry_from_proto(request.retry_policy) if request.HasField("retry_policy") else None,
         schedule_time=convert.timestamp_seconds(request.schedule_time)
         if request.HasField("schedule_time")
         else None,
+        retention=convert.duration_seconds(request.retention) if request.HasField("retention") else None,
     )

@@ -256,6 +256,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         WHEN (OLD.state <> NEW.state OR OLD.priority <> NEW.priority) EXECUTE FUNCTION jobs_count_delta()
         """,
     ),
+    # 4: how long a job is kept once it ends, when it set its own retention.
+    ("ALTER TABLE jobs ADD COLUMN retention DOUBLE PRECISION",),
 )
 
 _COLS = ", ".join(COLUMNS)

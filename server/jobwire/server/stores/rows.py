@@ -52,6 +52,7 @@ COLUMNS = (
     "executor",
     "tenant",
     "created_by",
+    "retention",
 )
 # The same columns with the payload left out (an empty params object, no result).
 BASIC_COLUMNS = tuple({"params": "'{}'", "result": "NULL"}.get(column, column) for column in COLUMNS)
@@ -75,7 +76,7 @@ CHANGE_COLUMNS = (
 AUDIT_COLUMNS = ("job_id", "time", "action", "principal", "request_id", "peer", "detail", "id")
 # The values of the columns added after the first layout, for rows written before them (PostgreSQL's
 # change snapshots keep the columns of the day they were written).
-_LATER_COLUMNS_DEFAULTS: tuple[Any, ...] = ("default", "")
+_LATER_COLUMNS_DEFAULTS: tuple[Any, ...] = ("default", "", None)
 
 Row = tuple[Any, ...]
 
@@ -219,6 +220,7 @@ def job_to_row(job: Job) -> Row:
         job.executor,
         job.tenant,
         job.created_by,
+        job.retention,
     )
 
 
@@ -258,6 +260,7 @@ def row_to_job(row: Sequence[Any]) -> Job:
         executor,
         tenant,
         created_by,
+        retention,
     ) = row
     job_progress = None
     if progress is not None:
@@ -298,6 +301,7 @@ def row_to_job(row: Sequence[Any]) -> Job:
         executor=executor,
         tenant=tenant,
         created_by=created_by,
+        retention=retention,
     )
 
 

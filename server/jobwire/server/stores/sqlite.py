@@ -202,6 +202,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         END
         """,
     ),
+    # 6: how long a job is kept once it ends, when it set its own retention.
+    ("ALTER TABLE jobs ADD COLUMN retention REAL",),
 )
 
 
