@@ -4,11 +4,11 @@ Run: ``.venv/bin/python bench/run.py [--quick] [--json]``
 
 It runs, one after the other: ``submit_bench`` (SubmitJob against the bare grpc.aio echo server, the
 submit path alone and with every job run; submit-to-start latency), ``batch_bench`` (BatchSubmitJobs on
-memory, SQLite and PostgreSQL), ``read_bench`` (GetJob, ListJobs and GetQueueStats under a deep queue)
-and ``watch_bench`` (a burst of watchers, idle streams, progress delivery). Ratios are to the echo rate
-measured in the same run. ``--quick`` shrinks every size and duration to finish in about a minute
-and a half: its figures show the shape, the full run gives the ones to quote. What the set does not measure
-yet is listed at the end.
+memory, SQLite and PostgreSQL), ``read_bench`` (GetJob, ListJobs and GetQueueStats under a deep queue),
+``watch_bench`` (a burst of watchers, idle streams, progress delivery) and ``remote_bench`` (end to end
+with two ``jobwire worker`` processes). Ratios are to the echo rate measured in the same run.
+``--quick`` shrinks every size and duration to finish in about two minutes: its figures show the
+shape, the full run gives the ones to quote. What the set does not measure is listed at the end.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import batch_bench
 import read_bench
+import remote_bench
 import submit_bench
 import watch_bench
 
 NOT_MEASURED = [
-    "end to end with remote workers (bench/remote_bench.py, on its own)",
-    "the peers side by side (Celery, RQ, arq, procrastinate)",
+    "the peers side by side (bench/peers_bench.py, on its own: it installs and runs four other systems)",
     "1,000,000 queued jobs (bench/scale_bench.py, on its own: it takes a few minutes)",
     "the same set on 1, 2 and 3 PostgreSQL replicas (see bench/replicas_bench.py)",
 ]
@@ -49,12 +49,14 @@ def sizes(quick: bool) -> dict[str, list[str]]:
                 *("--queued", "5000", "--burst", "1000", "--idle", "1000"),
                 *("--running", "100", "--seconds", "1.5"),
             ],
+            "remote": ["--jobs", "3000"],
         }
     return {
         "submit": ["--submit-only"],
         "batch": ["--duration", "5", "--concurrency", "2"],
         "read": ["100000", "1000"],
         "watch": [],
+        "remote": ["--jobs", "20000"],
     }
 
 
@@ -105,6 +107,15 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 at_least(0.5),
             )
         )
+    remote = results["remote"]
+    table.append(
+        (
+            f"end to end, {remote['settings']['workers']} remote worker processes, SQLite FULL (x echo)",
+            remote["ratio_to_echo"],
+            ">= 0.5",
+            at_least(0.5),
+        )
+    )
     for store in ("memory", "SQLite FULL", "PostgreSQL"):
         case = batch_case(batch, store)
         if case is not None:
@@ -196,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["read"] = read_bench.run(queued, calls)
     print("watch_bench ...", file=sys.stderr)
     results["watch"] = asyncio.run(watch_bench.run(watch_bench.parse_args(chosen["watch"])))
+    print("remote_bench ...", file=sys.stderr)
+    results["remote"] = asyncio.run(remote_bench.run(remote_bench.parse_args(chosen["remote"])))
     results["seconds"] = time.monotonic() - began
     print_report(results)
     print(f"({results['seconds']:.0f} s)")
