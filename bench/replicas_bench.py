@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+from figures import percentile  # noqa: E402
 from submit_bench import (  # noqa: E402
     ECHO_METHOD,
     ChildServer,
@@ -46,7 +47,6 @@ from submit_bench import (  # noqa: E402
     drive_load,
     echo_server,
     jobwire_server,
-    percentile,
     submit_payload,
 )
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from figures import fmt, percentile, without_nan
 
 from jobwire.client.channels import open_aio_channel
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
@@ -181,14 +182,6 @@ async def serve_echo() -> None:
 
 
 # -- measurements --------------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile of ``values`` (not necessarily sorted); NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
 
 
 @dataclass
@@ -496,10 +489,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 # -- output ----------------------------------------------------------------------------------------------
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
 def print_tables(results: dict[str, Any]) -> None:
     settings = results["settings"]
     print(
@@ -559,17 +548,6 @@ def print_tables(results: dict[str, Any]) -> None:
         "already SUCCEEDED when the\nrun ended before the watch began ('saw RUNNING' counts the former); "
         "server = job.start_time - job.create_time (ms)."
     )
-
-
-def without_nan(value: Any) -> Any:
-    """``value`` with NaN floats replaced by None, so that the JSON output is valid JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: without_nan(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [without_nan(item) for item in value]
-    return value
 
 
 def event_loop_name() -> str:

@@ -39,7 +39,8 @@ import grpc
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from submit_bench import ChildServer, jobwire_server, percentile  # noqa: E402
+from figures import percentile  # noqa: E402
+from submit_bench import ChildServer, jobwire_server  # noqa: E402
 
 from jobwire.v1 import (  # noqa: E402
     job_pb2,
