@@ -147,6 +147,7 @@ def test_list_shows_services_through_reflection(grpcurl: Grpcurl) -> None:
             "RetryJob",
             "ListJobAuditEntries",
             "UpdateJob",
+            "ListJobTypes",
         )
     }
     assert "jobwire.v1.WorkerService" in services

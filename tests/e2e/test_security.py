@@ -216,6 +216,8 @@ def invoke(api: Api, rpc: str, token: str | None, job_id: str, worker_type: str 
         update = S.UpdateJobRequest(job=J.Job(id=job_id, priority=9))
         update.update_mask.paths.append("priority")
         return stub.UpdateJob(update, metadata=metadata, timeout=10)
+    if rpc == "ListJobTypes":
+        return stub.ListJobTypes(S.ListJobTypesRequest(), metadata=metadata, timeout=10)
     if rpc == "ListJobAuditEntries":
         audit = S.ListJobAuditEntriesRequest(job_id=job_id)
         return stub.ListJobAuditEntries(audit, metadata=metadata, timeout=10)
@@ -339,6 +341,7 @@ EXPECTED: dict[str, dict[str, str]] = {
         "RetryJob": OK,
         "UpdateJob": OK,
         "ListJobAuditEntries": OK,
+        "ListJobTypes": OK,
         "Connect": OK,
     },
     "submitter": {
@@ -352,6 +355,7 @@ EXPECTED: dict[str, dict[str, str]] = {
         "RetryJob": OK,
         "UpdateJob": OK,
         "ListJobAuditEntries": OK,
+        "ListJobTypes": OK,
         "Connect": DENIED,
     },
     "viewer": {
@@ -365,6 +369,7 @@ EXPECTED: dict[str, dict[str, str]] = {
         "RetryJob": DENIED,
         "UpdateJob": DENIED,
         "ListJobAuditEntries": OK,
+        "ListJobTypes": OK,
         "Connect": DENIED,
     },
     "worker": {
@@ -378,6 +383,7 @@ EXPECTED: dict[str, dict[str, str]] = {
         "RetryJob": DENIED,
         "UpdateJob": DENIED,
         "ListJobAuditEntries": DENIED,
+        "ListJobTypes": DENIED,
         "Connect": OK,
     },
 }
@@ -393,6 +399,7 @@ ACTIONS = {
     "RetryJob": "retry",
     "UpdateJob": "update",
     "ListJobAuditEntries": "read",
+    "ListJobTypes": "read",
     "Connect": "work",
 }
 

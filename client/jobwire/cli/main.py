@@ -281,6 +281,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument("job_id", metavar="JOB_ID")
     p.set_defaults(handler=cmd_watch)
 
+    p = sub.add_parser(
+        "types", parents=[common], help="list the job types you may submit, and their capacity"
+    )
+    p.set_defaults(handler=cmd_types)
+
     p = sub.add_parser("stats", parents=[common], help="show queue statistics")
     p.set_defaults(handler=cmd_stats)
 
@@ -556,6 +561,15 @@ def cmd_cancel(client: JobwireClient, args: argparse.Namespace) -> int:
         render.print_json(render.to_dict(job))
     else:
         render.make_console().print(render.job_summary_table(job))
+    return EXIT_OK
+
+
+def cmd_types(client: JobwireClient, args: argparse.Namespace) -> int:
+    types = client.list_job_types()
+    if args.json:
+        render.print_json([render.to_dict(info) for info in types])
+    else:
+        render.make_console().print(render.job_types_table(types))
     return EXIT_OK
 
 

@@ -318,6 +318,37 @@ def jobs_table(jobs: Iterable[job_pb2.Job]) -> Table:
     return table
 
 
+def job_types_table(types: Iterable[job_service_pb2.JobTypeInfo]) -> Table:
+    """One row per job type, for ``types``: where it runs, the capacity connected now, its defaults."""
+    table = Table(box=box.SIMPLE_HEAD)
+    for name, justify in (
+        ("TYPE", "left"),
+        ("RUNS IN", "left"),
+        ("EXECUTORS", "right"),
+        ("FREE", "right"),
+        ("RUNNING", "right"),
+        ("LIMIT", "right"),
+        ("TIMEOUT", "right"),
+        ("ATTEMPTS", "right"),
+        ("TENANT", "left"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for info in types:
+        timeout = info.timeout.ToNanoseconds() / 1e9 if info.HasField("timeout") else None
+        table.add_row(
+            info.name,
+            "server" if info.in_process else "workers",
+            str(info.executors),
+            str(info.free_slots),
+            str(info.running),
+            str(info.max_running) if info.max_running else "-",
+            fmt_seconds(timeout) if timeout else "-",
+            str(info.retry_policy.max_attempts) if info.retry_policy.max_attempts else "-",
+            info.tenant or "-",
+        )
+    return table
+
+
 def audit_table(entries: Iterable[job_pb2.AuditEntry]) -> Table:
     """A job's audit trail, oldest first, for ``audit``."""
     table = Table(box=box.SIMPLE_HEAD)

@@ -225,6 +225,20 @@ class AsyncJobwireClient:
                 return
             request.page_token = token
 
+    async def list_job_types(self) -> list[job_service_pb2.JobTypeInfo]:
+        """Every job type the caller may submit, by name: the server's own handlers and the types its
+        workers declared, with their defaults, limits and the capacity connected for them now."""
+        request = job_service_pb2.ListJobTypesRequest(page_size=1000)
+        types: list[job_service_pb2.JobTypeInfo] = []
+        while True:
+            response: job_service_pb2.ListJobTypesResponse = await self._call(
+                self._stub.ListJobTypes, request
+            )
+            types.extend(response.job_types)
+            if not response.next_page_token:
+                return types
+            request.page_token = response.next_page_token
+
     async def count_jobs(
         self,
         *,

@@ -597,6 +597,139 @@ class UpdateJobResponse(_message.Message):
 Global___UpdateJobResponse: _TypeAlias = UpdateJobResponse  # noqa: Y015
 
 @_typing.final
+class ListJobTypesRequest(_message.Message):
+    """Request for ListJobTypes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum number of types to return: default 100 when 0, at most 1,000
+    (larger values are treated as 1,000). Negative is INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """Opaque token from a previous ListJobTypesResponse.next_page_token."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobTypesRequest: _TypeAlias = ListJobTypesRequest  # noqa: Y015
+
+@_typing.final
+class ListJobTypesResponse(_message.Message):
+    """Response for ListJobTypes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_TYPES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page, or empty when this is the last page."""
+    @_builtins.property
+    def job_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobTypeInfo]:
+        """The types, ordered by name."""
+
+    def __init__(
+        self,
+        *,
+        job_types: _abc.Iterable[Global___JobTypeInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_types", b"job_types", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobTypesResponse: _TypeAlias = ListJobTypesResponse  # noqa: Y015
+
+@_typing.final
+class JobTypeInfo(_message.Message):
+    """A job type the caller may submit, and what stands behind it now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    IN_PROCESS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    RETRY_POLICY_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_FIELD_NUMBER: _builtins.int
+    EXECUTORS_FIELD_NUMBER: _builtins.int
+    FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    LAST_DECLARE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The type's name, as SubmitJobRequest.type takes it."""
+    in_process: _builtins.bool
+    """True for a handler that runs inside the server process; false for a
+    type that remote workers declared (it stays known while they are away,
+    and is forgotten once none declared it for the server's retention
+    period and no job of it is unfinished).
+    """
+    max_running: _builtins.int
+    """Jobs of this type that may run at once across the cluster (the
+    operator's `--type-limits` first, else the declaration's); 0 means only
+    the global limits apply.
+    """
+    executors: _builtins.int
+    """Executors connected now that take this type: worker sessions, and the
+    server's in-process handlers counting as one.
+    """
+    free_slots: _builtins.int
+    """How many more jobs of this type those executors can take now."""
+    running: _builtins.int
+    """Jobs of this type running now."""
+    tenant: _builtins.str
+    """The tenant whose workers declared the type (only that tenant's jobs may
+    be of it); empty for a type open to every tenant.
+    """
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """The type's default run time-out of one attempt; unset means the
+        server's default.
+        """
+
+    @_builtins.property
+    def retry_policy(self) -> _job_pb2.RetryPolicy:
+        """The type's default retry settings; zero fields take the server's."""
+
+    @_builtins.property
+    def last_declare_time(self) -> _timestamp_pb2.Timestamp:
+        """When a worker last declared the type; unset for in-process handlers."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        in_process: _builtins.bool = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        retry_policy: _job_pb2.RetryPolicy | None = ...,
+        max_running: _builtins.int = ...,
+        executors: _builtins.int = ...,
+        free_slots: _builtins.int = ...,
+        running: _builtins.int = ...,
+        tenant: _builtins.str = ...,
+        last_declare_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_declare_time", b"last_declare_time", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executors", b"executors", "free_slots", b"free_slots", "in_process", b"in_process", "last_declare_time", b"last_declare_time", "max_running", b"max_running", "name", b"name", "retry_policy", b"retry_policy", "running", b"running", "tenant", b"tenant", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobTypeInfo: _TypeAlias = JobTypeInfo  # noqa: Y015
+
+@_typing.final
 class WatchJobRequest(_message.Message):
     """Request for WatchJob."""
 

@@ -107,6 +107,11 @@ class JobServiceStub:
                 request_serializer=jobwire_dot_v1_dot_job__service__pb2.UpdateJobRequest.SerializeToString,
                 response_deserializer=jobwire_dot_v1_dot_job__service__pb2.UpdateJobResponse.FromString,
                 _registered_method=True)
+        self.ListJobTypes = channel.unary_unary(
+                '/jobwire.v1.JobService/ListJobTypes',
+                request_serializer=jobwire_dot_v1_dot_job__service__pb2.ListJobTypesRequest.SerializeToString,
+                response_deserializer=jobwire_dot_v1_dot_job__service__pb2.ListJobTypesResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -259,6 +264,17 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobTypes(self, request, context):
+        """Lists the job types the caller may submit, by name (AIP-158 pages): the
+        server's own handlers and those its workers declared, with each type's
+        defaults, its concurrency limit and the capacity connected for it now.
+        Clients in any language can discover here what they may submit.
+        Errors: INVALID_ARGUMENT (negative page_size, bad page_token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -311,6 +327,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.UpdateJob,
                     request_deserializer=jobwire_dot_v1_dot_job__service__pb2.UpdateJobRequest.FromString,
                     response_serializer=jobwire_dot_v1_dot_job__service__pb2.UpdateJobResponse.SerializeToString,
+            ),
+            'ListJobTypes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobTypes,
+                    request_deserializer=jobwire_dot_v1_dot_job__service__pb2.ListJobTypesRequest.FromString,
+                    response_serializer=jobwire_dot_v1_dot_job__service__pb2.ListJobTypesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -606,6 +627,33 @@ class JobService:
             '/jobwire.v1.JobService/UpdateJob',
             jobwire_dot_v1_dot_job__service__pb2.UpdateJobRequest.SerializeToString,
             jobwire_dot_v1_dot_job__service__pb2.UpdateJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobTypes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobwire.v1.JobService/ListJobTypes',
+            jobwire_dot_v1_dot_job__service__pb2.ListJobTypesRequest.SerializeToString,
+            jobwire_dot_v1_dot_job__service__pb2.ListJobTypesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -140,6 +140,13 @@ class JobServiceStub:
     update_mask path, a bad value, naming the field), FAILED_PRECONDITION
     (the job is not QUEUED any more; the message names its state).
     """
+    ListJobTypes: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListJobTypesRequest, _job_service_pb2.ListJobTypesResponse]
+    """Lists the job types the caller may submit, by name (AIP-158 pages): the
+    server's own handlers and those its workers declared, with each type's
+    defaults, its concurrency limit and the capacity connected for it now.
+    Clients in any language can discover here what they may submit.
+    Errors: INVALID_ARGUMENT (negative page_size, bad page_token).
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -252,6 +259,13 @@ class JobServiceAsyncStub(JobServiceStub):
     cancel the job. Errors: NOT_FOUND, INVALID_ARGUMENT (no or unknown
     update_mask path, a bad value, naming the field), FAILED_PRECONDITION
     (the job is not QUEUED any more; the message names its state).
+    """
+    ListJobTypes: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListJobTypesRequest, _job_service_pb2.ListJobTypesResponse]  # type: ignore[assignment]
+    """Lists the job types the caller may submit, by name (AIP-158 pages): the
+    server's own handlers and those its workers declared, with each type's
+    defaults, its concurrency limit and the capacity connected for it now.
+    Clients in any language can discover here what they may submit.
+    Errors: INVALID_ARGUMENT (negative page_size, bad page_token).
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -422,6 +436,19 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         cancel the job. Errors: NOT_FOUND, INVALID_ARGUMENT (no or unknown
         update_mask path, a bad value, naming the field), FAILED_PRECONDITION
         (the job is not QUEUED any more; the message names its state).
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobTypes(
+        self,
+        request: _job_service_pb2.ListJobTypesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListJobTypesResponse, _abc.Awaitable[_job_service_pb2.ListJobTypesResponse]]:
+        """Lists the job types the caller may submit, by name (AIP-158 pages): the
+        server's own handlers and those its workers declared, with each type's
+        defaults, its concurrency limit and the capacity connected for it now.
+        Clients in any language can discover here what they may submit.
+        Errors: INVALID_ARGUMENT (negative page_size, bad page_token).
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -46,7 +46,18 @@ class JobType:
         return cls(spec.name, spec.timeout, spec.max_running, spec.retry)
 
 
-@functools.lru_cache(maxsize=4096)  # all arguments are frozen: a handful of combinations serve every submit
+@dataclass(frozen=True, slots=True)
+class KnownType:
+    """A job type as ListJobTypes shows it: its declaration, and what stands behind it now."""
+
+    job_type: JobType
+    in_process: bool  # a handler of the server itself, not a worker's declaration
+    limit: int | None  # running jobs of the type at once, cluster-wide (the operator's override first)
+    executors: int  # connected executors that take it
+    free: int  # jobs of the type they can take now
+    running: int
+
+
 @functools.lru_cache(maxsize=1024)  # all three are immutable; submits repeat a few combinations
 def resolve_retry_policy(
     requested: RetryDefaults | None, declared: RetryDefaults, server: RetryPolicy

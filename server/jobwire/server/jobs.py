@@ -38,7 +38,7 @@ from jobwire.server.errors import (
 )
 from jobwire.server.events import EventHub, EventKind, JobEvent
 from jobwire.server.job import PRIORITY_DEFAULT, Job, JobIdGenerator, RetryPolicy, WaitReason
-from jobwire.server.job_types import JobType, TypeRegistry, resolve_retry_policy
+from jobwire.server.job_types import JobType, KnownType, TypeRegistry, resolve_retry_policy
 from jobwire.server.queue_view import QueueView
 from jobwire.server.retention import RetentionPolicy
 from jobwire.server.state_machine import JobState, check_transition
@@ -381,6 +381,29 @@ class JobOperations:
         caller that may not read, or names another tenant)."""
         caller.principal.require(Action.READ)
         return replace(job_filter, tenants=caller.principal.scope_tenants(job_filter.tenants))
+
+    def list_job_types(self, caller: Caller = LOCAL_CALLER) -> list[KnownType]:
+        """The types the caller may submit, by name, with their defaults and the capacity for them."""
+        principal = caller.principal
+        principal.require(Action.READ)
+        status = self._status().types
+        known = []
+        for name in self.types.visible(None if principal.all_tenants else principal.tenant):
+            job_type = self.types.get(name)
+            if job_type is None:
+                continue
+            now = status.get(name)
+            known.append(
+                KnownType(
+                    job_type,
+                    name in self.types.local,
+                    self.types.limit(name),
+                    now.executors if now else 0,
+                    now.free if now else 0,
+                    now.running if now else 0,
+                )
+            )
+        return known
 
     async def count_jobs(self, job_filter: JobFilter, caller: Caller = LOCAL_CALLER) -> int:
         """How many jobs a listing with this filter holds in all its pages (only tenants the caller

@@ -38,7 +38,7 @@ from jobwire.server.dispatcher import Dispatcher
 from jobwire.server.errors import Draining, FieldViolation, InvalidArgument, PermissionDenied, TooManyJobTypes
 from jobwire.server.events import EventHub, JobEvent
 from jobwire.server.job import Job, RetryPolicy
-from jobwire.server.job_types import MAX_KNOWN_TYPES, JobType, TypeRegistry
+from jobwire.server.job_types import MAX_KNOWN_TYPES, JobType, KnownType, TypeRegistry
 from jobwire.server.jobs import JobOperations, OperationSettings, QueueStats
 from jobwire.server.leases import LeaseKeeper, LeaseSettings
 from jobwire.server.maintenance import Maintenance
@@ -403,6 +403,9 @@ class JobManager:
 
     async def get(self, job_id: str, caller: Caller = LOCAL_CALLER) -> Job:
         return await self.jobs.get(job_id, caller)
+
+    def list_job_types(self, caller: Caller = LOCAL_CALLER) -> list[KnownType]:
+        return self.jobs.list_job_types(caller)
 
     async def count_jobs(self, job_filter: JobFilter, caller: Caller = LOCAL_CALLER) -> int:
         return await self.jobs.count_jobs(job_filter, caller)

@@ -18,10 +18,11 @@ from jobwire.server.access import TENANT_PATTERN
 from jobwire.server.audit import AuditEntry
 from jobwire.server.errors import FieldViolation, InvalidArgument
 from jobwire.server.job import PRIORITY_MAX, PRIORITY_MIN, AttemptRecord, Job, JobError, Progress, RetryPolicy
+from jobwire.server.job_types import KnownType
 from jobwire.server.state_machine import JobState
 from jobwire.server.stores.base import Cursor, JobFilter, ListOrder
 from jobwire.server.validation import filter_violations
-from jobwire.v1 import job_pb2
+from jobwire.v1 import job_pb2, job_service_pb2
 
 ERROR_DOMAIN = "jobwire.dev"
 MAX_PAGE_TOKEN = 512
@@ -362,5 +363,51 @@ def decode_audit_token(token: str, job_id: str) -> int:
     if data.get("job") != job_id or not isinstance(after, int) or isinstance(after, bool) or after < 0:
         raise InvalidArgument(
             violations=[FieldViolation("page_token", "not a token ListJobAuditEntries returned for this job")]
+        )
+    return after
+
+
+# -- job types -----------------------------------------------------------------------------------------
+
+
+def known_type_to_proto(known: KnownType) -> job_service_pb2.JobTypeInfo:
+    job_type = known.job_type
+    message = job_service_pb2.JobTypeInfo(
+        name=job_type.name,
+        in_process=known.in_process,
+        max_running=known.limit or 0,
+        executors=known.executors,
+        free_slots=known.free,
+        running=known.running,
+        tenant=job_type.tenant,
+    )
+    if job_type.timeout is not None:
+        set_duration(message.timeout, job_type.timeout)
+    retry, policy = job_type.retry, message.retry_policy
+    if retry.max_attempts is not None:
+        policy.max_attempts = retry.max_attempts
+    if retry.initial_backoff is not None:
+        set_duration(policy.initial_backoff, retry.initial_backoff)
+    if retry.max_backoff is not None:
+        set_duration(policy.max_backoff, retry.max_backoff)
+    if retry.backoff_multiplier is not None:
+        policy.backoff_multiplier = retry.backoff_multiplier
+    policy.non_retryable_codes.extend(retry.non_retryable_codes or ())
+    if job_type.last_seen:
+        set_timestamp(message.last_declare_time, job_type.last_seen)
+    return message
+
+
+def encode_types_token(last_name: str) -> str:
+    """A ListJobTypes cursor: the last name returned."""
+    raw = json.dumps({"after_type": last_name}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_types_token(token: str) -> str:
+    after = _decode_token(token, "ListJobTypes").get("after_type")
+    if not isinstance(after, str):
+        raise InvalidArgument(
+            violations=[FieldViolation("page_token", "not a token returned by ListJobTypes")]
         )
     return after

@@ -22,6 +22,7 @@ log = logging.getLogger("jobwire.api")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+DEFAULT_TYPES_PAGE = 100
 DEFAULT_AUDIT_PAGE_SIZE = 100
 # A ListJobs page stops before its jobs pass this many bytes, well under the 4 MiB message limit, so
 # that no combination of stored jobs can make a page unreadable (the next page continues after it).
@@ -172,6 +173,24 @@ class JobServiceServicer(job_service_pb2_grpc.JobServiceServicer):
         except JobwireError as error:
             await abort(context, error)
         return job_service_pb2.UpdateJobResponse(job=convert.job_to_proto(updated))
+
+    async def ListJobTypes(
+        self, request: job_service_pb2.ListJobTypesRequest, context: grpc.aio.ServicerContext
+    ) -> job_service_pb2.ListJobTypesResponse:
+        try:
+            if request.page_size < 0:
+                raise invalid("page_size", "must not be negative")
+            page_size = min(request.page_size or DEFAULT_TYPES_PAGE, MAX_PAGE_SIZE)
+            after = convert.decode_types_token(request.page_token) if request.page_token else ""
+            known = [k for k in self._manager.list_job_types(current_caller()) if k.job_type.name > after]
+        except JobwireError as error:
+            await abort(context, error)
+        response = job_service_pb2.ListJobTypesResponse(
+            job_types=[convert.known_type_to_proto(k) for k in known[:page_size]]
+        )
+        if len(known) > page_size:
+            response.next_page_token = convert.encode_types_token(known[page_size - 1].job_type.name)
+        return response
 
     async def GetQueueStats(
         self, request: job_service_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
