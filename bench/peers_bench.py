@@ -905,30 +905,11 @@ def set_jobwire_latency(result: SystemResult, latency: dict[str, list[float]]) -
 
 async def jobwire_remote_latency(args: argparse.Namespace, folder: Path) -> dict[str, list[float]]:
     """remote.noop jobs one at a time through ``--workers`` ``jobwire worker`` processes, on SQLite."""
-    from submit_bench import jobwire_server
+    from remote_bench import remote_cluster
 
-    from support.workers import WorkerProcess
-
-    server = jobwire_server(
-        f"sqlite:///{folder / 'latency.db'}",
-        args.workers * args.jobwire_concurrency,
-        "--max-queued",
-        "10000000",
-        *NO_DRAIN_DELAY,
-    )
-    await asyncio.to_thread(server.start)
-    workers = [
-        WorkerProcess(server.target, f"peers-{i}", concurrency=args.jobwire_concurrency).start()
-        for i in range(args.workers)
-    ]
-    try:
-        for worker in workers:
-            await asyncio.to_thread(worker.wait_registered)
+    store = f"sqlite:///{folder / 'latency.db'}"
+    async with remote_cluster(store, args.workers, args.jobwire_concurrency, *NO_DRAIN_DELAY) as (server, _):
         return await jobwire_latency(server.target, "remote.noop", args.pauses)
-    finally:
-        for worker in workers:
-            worker.stop()
-        await asyncio.to_thread(server.stop)
 
 
 async def run_jobwire(args: argparse.Namespace, log_dir: Path) -> SystemResult:

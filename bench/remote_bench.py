@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from submit_bench import (  # noqa: E402
     ECHO_METHOD,
+    ChildServer,
     check_echo,
     drive_load,
     echo_server,
@@ -47,20 +49,31 @@ from support.workers import WorkerProcess  # noqa: E402
 S = job_service_pb2
 
 
+@contextlib.asynccontextmanager
+async def remote_cluster(
+    store: str, workers: int, concurrency: int, *extra: str
+) -> AsyncIterator[tuple[ChildServer, list[WorkerProcess]]]:
+    """A server on ``store`` and ``workers`` ``jobwire worker`` processes of ``concurrency`` slots each
+    (``remote.noop`` and the other test worker handlers), all registered; stopped on the way out."""
+    server = jobwire_server(store, workers * concurrency, "--max-queued", "10000000", *extra)
+    await asyncio.to_thread(server.start)
+    started = [
+        WorkerProcess(server.target, f"bench-{i}", concurrency=concurrency).start() for i in range(workers)
+    ]
+    try:
+        for worker in started:
+            await asyncio.to_thread(worker.wait_registered)
+        yield server, started
+    finally:
+        for worker in started:
+            worker.stop()
+        await asyncio.to_thread(server.stop)
+
+
 async def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="jobwire-remote-") as folder:
-        running = args.workers * args.concurrency
-        server = jobwire_server(
-            f"sqlite:///{Path(folder) / 'remote.db'}", running, "--max-queued", "10000000"
-        )
-        await asyncio.to_thread(server.start)
-        workers = [
-            WorkerProcess(server.target, f"bench-{i}", concurrency=args.concurrency).start()
-            for i in range(args.workers)
-        ]
-        try:
-            for worker in workers:
-                await asyncio.to_thread(worker.wait_registered)
+        store = f"sqlite:///{Path(folder) / 'remote.db'}"
+        async with remote_cluster(store, args.workers, args.concurrency) as (server, workers):
             pids = [w.process.pid for w in workers if w.process is not None]
             assert server.process is not None
             server_cpu, worker_cpu = (
@@ -88,10 +101,6 @@ async def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
                 seconds = time.perf_counter() - began
             server_cpu = process_cpu_seconds(server.process.pid) - server_cpu
             worker_cpu = sum(map(process_cpu_seconds, pids)) - worker_cpu
-        finally:
-            for worker in workers:
-                worker.stop()
-            await asyncio.to_thread(server.stop)
     return {
         "jobs": args.jobs,
         "submit_seconds": submitted,
