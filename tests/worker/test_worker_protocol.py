@@ -225,7 +225,9 @@ async def test_register_run_progress_complete_and_credit(fake: tuple[FakeWorkerS
         stream.ack(lease)
 
 
-async def test_batches_both_ways_with_a_server_that_accepts_them(fake: tuple[FakeWorkerService, str]) -> None:
+async def test_a_batch_of_assignments_runs_and_every_outcome_arrives(
+    fake: tuple[FakeWorkerService, str],
+) -> None:
     service, target = fake
     worker = Worker(target, HANDLERS, concurrency=3)
     async with running(worker):
